@@ -1,0 +1,64 @@
+# OptiInfra Orchestrator.  `make run` and `make test` do all their own set-up.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8080
+IMAGE ?= optiinfra-orchestrator
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' optiinfra/__init__.py)
+SOURCES := setup.py pyproject.toml $(shell find optiinfra twisted -name '*.py' -o -name '*.sql' 2>/dev/null)
+
+.PHONY: help deps build run test lint fmt clean docker-build docker-run docker-test bench
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# A plain (non-editable) install, as production has it, redone when sources change.
+$(VENV)/.installed: $(BIN)/python $(SOURCES)
+	$(BIN)/pip install --quiet '.[dev]'
+	@# Write Twisted's plugin cache now, so a read-only site-packages never needs it.
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	@touch $@
+
+deps: $(VENV)/.installed ## Create .venv and install the service with its dev tools
+
+build: deps ## Build the wheel into dist/
+	$(BIN)/pip wheel --quiet --no-deps -w dist .
+
+run: deps ## Start the service in the foreground on $(PORT)
+	cd $(CURDIR) && exec $(BIN)/twistd -n --pidfile= optiinfra --port $(PORT)
+
+lint: deps ## ruff (lint and format check) and strict mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy optiinfra
+
+fmt: deps ## Format and auto-fix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint ## Every check: lint, types, tests with the coverage gate
+	$(BIN)/pytest --cov=optiinfra --cov-report=term-missing $(PYTEST_ARGS)
+
+bench: deps ## Throughput and latency against baselines measured in the same run
+	$(BIN)/python bench/health.py
+
+docker-build: ## Build the container image (no registry access needed)
+	bash deploy/docker/build.sh $(IMAGE):$(VERSION)
+
+docker-run: docker-build ## Run the image on $(PORT)
+	bash deploy/docker/dockerd.sh run --rm -p $(PORT):8080 $(IMAGE):$(VERSION)
+
+docker-test: ## Build, then check size, read-only run, health and a clean stop
+	bash deploy/docker/test.sh $(IMAGE):$(VERSION)
+
+clean: ## Remove the venv, build output and caches
+	rm -rf $(VENV) build dist wheels *.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -name dropin.cache -delete

@@ -1,0 +1,3 @@
+"""OptiInfra Orchestrator: the control plane between customers and OptiInfra's agents."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,184 @@
+"""
+Settings, built once at start-up and passed down.
+
+Precedence: command-line options > the real environment > a ``.env`` file in the
+working directory > defaults.  This is the only module that reads the environment;
+everything else receives a frozen L{Settings}.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final
+
+import attrs
+from dotenv import dotenv_values
+
+LOG_LEVELS: Final = ("debug", "info", "warn", "error")
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+    def __init__(self, name: str, value: str, reason: str) -> None:
+        super().__init__(f"invalid {name}={value!r}: {reason}")
+        self.name = name
+        self.value = value
+        self.reason = reason
+
+
+@attrs.frozen
+class Settings:
+    """Everything configurable about one orchestrator process."""
+
+    port: str = "tcp:8080"
+    environment: str = "development"
+    log_level: str = "info"
+    drain_timeout: float = 10.0
+    max_body_bytes: int = 1024 * 1024
+    #: systemd's notification socket and watchdog period, when run by systemd.
+    notify_socket: str | None = None
+    watchdog_usec: int | None = None
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+
+def parse_port(name: str, raw: str) -> str:
+    """
+    Turn a port setting into a Twisted server endpoint description.
+
+    A bare number becomes C{tcp:N}; anything else must look like an endpoint
+    string (C{kind:...}) and is checked by Twisted when it is used.
+    """
+    value = raw.strip()
+    if value.isdigit():
+        number = int(value)
+        if not 0 <= number <= 65535:
+            raise SettingsError(name, raw, "port must be between 0 and 65535")
+        return f"tcp:{number}"
+    kind, sep, _ = value.partition(":")
+    if not sep or not kind.isidentifier():
+        raise SettingsError(
+            name, raw, "expected a port number or a Twisted endpoint like tcp:8080"
+        )
+    return value
+
+
+def parse_log_level(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value == "warning":
+        value = "warn"
+    if value not in LOG_LEVELS:
+        raise SettingsError(name, raw, f"expected one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
+def parse_seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(name, raw, "expected a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise SettingsError(name, raw, "expected a non-negative number of seconds")
+    return value
+
+
+def parse_bytes(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(name, raw, "expected a whole number of bytes") from None
+    if value < 1:
+        raise SettingsError(name, raw, "expected a positive number of bytes")
+    return value
+
+
+def parse_environment(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if not value or not value.replace("-", "").replace("_", "").isalnum():
+        raise SettingsError(name, raw, "expected a word such as development or production")
+    return value
+
+
+def parse_text(name: str, raw: str) -> str:
+    return raw
+
+
+def parse_microseconds(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(name, raw, "expected a whole number of microseconds") from None
+    if value <= 0:
+        raise SettingsError(name, raw, "expected a positive number of microseconds")
+    return value
+
+
+#: Environment variable -> (Settings field, parser).
+ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object]]]] = {
+    "ORCHESTRATOR_PORT": ("port", parse_port),
+    "ENVIRONMENT": ("environment", parse_environment),
+    "LOG_LEVEL": ("log_level", parse_log_level),
+    "DRAIN_TIMEOUT": ("drain_timeout", parse_seconds),
+    "MAX_BODY_BYTES": ("max_body_bytes", parse_bytes),
+    "NOTIFY_SOCKET": ("notify_socket", parse_text),
+    "WATCHDOG_USEC": ("watchdog_usec", parse_microseconds),
+}
+
+
+def read_environment(
+    environ: Mapping[str, str] | None = None, dotenv_path: Path | None = None
+) -> dict[str, str]:
+    """
+    The raw configuration: the real environment over the C{.env} file.
+
+    A C{.env} value never overrides a variable set in the real environment.
+    """
+    if environ is None:
+        environ = os.environ
+    if dotenv_path is None:
+        dotenv_path = Path.cwd() / ".env"
+    merged: dict[str, str] = {}
+    if dotenv_path.is_file():
+        for key, value in dotenv_values(dotenv_path).items():
+            if value is not None:
+                merged[key] = value
+    merged.update(environ)
+    return merged
+
+
+@attrs.frozen
+class Override:
+    """A command-line value for one variable, and the option it came from."""
+
+    option: str
+    value: str
+
+
+def build_settings(
+    raw: Mapping[str, str],
+    overrides: Mapping[str, Override] | None = None,
+    pid: int | None = None,
+) -> Settings:
+    """
+    Validate C{raw} (from L{read_environment}) and C{overrides} (command-line
+    options keyed by environment variable name) into one L{Settings}.
+
+    @raise SettingsError: naming the first variable (or option) with a bad value.
+    """
+    values: dict[str, object] = {}
+    for variable, (field, parse) in ENVIRONMENT_VARIABLES.items():
+        override = (overrides or {}).get(variable)
+        if override is not None:
+            values[field] = parse(override.option, override.value)
+        elif variable in raw:
+            values[field] = parse(variable, raw[variable])
+    # systemd names the process the watchdog is meant for; a child ignores it.
+    watchdog_pid = raw.get("WATCHDOG_PID")
+    if watchdog_pid and watchdog_pid != str(os.getpid() if pid is None else pid):
+        values.pop("watchdog_usec", None)
+    return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""HTTP plumbing every capability shares: requests, errors, bodies, drain."""

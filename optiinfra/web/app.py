@@ -1,0 +1,87 @@
+"""
+The Klein application: shared error handling and the one way routes are declared.
+
+Routes are declared with L{route}, which takes a template such as
+C{/agents/{id}}: the same string names the route in metrics and access logs and is
+turned into Werkzeug's C{<id>} syntax for matching.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import structlog
+from klein import Klein
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from optiinfra.web.render import render_error
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+_log = structlog.get_logger("optiinfra.web")
+
+
+def route(
+    app: Klein, template: str, methods: Iterable[str] = ("GET",)
+) -> Callable[[Handler], Handler]:
+    """
+    Declare C{handler} for C{template} and C{methods} on C{app}.
+
+    The handler is called as C{handler(request, **path_values)} after the request
+    has been labelled with C{template}.
+    """
+    methods = tuple(methods)
+    pattern = _PLACEHOLDER.sub(r"<\1>", template)
+
+    def decorator(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def labelled(request: IRequest, **values: Any) -> Any:
+            request.route = template  # type: ignore[attr-defined]
+            return handler(request, **values)
+
+        app.route(
+            pattern,
+            methods=list(methods),
+            endpoint=f"{','.join(methods)} {template}",
+            strict_slashes=False,
+        )(labelled)
+        return handler
+
+    return decorator
+
+
+def new_app() -> Klein:
+    """A Klein app whose every error, routing ones included, is a JSON body."""
+    app = Klein()
+
+    @app.handle_errors(HTTPException)
+    def http_error(request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        code = error.code or 500
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            request.setHeader(b"allow", ", ".join(sorted(error.valid_methods)).encode())
+        message = {404: "not found", 405: "method not allowed"}.get(
+            code, (error.name or "error").lower()
+        )
+        return render_error(request, code, message)
+
+    @app.handle_errors(Exception)
+    def unhandled(request: IRequest, failure: Failure) -> bytes:
+        _log.error(
+            "unhandled error while answering a request",
+            request_id=getattr(request, "request_id", None),
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1", "replace"),
+            exception=failure.getTraceback(),
+        )
+        return render_error(request, 500, "internal error")
+
+    return app
