@@ -1,3 +1,3 @@
-"""OptiInfra Orchestrator: the control plane between customers and OptiInfra's agents."""
+"""OptiInfra Orchestrator: the control plane between customers and agents."""
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime
-from typing import IO, Any, Final
+from typing import IO, Any, Final, cast
 
 import orjson
 import structlog
@@ -221,9 +221,12 @@ def configure(level: str) -> None:
 
 def stdout_observer() -> JsonLogObserver:
     """twistd's C{--logger} factory: JSON lines on the real standard output."""
-    stream = sys.__stdout__
-    assert stream is not None
-    return JsonLogObserver(stream.buffer, _factory_level[0])
+    return JsonLogObserver(real_stdout(), _factory_level[0])
+
+
+def real_stdout() -> IO[bytes]:
+    """The process's own standard output (twistd replaces C{sys.stdout})."""
+    return cast(IO[bytes], getattr(sys.__stdout__, "buffer", None) or sys.__stdout__)
 
 
 def get_logger(name: str) -> Any:

@@ -17,9 +17,7 @@ from prometheus_client import (
 )
 
 #: Methods that get their own label value; anything else is counted as "other".
-KNOWN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
-)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 #: Buckets (seconds) sized for an API whose answers take milliseconds.
 LATENCY_BUCKETS = (

@@ -19,6 +19,7 @@ from dotenv import dotenv_values
 
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 
+
 class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
 
@@ -100,7 +101,9 @@ def parse_bytes(name: str, raw: str) -> int:
 def parse_environment(name: str, raw: str) -> str:
     value = raw.strip().lower()
     if not value or not value.replace("-", "").replace("_", "").isalnum():
-        raise SettingsError(name, raw, "expected a word such as development or production")
+        raise SettingsError(
+            name, raw, "expected a word such as development or production"
+        )
     return value
 
 
@@ -112,7 +115,9 @@ def parse_microseconds(name: str, raw: str) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise SettingsError(name, raw, "expected a whole number of microseconds") from None
+        raise SettingsError(
+            name, raw, "expected a whole number of microseconds"
+        ) from None
     if value <= 0:
         raise SettingsError(name, raw, "expected a positive number of microseconds")
     return value

@@ -69,7 +69,9 @@ class SystemdNotifier(Service):
             self._watchdog.start(self._watchdog_usec / 2_000_000, now=True)
 
     def _ready(self, port: IListeningPort) -> IListeningPort:
-        self._send(f"READY=1\nSTATUS=Serving on {port.getHost()}\nMAINPID={os.getpid()}")
+        self._send(
+            f"READY=1\nSTATUS=Serving on {port.getHost()}\nMAINPID={os.getpid()}"
+        )
         return port
 
     def stopService(self) -> None:

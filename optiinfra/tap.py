@@ -8,12 +8,13 @@ once from the options and the environment; every other module receives them.
 from __future__ import annotations
 
 import gc
-import sys
-from typing import IO, Any, cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
+from klein import Klein
 from twisted.application.service import IService, MultiService
-from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
@@ -22,6 +23,7 @@ from optiinfra.logs import (
     LEVELS,
     configure,
     get_logger,
+    real_stdout,
     render_event,
 )
 from optiinfra.metrics import HttpMetrics, new_registry
@@ -53,16 +55,37 @@ class Options(usage.Options):
     """Command-line options; each overrides its environment variable."""
 
     optParameters = [
-        ["port", "p", None, "Port number or Twisted endpoint to listen on "
-         "[ORCHESTRATOR_PORT, default 8080]."],
-        ["environment", None, None, "Deployment environment [ENVIRONMENT, "
-         "default development]."],
-        ["log-level", None, None, "debug, info, warn or error [LOG_LEVEL, "
-         "default info]."],
-        ["drain-timeout", None, None, "Seconds in-flight requests get on shutdown "
-         "[DRAIN_TIMEOUT, default 10]."],
-        ["max-body-bytes", None, None, "Largest request body accepted "
-         "[MAX_BODY_BYTES, default 1048576]."],
+        [
+            "port",
+            "p",
+            None,
+            "Port number or Twisted endpoint to listen on "
+            "[ORCHESTRATOR_PORT, default 8080].",
+        ],
+        [
+            "environment",
+            None,
+            None,
+            "Deployment environment [ENVIRONMENT, default development].",
+        ],
+        [
+            "log-level",
+            None,
+            None,
+            "debug, info, warn or error [LOG_LEVEL, default info].",
+        ],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "Seconds in-flight requests get on shutdown [DRAIN_TIMEOUT, default 10].",
+        ],
+        [
+            "max-body-bytes",
+            None,
+            None,
+            "Largest request body accepted [MAX_BODY_BYTES, default 1048576].",
+        ],
     ]
 
     settings: Settings
@@ -73,7 +96,7 @@ class Options(usage.Options):
             for option, variable in _OPTION_VARIABLES.items()
             if self[option] is not None
         }
-        stdout = cast(IO[bytes], sys.__stdout__.buffer)  # type: ignore[union-attr]
+        stdout = real_stdout()
         try:
             self.settings = build_settings(read_environment(), overrides)
         except SettingsError as error:
@@ -98,10 +121,15 @@ class Options(usage.Options):
             parent["logger"] = "optiinfra.logs.stdout_observer"
 
 
+#: Adds routes to the app; how capabilities (and tests) mount themselves.
+Mount = Callable[[Klein], None]
+
+
 def build_service(
     settings: Settings,
     reactor: IReactorTime,
     log_sink: LogSink = globalLogPublisher,
+    mounts: Sequence[Mount] = (),
 ) -> MultiService:
     """Everything the process runs, as one service tree."""
     log = get_logger("optiinfra")
@@ -122,6 +150,8 @@ def build_service(
         readiness=readiness,
         registry=registry,
     )
+    for mount in mounts:
+        mount(app)
     site = OrchestratorSite(
         app.resource(),
         clock=reactor,
@@ -131,7 +161,10 @@ def build_service(
     )
     top = MultiService()
     web = HTTPService(
-        serverFromString(reactor, settings.port), site, readiness, settings.drain_timeout
+        serverFromString(reactor, settings.port),
+        site,
+        readiness,
+        settings.drain_timeout,
     )
     web.setServiceParent(top)
     # Stopped before the web service (MultiService stops in reverse), so systemd

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 from klein import Klein
@@ -63,8 +63,7 @@ def new_app() -> Klein:
 
     @app.handle_errors(HTTPException)
     def http_error(request: IRequest, failure: Failure) -> bytes:
-        error = failure.value
-        assert isinstance(error, HTTPException)
+        error = cast(HTTPException, failure.value)
         code = error.code or 500
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             request.setHeader(b"allow", ", ".join(sorted(error.valid_methods)).encode())

@@ -24,9 +24,7 @@ def render_json(request: IRequest, payload: Any, status: int = 200) -> bytes:
     return body
 
 
-def render_error(
-    request: IRequest, status: int, message: str, **fields: Any
-) -> bytes:
+def render_error(request: IRequest, status: int, message: str, **fields: Any) -> bytes:
     """A JSON error: C{{"error": message, ...fields}} with the request id."""
     payload: dict[str, Any] = {"error": message}
     payload.update(fields)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import structlog
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.python.failure import Failure
 
@@ -100,6 +100,6 @@ class HTTPService(Service):
             drain_timeout_seconds=self._drain_timeout,
         )
         if self._port is not None:
-            await self._port.stopListening()
+            await maybeDeferred(self._port.stopListening)
         await self._site.drain(self._drain_timeout)
         _log.info("drained")

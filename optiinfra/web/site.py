@@ -16,10 +16,11 @@ import re
 import secrets
 from collections.abc import Callable
 from time import monotonic, time
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -100,13 +101,12 @@ class OrchestratorRequest(server.Request):
         )
         self.code = 413
         self.sentLength = len(body)
-        self.channel.transport.write(
+        self.channel.write(
             b"HTTP/1.1 413 Payload Too Large\r\n"
             b"Content-Type: application/json\r\n"
             b"Content-Length: %d\r\n"
             b"X-Request-ID: %s\r\n"
-            b"Connection: close\r\n\r\n%s"
-            % (len(body), self.request_id.encode(), body)
+            b"Connection: close\r\n\r\n%s" % (len(body), self.request_id.encode(), body)
         )
         site.log(self)
         self.channel.persistent = False
@@ -141,7 +141,7 @@ class DrainingChannel(http.HTTPChannel):
         super().connectionMade()
         self.site.channel_opened(self)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
             super().connectionLost(reason)
         finally:
@@ -176,7 +176,7 @@ class OrchestratorSite(server.Site):
     """
 
     requestFactory = OrchestratorRequest
-    protocol = DrainingChannel
+    protocol = DrainingChannel  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -240,7 +240,7 @@ class OrchestratorSite(server.Site):
         for channel in list(self._channels):
             for request in channel.requests:
                 request.aborted = True
-            channel.transport.abortConnection()
+            cast(ITCPTransport, channel.transport).abortConnection()
 
     # Access log and metrics -----------------------------------------------
 
