@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from klein import Klein
 from twisted.application.service import IService, MultiService
@@ -96,25 +96,10 @@ class Options(usage.Options):
             for option, variable in _OPTION_VARIABLES.items()
             if self[option] is not None
         }
-        stdout = real_stdout()
         try:
             self.settings = build_settings(read_environment(), overrides)
         except SettingsError as error:
-            stdout.write(
-                render_event(
-                    {
-                        "log_level": LEVELS["error"],
-                        "log_namespace": "optiinfra.settings",
-                        "log_format": None,
-                        "event": f"invalid setting {error.name}={error.value!r}: "
-                        f"{error.reason}",
-                        "setting": error.name,
-                        "value": error.value,
-                    }
-                )
-            )
-            stdout.flush()
-            raise SystemExit(2) from None
+            refuse_to_start(error)
         configure(self.settings.log_level)
         parent = cast(dict[str, Any] | None, self.parent)
         if parent is not None and not parent.get("logger"):
@@ -123,6 +108,31 @@ class Options(usage.Options):
 
 #: Adds routes to the app; how capabilities (and tests) mount themselves.
 Mount = Callable[[Klein], None]
+
+
+def refuse_to_start(error: SettingsError) -> NoReturn:
+    """
+    One JSON line naming the bad setting, then exit 2.
+
+    Written straight to standard output: logging has not begun this early, and
+    events buffered for it would be lost with the exit.
+    """
+    stdout = real_stdout()
+    stdout.write(
+        render_event(
+            {
+                "log_level": LEVELS["error"],
+                "log_namespace": "optiinfra.settings",
+                "log_format": None,
+                "event": f"invalid setting {error.name}={error.value!r}: "
+                f"{error.reason}",
+                "setting": error.name,
+                "value": error.value,
+            }
+        )
+    )
+    stdout.flush()
+    raise SystemExit(2)
 
 
 def build_service(
@@ -138,7 +148,7 @@ def build_service(
         version=__version__,
         environment=settings.environment,
         port=settings.port,
-        log_level=settings.log_level,
+        min_level=settings.log_level,
     )
     registry = new_registry()
     readiness = Readiness()
@@ -191,12 +201,9 @@ def makeService(options: Options) -> IService:
     try:
         service = build_service(options.settings, cast(IReactorTime, reactor))
     except ValueError as error:  # serverFromString's word on a bad endpoint
-        get_logger("optiinfra.settings").error(
-            f"invalid setting ORCHESTRATOR_PORT={options.settings.port!r}: {error}",
-            setting="ORCHESTRATOR_PORT",
-            value=options.settings.port,
+        refuse_to_start(
+            SettingsError("ORCHESTRATOR_PORT", options.settings.port, str(error))
         )
-        raise SystemExit(2) from None
     cast(IReactorCore, reactor).callWhenRunning(tune_gc)
     return service
 

@@ -94,6 +94,10 @@ class OrchestratorRequest(server.Request):
         straight to the transport; the rest of the body is never read.
         """
         site = self.channel.site
+        # Not yet dispatched, so the request line is still the channel's.
+        self.method = self.channel._command
+        self.uri = self.channel._path
+        self.path = self.uri.split(b"?", 1)[0]
         self._adopt_request_id()
         body = (
             b'{"error":"request body too large","field":"body","max_bytes":%d,'
