@@ -75,13 +75,20 @@ def _iso_utc(timestamp: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unrepresentable {type(value).__name__}>"
+
+
 def _default(value: object) -> str:
-    return repr(value)
+    return _safe_repr(value)
 
 
 def render_event(event: Mapping[str, Any]) -> bytes:
     """Render one Twisted log event as a JSON line (with its newline)."""
-    level = event.get("log_level", LogLevel.info)
+    level = event.get("log_level") or LogLevel.info
     record: dict[str, Any] = {
         "timestamp": _iso_utc(event.get("log_time") or time.time()),
         "level": getattr(level, "name", None) or str(level),
@@ -118,7 +125,7 @@ class JsonLogObserver:
         self._level = level
 
     def __call__(self, event: Mapping[str, Any]) -> None:
-        level = event.get("log_level", LogLevel.info)
+        level = event.get("log_level") or LogLevel.info
         if level < self._level:
             return
         try:
@@ -130,8 +137,8 @@ class JsonLogObserver:
                     "level": "error",
                     "logger": "optiinfra.logs",
                     "message": "could not render a log event",
-                    "error": repr(error),
-                    "event": repr(dict(event))[:2000],
+                    "error": _safe_repr(error),
+                    "keys": sorted(str(key) for key in event),
                 },
                 option=orjson.OPT_APPEND_NEWLINE,
             )

@@ -1,0 +1,113 @@
+"""Settings: options > environment > .env > defaults, and loud failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from optiinfra.settings import (
+    Override,
+    Settings,
+    SettingsError,
+    build_settings,
+    read_environment,
+)
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = build_settings({})
+    assert settings == Settings()
+    assert settings.port == "tcp:8080"
+    assert settings.environment == "development"
+    assert settings.log_level == "info"
+    assert settings.drain_timeout == 10.0
+    assert settings.max_body_bytes == 1024 * 1024
+    assert not settings.is_production
+
+
+def test_environment_values_are_parsed() -> None:
+    settings = build_settings(
+        {
+            "ORCHESTRATOR_PORT": "9090",
+            "ENVIRONMENT": "Production",
+            "LOG_LEVEL": "WARNING",
+            "DRAIN_TIMEOUT": "2.5",
+            "MAX_BODY_BYTES": "2048",
+        }
+    )
+    assert settings.port == "tcp:9090"
+    assert settings.is_production
+    assert settings.log_level == "warn"
+    assert settings.drain_timeout == 2.5
+    assert settings.max_body_bytes == 2048
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp:8080:interface=127.0.0.1",
+        "tcp6:8080:interface=\\:\\:1",
+        "unix:/run/optiinfra.sock",
+        "systemd:domain=INET:index=0",
+    ],
+)
+def test_endpoint_strings_pass_through(endpoint: str) -> None:
+    assert build_settings({"ORCHESTRATOR_PORT": endpoint}).port == endpoint
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ORCHESTRATOR_PORT", "abc"),
+        ("ORCHESTRATOR_PORT", "70000"),
+        ("ORCHESTRATOR_PORT", ""),
+        ("LOG_LEVEL", "loud"),
+        ("DRAIN_TIMEOUT", "-1"),
+        ("DRAIN_TIMEOUT", "soon"),
+        ("DRAIN_TIMEOUT", "nan"),
+        ("MAX_BODY_BYTES", "0"),
+        ("MAX_BODY_BYTES", "1MB"),
+        ("ENVIRONMENT", "prod env!"),
+        ("WATCHDOG_USEC", "0"),
+        ("WATCHDOG_USEC", "x"),
+    ],
+)
+def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        build_settings({variable: value})
+    assert raised.value.name == variable
+    assert raised.value.value == value
+    assert variable in str(raised.value)
+
+
+def test_options_override_the_environment_and_are_named_when_bad() -> None:
+    raw = {"ORCHESTRATOR_PORT": "9090", "DRAIN_TIMEOUT": "3"}
+    settings = build_settings(raw, {"ORCHESTRATOR_PORT": Override("--port", "7070")})
+    assert (settings.port, settings.drain_timeout) == ("tcp:7070", 3.0)
+    with pytest.raises(SettingsError) as raised:
+        build_settings(raw, {"DRAIN_TIMEOUT": Override("--drain-timeout", "-5")})
+    assert raised.value.name == "--drain-timeout"
+
+
+def test_dotenv_never_overrides_the_real_environment(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("LOG_LEVEL=debug\nENVIRONMENT=staging\n# comment\nEMPTY\n")
+    raw = read_environment({"LOG_LEVEL": "error"}, dotenv)
+    assert raw["LOG_LEVEL"] == "error"
+    assert raw["ENVIRONMENT"] == "staging"
+    assert "EMPTY" not in raw
+
+
+def test_missing_dotenv_is_fine(tmp_path: Path) -> None:
+    assert read_environment({"A": "1"}, tmp_path / ".env") == {"A": "1"}
+
+
+def test_watchdog_is_ignored_when_meant_for_another_process() -> None:
+    raw = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": "30000000"}
+    assert build_settings(raw, pid=42).watchdog_usec == 30_000_000
+    mine = build_settings({**raw, "WATCHDOG_PID": "42"}, pid=42)
+    assert mine.watchdog_usec == 30_000_000
+    theirs = build_settings({**raw, "WATCHDOG_PID": "7"}, pid=42)
+    assert theirs.watchdog_usec is None
+    assert theirs.notify_socket == "/run/notify"
