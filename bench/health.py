@@ -30,6 +30,7 @@ import importlib.metadata
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -254,6 +255,8 @@ class Pinning:
     server: list[str]
     load: list[str]
     note: str
+    server_cpu: int | None = None
+    load_cpu: int | None = None
 
 
 def choose_cpus(disabled: bool) -> Pinning:
@@ -274,7 +277,27 @@ def choose_cpus(disabled: bool) -> Pinning:
         ["taskset", "-c", str(server)],
         ["taskset", "-c", str(load)],
         f"servers on CPU {server}, wrk on CPU {load} (of {len(cpus)})",
+        server,
+        load,
     )
+
+
+def busy_ticks() -> dict[int, int]:
+    """Per CPU: clock ticks spent on anything but idling (steal included)."""
+    busy: dict[int, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *values = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                user, nice, system = (int(v) for v in values[:3])
+                steal = int(values[7]) if len(values) > 7 else 0
+                busy[int(name[3:])] = user + nice + system + steal
+    return busy
+
+
+#: A run is flagged when something else used more than this share of either
+#: benchmark CPU: the machine was not quiet and its figures are suspect.
+NOISE_LIMIT = 0.10
 
 
 # Servers ------------------------------------------------------------------
@@ -514,6 +537,8 @@ def run_wrk(
         "--latency",
         f"http://{INTERFACE}:{server.port}/health",
     ]
+    ticks_before = busy_ticks()
+    load_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before = server.cpu_seconds()
     wall_before = time.monotonic()
     result = subprocess.run(
@@ -521,6 +546,8 @@ def run_wrk(
     )
     wall = time.monotonic() - wall_before
     cpu = server.cpu_seconds() - cpu_before
+    load_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ticks_after = busy_ticks()
     if result.returncode != 0:
         raise BenchError(
             f"wrk failed (status {result.returncode}): "
@@ -531,7 +558,42 @@ def run_wrk(
     figures["cpu_us_per_request"] = (
         cpu / figures["requests"] * 1e6 if figures["requests"] else float("nan")
     )
+    wrk_cpu = (
+        load_after.ru_utime
+        + load_after.ru_stime
+        - load_before.ru_utime
+        - load_before.ru_stime
+    )
+
+    def other(cpu_id: int | None, own: float) -> float | None:
+        if cpu_id is None or cpu_id not in ticks_before or not wall:
+            return None
+        used = (ticks_after[cpu_id] - ticks_before[cpu_id]) / _clock_ticks()
+        return max(0.0, (used - own) / wall)
+
+    # What else ran on the two CPUs (other processes, the hypervisor's steal):
+    figures["other_on_server_cpu"] = other(pinning.server_cpu, cpu)
+    figures["other_on_load_cpu"] = other(pinning.load_cpu, wrk_cpu)
+    figures["noisy"] = any(
+        share is not None and share > NOISE_LIMIT
+        for share in (figures["other_on_server_cpu"], figures["other_on_load_cpu"])
+    )
     return figures
+
+
+def _noise_note(figures: dict[str, Any]) -> str:
+    shares = [
+        f"{share:.0%} on {where}"
+        for where, share in (
+            ("server CPU", figures["other_on_server_cpu"]),
+            ("wrk CPU", figures["other_on_load_cpu"]),
+        )
+        if share is not None and share > NOISE_LIMIT / 2
+    ]
+    if not shares:
+        return ""
+    flag = "  NOISY" if figures["noisy"] else ""
+    return f"  (other load {', '.join(shares)}){flag}"
 
 
 def median_of(runs: list[dict[str, Any]], key: str) -> float:
@@ -698,6 +760,7 @@ def measure(
                     f"{name:<8}{figures['rps']:>9,.0f} req/s  "
                     f"p50 {figures['p50_ms']:.2f} ms  p99 {figures['p99_ms']:.2f} ms"
                     f"  server CPU {figures['server_cpu']:.0%}"
+                    + _noise_note(figures)
                     + (f"  ERRORS {figures['errors']}" if figures["errors"] else "")
                 )
     info["loadavg_after"] = os.getloadavg()
@@ -725,6 +788,14 @@ def measure(
         )
     else:
         print("note: could not read the service's /health request count in /metrics")
+    all_runs = [run for by in runs.values() for rs in by.values() for run in rs]
+    noisy = sum(run["noisy"] for run in all_runs)
+    if noisy:
+        print(
+            f"warning: {noisy} of {len(all_runs)} runs had other load above "
+            f"{NOISE_LIMIT:.0%} of a benchmark CPU (see the per-run lines): the "
+            "machine was not quiet; rerun when it is, or with more --rounds."
+        )
     passed, line = verdict(summary, args.threshold)
     print(line)
     if args.json:
@@ -744,6 +815,7 @@ def measure(
                     "runs": {str(c): by_target for c, by_target in runs.items()},
                     "summary": summary,
                     "service_metrics_health_requests": counted,
+                    "noisy_runs": noisy,
                     "passed": passed,
                 },
                 indent=2,

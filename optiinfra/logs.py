@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from datetime import UTC, datetime
 from typing import IO, Any, Final, cast
 
 import orjson
@@ -25,6 +24,8 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from zope.interface import implementer
+
+from optiinfra.timefmt import rfc3339_ms
 
 #: Settings' level names -> Twisted levels.
 LEVELS: Final[Mapping[str, LogLevel]] = {
@@ -70,11 +71,6 @@ _PLUMBING: Final = frozenset(
 )
 
 
-def _iso_utc(timestamp: float) -> str:
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 def _safe_repr(value: object) -> str:
     try:
         return repr(value)
@@ -90,7 +86,7 @@ def render_event(event: Mapping[str, Any]) -> bytes:
     """Render one Twisted log event as a JSON line (with its newline)."""
     level = event.get("log_level") or LogLevel.info
     record: dict[str, Any] = {
-        "timestamp": _iso_utc(event.get("log_time") or time.time()),
+        "timestamp": rfc3339_ms(event.get("log_time") or time.time()),
         "level": getattr(level, "name", None) or str(level),
         "logger": event.get("log_namespace", "-"),
         "message": event["event"]
@@ -133,7 +129,7 @@ class JsonLogObserver:
         except Exception as error:  # never lose a line to a bad field
             line = orjson.dumps(
                 {
-                    "timestamp": _iso_utc(time.time()),
+                    "timestamp": rfc3339_ms(time.time()),
                     "level": "error",
                     "logger": "optiinfra.logs",
                     "message": "could not render a log event",

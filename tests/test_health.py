@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from optiinfra.web.health import go_duration, rfc3339
+from optiinfra.timefmt import go_duration, rfc3339
 
 
 @pytest.mark.parametrize(

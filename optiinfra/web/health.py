@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -12,27 +10,11 @@ from twisted.web.iweb import IRequest
 
 from optiinfra import __version__
 from optiinfra.readiness import Readiness
+from optiinfra.timefmt import go_duration, rfc3339
 from optiinfra.web.app import route
 from optiinfra.web.render import render_json
 
 SERVICE_NAME = "OptiInfra Orchestrator"
-
-
-def go_duration(seconds: float) -> str:
-    """Whole seconds in Go's C{time.Duration} style: C{5s}, C{5m30s}, C{2h0m5s}."""
-    total = max(0, int(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
-
-
-def rfc3339(seconds: float) -> str:
-    """A UTC time as RFC 3339 with whole seconds, as the Go prototype printed it."""
-    return datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def mount(

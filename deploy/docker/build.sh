@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build the service's image with the private engine of dockerd.sh:
+#   build.sh IMAGE:TAG
+# No registry is reachable here, and HTTPS to PyPI fails inside a build, so this
+# first makes on the host what the Dockerfile needs: a Debian base image from
+# debootstrap (once) and every dependency as a wheel.
+set -euo pipefail
+
+IMAGE=${1:?usage: build.sh IMAGE:TAG}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+BASE=local/debian:bookworm-minbase
+docker() { bash "$HERE/dockerd.sh" "$@"; }
+
+if ! docker image inspect "$BASE" >/dev/null 2>&1; then
+  if ! command -v debootstrap >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+  fi
+  rootfs=$(mktemp -d)
+  # --one-file-system: never follow a /proc or /sys that a failed debootstrap left mounted.
+  trap 'umount -R "$rootfs/proc" "$rootfs/sys" 2>/dev/null || true; rm -rf --one-file-system "$rootfs"' EXIT
+  echo "Creating $BASE with debootstrap (about a minute, once)"
+  debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
+  tar -C "$rootfs" --exclude='./var/cache/apt/archives/*.deb' -c . | docker import - "$BASE"
+fi
+
+# The image's interpreter is Debian's CPython 3.11, so the compiled wheels (orjson,
+# zope.interface, ...) must be built for 3.11 too. Only dependencies and the build
+# backend are kept: the service itself is built from source inside the image.
+echo "Building wheels"
+rm -rf "$ROOT/wheels"
+python3.11 -m pip wheel --quiet --disable-pip-version-check -w "$ROOT/wheels" "$ROOT" setuptools wheel
+rm -f "$ROOT"/wheels/optiinfra_orchestrator-*.whl
+
+echo "Building $IMAGE"
+cd "$ROOT"
+docker build --network=host --build-arg BUILDER_IMAGE="$BASE" -t "$IMAGE" .

@@ -1,0 +1,390 @@
+"""
+API keys: who may call the orchestrator, and with which role.
+
+The key file (C{API_KEYS_FILE}) holds one key per line as
+C{<name> <role> sha256:<hex digest>}; C{#} starts a comment line and blank lines
+are ignored.  It holds hashes only, so reading it does not reveal a usable key;
+the key itself is shown once, by C{python -m optiinfra.auth new NAME ROLE}, and
+never stored.  Nothing here logs or returns a presented key.
+
+Keys are C{oik_} followed by 32 random bytes (C{secrets.token_urlsafe}), so a
+plain SHA-256 is enough: a slow KDF protects guessable passwords, and a 256-bit
+random key cannot be guessed however fast the hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import fcntl
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+#: Marks an orchestrator key, so a leaked one is recognisable (and greppable).
+KEY_PREFIX: Final = "oik_"
+#: The only hash scheme of the key file, as written before the colon.
+HASH_SCHEME: Final = "sha256"
+
+_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+_HEX_DIGEST: Final = re.compile(r"[0-9a-fA-F]{64}")
+#: RFC 6750's b64token: what may follow C{Bearer }.
+_BEARER_TOKEN: Final = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
+#: An X-API-Key value: visible ASCII, no spaces.
+_HEADER_KEY: Final = re.compile(rb"[\x21-\x7e]+")
+_LINE_FORMAT: Final = f"<name> <role> {HASH_SCHEME}:<64 hex digits>"
+_NAME_RULE: Final = (
+    "expected up to 64 letters, digits, '.', '_', '@', '+' or '-', starting with "
+    f"a letter or digit and not with {KEY_PREFIX!r}"
+)
+
+
+class Permission(enum.Enum):
+    """
+    What a request needs.  The HTTP layer picks one per route:
+
+      - C{READ_AGENTS}: GET of C{/agents} and C{/agents/{id}}.
+      - C{READ}: every other GET (tasks, plans).
+      - C{AGENT_WRITE}: register, heartbeat and unregister an agent.
+      - C{OPERATE}: everything else (create and cancel tasks, coordinate,
+        approve and reject, execute plans).
+
+    Reading agents is separate from reading the rest so that an agent's key can
+    see the registry without seeing tasks and plans.
+    """
+
+    READ_AGENTS = "read-agents"
+    READ = "read"
+    AGENT_WRITE = "agent-write"
+    OPERATE = "operate"
+
+
+class Role(enum.Enum):
+    """The role a key grants; its value is how the key file spells it."""
+
+    AGENT = "agent"
+    OPERATOR = "operator"
+    VIEWER = "viewer"
+
+    def allows(self, permission: Permission) -> bool:
+        """
+        Whether this role grants C{permission}.
+
+        An operator may do everything.  A viewer may read everything and change
+        nothing.  An agent may write agent records and read the agent registry
+        (to see whether it is still registered after a restart or a missed
+        heartbeat), but not read tasks and plans: least privilege for a key that
+        lives on every worker host.  That an agent writes only its own record is
+        for the HTTP layer to check (compare the principal's name with the id).
+        """
+        return permission in _GRANTS[self]
+
+
+_GRANTS: Final[Mapping[Role, frozenset[Permission]]] = {
+    Role.OPERATOR: frozenset(Permission),
+    Role.VIEWER: frozenset({Permission.READ, Permission.READ_AGENTS}),
+    Role.AGENT: frozenset({Permission.AGENT_WRITE, Permission.READ_AGENTS}),
+}
+
+
+class ApiKeyFileError(ValueError):
+    """The key file cannot be used; the message names the file and the line."""
+
+    def __init__(self, source: str, line: int | None, reason: str) -> None:
+        where = source if line is None else f"{source}, line {line}"
+        super().__init__(f"API key file {where}: {reason}")
+        self.source = source
+        self.line = line
+        self.reason = reason
+
+
+@attrs.frozen
+class Principal:
+    """Who made an authenticated request: the key's name and role, never the key."""
+
+    name: str
+    role: Role
+
+    def allows(self, permission: Permission) -> bool:
+        return self.role.allows(permission)
+
+
+@attrs.frozen
+class KeyEntry:
+    """One line of the key file."""
+
+    name: str
+    role: Role
+    digest: bytes = attrs.field(repr=False)
+    line: int
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("ascii")).digest()
+
+
+def _valid_name(name: str) -> bool:
+    """Whether C{name} fits the key file, and cannot be a key pasted by mistake."""
+    return bool(_NAME.fullmatch(name)) and not name.startswith(KEY_PREFIX)
+
+
+def _shown(field: str) -> str:
+    """A field for an error message, unless it looks like a key pasted in clear."""
+    if field.startswith(KEY_PREFIX):
+        return "(a value that looks like a key in clear)"
+    return repr(field)
+
+
+def _parse_line(fields: list[str], source: str, number: int) -> KeyEntry:
+    if len(fields) != 3:
+        raise ApiKeyFileError(
+            source, number, f"expected {_LINE_FORMAT}, got {len(fields)} field(s)"
+        )
+    name, role_text, hashed = fields
+    if not _valid_name(name):
+        raise ApiKeyFileError(source, number, f"bad name {_shown(name)}: {_NAME_RULE}")
+    try:
+        role = Role(role_text)
+    except ValueError:
+        choices = ", ".join(r.value for r in Role)
+        raise ApiKeyFileError(
+            source, number, f"unknown role {_shown(role_text)}: expected {choices}"
+        ) from None
+    scheme, colon, hex_digest = hashed.partition(":")
+    if not colon or scheme != HASH_SCHEME or not _HEX_DIGEST.fullmatch(hex_digest):
+        hint = (
+            " (it looks like a key in clear)" if hashed.startswith(KEY_PREFIX) else ""
+        )
+        raise ApiKeyFileError(
+            source,
+            number,
+            f"bad hash{hint}: expected {HASH_SCHEME}:<64 hex digits>; "
+            "the file holds key hashes, never keys",
+        )
+    return KeyEntry(name, role, bytes.fromhex(hex_digest), number)
+
+
+def _parse_entries(text: str, source: str) -> tuple[KeyEntry, ...]:
+    """Every entry of C{text}, checked line by line; an empty result is allowed."""
+    entries: list[KeyEntry] = []
+    names: dict[str, int] = {}
+    digests: dict[bytes, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        entry = _parse_line(stripped.split(), source, number)
+        if entry.name in names:
+            raise ApiKeyFileError(
+                source,
+                number,
+                f"duplicate name {entry.name!r} (first on line {names[entry.name]})",
+            )
+        if entry.digest in digests:
+            raise ApiKeyFileError(
+                source,
+                number,
+                f"duplicate hash: the same key as line {digests[entry.digest]}",
+            )
+        names[entry.name] = digests[entry.digest] = number
+        entries.append(entry)
+    return tuple(entries)
+
+
+@attrs.frozen
+class ApiKeys:
+    """The keys the orchestrator accepts, as read from one key file."""
+
+    source: str
+    entries: tuple[KeyEntry, ...] = attrs.field(repr=False)
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> ApiKeys:
+        """
+        Read the key file's C{text}; C{source} names it in error messages.
+
+        @raise ApiKeyFileError: for the first bad line, or when there are no keys:
+            a configured file without keys would lock everyone out, so it is
+            taken for a mistake rather than for "nobody may call".
+        """
+        entries = _parse_entries(text, source)
+        if not entries:
+            raise ApiKeyFileError(source, None, "no keys (only blank or comment lines)")
+        return cls(source, entries)
+
+    @classmethod
+    def load(cls, path: Path) -> ApiKeys:
+        """
+        Read and parse the key file at C{path}.
+
+        @raise ApiKeyFileError: also when the file cannot be read or decoded.
+        """
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except OSError as e:
+            raise ApiKeyFileError(source, None, f"cannot read: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise ApiKeyFileError(source, None, f"not UTF-8 text: {e.reason}") from e
+        return cls.parse(text, source)
+
+    def authenticate(self, presented: str | None) -> Principal | None:
+        """
+        The principal whose key is C{presented}, or C{None}.
+
+        The presented key's hash is compared with every entry's by
+        C{hmac.compare_digest}, without stopping at a match, so the time taken
+        depends on the number of keys only.
+        """
+        if not presented or not presented.isascii():
+            return None
+        digest = _digest(presented)
+        found: KeyEntry | None = None
+        for entry in self.entries:
+            if hmac.compare_digest(entry.digest, digest):
+                found = entry
+        return None if found is None else Principal(found.name, found.role)
+
+
+def credential_from_headers(
+    authorization: bytes | None, x_api_key: bytes | None
+) -> str | None:
+    """
+    The key a request presents, from C{Authorization: Bearer <key>} (any case of
+    C{Bearer}) or C{X-API-Key: <key>}; C{None} when there is none.
+
+    A header that is present but unusable (another scheme, extra words, an empty
+    value, non-ASCII) gives C{None} rather than falling back to the other one,
+    and so do two headers with different keys: an ambiguous request is refused,
+    not guessed at.
+    """
+    keys: list[bytes] = []
+    if authorization is not None:
+        parts = authorization.split()
+        if (
+            len(parts) != 2
+            or parts[0].lower() != b"bearer"
+            or not _BEARER_TOKEN.fullmatch(parts[1])
+        ):
+            return None
+        keys.append(parts[1])
+    if x_api_key is not None:
+        value = x_api_key.strip()
+        if not _HEADER_KEY.fullmatch(value):
+            return None
+        keys.append(value)
+    if not keys or any(key != keys[0] for key in keys):
+        return None
+    return keys[0].decode("ascii")
+
+
+def generate(name: str, role: Role) -> tuple[str, str]:
+    """
+    A new key, and its key-file line (without a newline): C{(key, line)}.
+
+    @raise ValueError: if C{name} cannot be written in the key file.
+    """
+    if not _valid_name(name):
+        raise ValueError(f"bad name {_shown(name)}: {_NAME_RULE}")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, f"{name} {role.value} {HASH_SCHEME}:{_digest(key).hex()}"
+
+
+def _append(path: Path, name: str, line: str) -> None:
+    """
+    Append C{line} to the key file at C{path}, creating it with mode 0600.
+
+    The file is locked while it is checked and written, so two concurrent runs
+    cannot both add the same name.
+
+    @raise ApiKeyFileError: if the file is broken, already has C{name}, or
+        cannot be written.
+    """
+    source = str(path)
+    flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd = os.open(path, flags)
+        else:
+            os.fchmod(fd, 0o600)  # whatever the umask
+        with os.fdopen(fd, "r+b", buffering=0) as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            content = file.read().decode("utf-8-sig")
+            entries = _parse_entries(content, source)
+            for entry in entries:
+                if entry.name == name:
+                    raise ApiKeyFileError(
+                        source, entry.line, f"name {name!r} is already taken"
+                    )
+            separator = "\n" if content and not content.endswith("\n") else ""
+            file.write(f"{separator}{line}\n".encode())
+            os.fsync(file.fileno())
+    except OSError as e:
+        raise ApiKeyFileError(source, None, f"cannot write: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ApiKeyFileError(source, None, f"not UTF-8 text: {e.reason}") from e
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m optiinfra.auth", description="Manage orchestrator API keys."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    new = commands.add_parser(
+        "new",
+        help="generate a key",
+        description="Generate a key: the key goes to stdout, everything else "
+        "to stderr.",
+    )
+    new.add_argument("name", help="who the key is for, e.g. an agent's id")
+    new.add_argument("role", choices=[role.value for role in Role])
+    new.add_argument(
+        "--file",
+        type=Path,
+        metavar="PATH",
+        help="append the key's line to this key file (created with mode 0600)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    C{python -m optiinfra.auth new NAME ROLE [--file PATH]}.
+
+    Only the key goes to stdout, so C{key=$(python -m optiinfra.auth ...)} works;
+    the key-file line and notes go to stderr.  With C{--file}, the key is printed
+    only once its line is in the file.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        key, line = generate(args.name, Role(args.role))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.file is None:
+        print("Add this line to the API key file:", file=sys.stderr)
+        print(line, file=sys.stderr)
+    else:
+        try:
+            _append(args.file, args.name, line)
+        except ApiKeyFileError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"Added {args.name!r} ({args.role}) to {args.file}.", file=sys.stderr)
+    print("The key is shown only this once; it is not stored.", file=sys.stderr)
+    print(key)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

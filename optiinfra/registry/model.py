@@ -1,0 +1,70 @@
+"""The agent record and the vocabulary around it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+
+AGENT_TYPES: Final = ("cost", "performance", "resource", "application")
+
+#: What an agent may report about itself.
+REPORTED_STATUSES: Final = ("healthy", "degraded", "unhealthy")
+#: What the registry concludes when an agent has gone quiet.
+UNREACHABLE: Final = "unreachable"
+STATUSES: Final = (*REPORTED_STATUSES, UNREACHABLE)
+#: Words agents send that mean one of the reported statuses.
+STATUS_ALIASES: Final[Mapping[str, str]] = {"active": "healthy"}
+
+
+@attrs.frozen
+class Agent:
+    """One registered agent, as stored."""
+
+    id: str
+    name: str
+    type: str
+    host: str
+    port: int
+    capabilities: tuple[str, ...]
+    status: str
+    version: str
+    registered_at: float
+    last_seen: float
+    metadata: Mapping[str, Any] = attrs.field(factory=dict)
+    endpoint: str | None = None
+    health_check_endpoint: str | None = None
+
+    def status_at(self, now: float, unreachable_after: float) -> str:
+        """
+        The status as of C{now}: what the agent last said, unless it has been
+        silent for longer than C{unreachable_after} seconds.
+
+        Computed on read, so an answer is right even between two sweeps.
+        """
+        if now - self.last_seen > unreachable_after:
+            return UNREACHABLE
+        return self.status
+
+    def has_capabilities(self, wanted: tuple[str, ...]) -> bool:
+        return all(capability in self.capabilities for capability in wanted)
+
+
+@attrs.frozen
+class AgentQuery:
+    """Which agents to list; empty fields match everything."""
+
+    type: str | None = None
+    status: str | None = None
+    capabilities: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Heartbeat:
+    """An agent saying it is alive, what state it is in, and what changed."""
+
+    agent_id: str
+    status: str
+    metadata: Mapping[str, Any]
+    seen_at: float

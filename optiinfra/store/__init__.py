@@ -1,0 +1,1 @@
+"""Durable state: one interface, embedded SQLite and shared PostgreSQL backends."""

@@ -1,0 +1,118 @@
+"""
+The seams of the store.
+
+L{IBackend} is what differs between databases: how to connect, which thread runs
+the queries, the SQL dialect.  L{IStore} is what the domain asks for.  One
+L{optiinfra.store.sql.SQLStore} implements L{IStore} on either backend, so both
+behave the same by construction and one test suite checks both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Attribute, Interface
+
+from optiinfra.registry.model import Agent, AgentQuery, Heartbeat
+
+T = TypeVar("T")
+
+
+class StoreUnavailable(Exception):
+    """The database did not answer; the caller should try again later."""
+
+
+class StoreError(Exception):
+    """The database answered, but not with something this build can use."""
+
+
+def stop_pool(result: T, pool: ThreadPool) -> T:
+    """Stop a backend's thread pool once its last work is done; pass on C{result}."""
+    pool.stop()
+    return result
+
+
+class Transaction(Protocol):
+    """What a unit of work sees: SQL written with C{?} placeholders."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement; its rows (empty for statements without)."""
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for each row of parameters."""
+
+
+class IBackend(Interface):
+    """A database the store can run units of work on, off the reactor thread."""
+
+    name: str = Attribute("'sqlite' or 'postgresql', for logs and metrics.")
+
+    def open() -> None:
+        """
+        Connect and bring the schema up to date, blocking.  Called once at
+        start-up, before the reactor runs.
+
+        @raise StoreUnavailable: the database cannot be reached.
+        @raise StoreError: the schema cannot be used by this build.
+        """
+
+    def run(work: Callable[[Transaction], T], write: bool = True) -> Deferred[T]:
+        """
+        Run C{work} in one transaction in a worker thread; commit if it returns,
+        roll back if it raises.  Failures of the database itself arrive as
+        L{StoreUnavailable}.
+        """
+
+    def in_list(column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """SQL testing C{column} against C{values}, and its parameters."""
+
+    def lock_suffix() -> str:
+        """What makes a SELECT lock the rows it reads (empty where writes are
+        serialised anyway)."""
+
+    def close() -> Deferred[None]:
+        """Finish queued work and disconnect."""
+
+
+class IStore(Interface):
+    """Everything the orchestrator keeps, whichever database holds it."""
+
+    backend: IBackend = Attribute("The database underneath.")
+
+    def ping() -> Deferred[None]:
+        """Succeeds when the database answers."""
+
+    def register_agent(agent: Agent, by_id: bool) -> Deferred[tuple[Agent, bool]]:
+        """
+        Insert C{agent}, or refresh the one already registered as the same agent
+        (same id when C{by_id}, else same name, host and port), keeping its id
+        and registration time.  Fires with the stored agent and whether it is new.
+        """
+
+    def heartbeat(beat: Heartbeat) -> Deferred[Agent | None]:
+        """
+        Record C{beat}; fires with the agent as it was before, or None when no
+        such agent is registered.
+        """
+
+    def get_agent(agent_id: str) -> Deferred[Agent | None]:
+        """The agent, or None."""
+
+    def list_agents(query: AgentQuery) -> Deferred[list[Agent]]:
+        """Agents of C{query.type} (all types when None), ordered by id."""
+
+    def delete_agent(agent_id: str) -> Deferred[Agent | None]:
+        """Remove the agent; fires with what was removed, or None."""
+
+    def mark_unreachable(silent_since: float) -> Deferred[list[Agent]]:
+        """Mark agents not seen since C{silent_since} unreachable; fires with
+        those this call changed (so two replicas never both report one)."""
+
+    def remove_silent(silent_since: float) -> Deferred[list[Agent]]:
+        """Remove agents not seen since C{silent_since}; fires with them."""
+
+    def count_agents(silent_since: float) -> Deferred[dict[tuple[str, str], int]]:
+        """Agents by (type, status), counting the silent as unreachable."""

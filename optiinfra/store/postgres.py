@@ -1,0 +1,129 @@
+"""
+The shared backend: PostgreSQL, for several orchestrator replicas.
+
+psycopg's blocking API runs in a small thread pool, each unit of work on a
+connection borrowed from a psycopg_pool pool; the reactor thread never waits on
+the network.  A connection that breaks is dropped by the pool and the call fails
+with L{StoreUnavailable}, which the HTTP layer turns into a 503.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+import structlog
+from psycopg_pool import ConnectionPool, PoolTimeout
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from optiinfra.store.interface import (
+    IBackend,
+    StoreUnavailable,
+    Transaction,
+)
+from optiinfra.store.interface import (
+    stop_pool as _stop_pool,
+)
+from optiinfra.store.schema import migrate
+
+T = TypeVar("T")
+
+_log = structlog.get_logger("optiinfra.store")
+
+#: Serialises schema migrations between replicas starting at the same time.
+_MIGRATION_LOCK = 0x6F707469  # "opti"
+
+
+class _PostgresTransaction:
+    def __init__(self, connection: psycopg.Connection[tuple[Any, ...]]) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cursor = self._connection.execute(sql.replace("?", "%s"), params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._connection.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s"), rows)
+
+
+@implementer(IBackend)
+class PostgresBackend:
+    name = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        reactor: IReactorThreads,
+        max_connections: int = 4,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._reactor = reactor
+        self._threads = ThreadPool(
+            minthreads=1, maxthreads=max_connections, name="postgres"
+        )
+        self._connections = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_connections,
+            open=False,
+            timeout=connect_timeout,
+            kwargs={"connect_timeout": max(1, int(connect_timeout))},
+            name="optiinfra",
+        )
+        self._connect_timeout = connect_timeout
+
+    def open(self) -> None:
+        try:
+            self._connections.open(wait=True, timeout=self._connect_timeout)
+        except (PoolTimeout, psycopg.Error) as error:
+            self._connections.close()
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {error}") from error
+
+        def migrate_locked(tx: Transaction) -> list[int]:
+            tx.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+            return migrate(tx)
+
+        applied = self._transaction(migrate_locked)
+        if applied:
+            _log.info("schema migrated", backend=self.name, versions=applied)
+        self._threads.start()
+
+    def _transaction(self, work: Callable[[Transaction], T]) -> T:
+        try:
+            with self._connections.connection() as connection:
+                return work(_PostgresTransaction(connection))
+        except (PoolTimeout, psycopg.OperationalError) as error:
+            raise StoreUnavailable(
+                str(error).strip() or type(error).__name__
+            ) from error
+
+    def run(self, work: Callable[[Transaction], T], write: bool = True) -> Deferred[T]:
+        return deferToThreadPool(
+            self._reactor,
+            self._threads,
+            self._transaction,
+            work,
+        )
+
+    def in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        return f"{column} = ANY(?)", [list(values)]
+
+    def lock_suffix(self) -> str:
+        return " FOR UPDATE"
+
+    def close(self) -> Deferred[None]:
+        def finish() -> None:
+            self._connections.close()
+
+        closing: Deferred[None] = deferToThreadPool(
+            self._reactor,
+            self._threads,
+            finish,
+        )
+        return closing.addBoth(_stop_pool, self._threads)

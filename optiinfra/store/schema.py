@@ -1,0 +1,84 @@
+"""
+Versioned schema migrations, as data.
+
+Each migration runs once, in order, inside the start-up transaction that records
+it in C{schema_migrations}; the SQL is common to SQLite and PostgreSQL.  JSON
+documents are stored as text in both, so the store reads them the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+import attrs
+
+from optiinfra.store.interface import StoreError, Transaction
+
+
+@attrs.frozen
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(
+        1,
+        "agents",
+        (
+            """
+            CREATE TABLE agents (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                type TEXT NOT NULL,
+                host TEXT NOT NULL,
+                port INTEGER NOT NULL,
+                capabilities TEXT NOT NULL,
+                status TEXT NOT NULL,
+                version TEXT NOT NULL,
+                registered_at DOUBLE PRECISION NOT NULL,
+                last_seen DOUBLE PRECISION NOT NULL,
+                metadata TEXT NOT NULL,
+                endpoint TEXT,
+                health_check_endpoint TEXT
+            )
+            """,
+            "CREATE UNIQUE INDEX agents_identity ON agents (name, host, port)",
+            "CREATE INDEX agents_type ON agents (type)",
+            "CREATE INDEX agents_last_seen ON agents (last_seen)",
+        ),
+    ),
+)
+
+LATEST: Final = MIGRATIONS[-1].version
+
+
+def migrate(tx: Transaction) -> list[int]:
+    """Apply the migrations this database lacks; the versions applied."""
+    tx.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY,"
+        " name TEXT NOT NULL,"
+        " applied_at DOUBLE PRECISION NOT NULL)"
+    )
+    [(current,)] = tx.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+    if current > LATEST:
+        raise StoreError(
+            f"database schema is at version {current}, newer than this build's "
+            f"{LATEST}: run a newer orchestrator"
+        )
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version <= current:
+            continue
+        for statement in migration.statements:
+            tx.execute(statement)
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at)"
+            " VALUES (?, ?, ?)",
+            (migration.version, migration.name, time.time()),
+        )
+        applied.append(migration.version)
+    return applied

@@ -1,0 +1,281 @@
+"""
+The store's logic, written once over any L{IBackend}.
+
+Heartbeats are group-committed: those that arrive while a batch is being written
+wait for the next batch, and each is answered only once its batch has committed.
+Under load one transaction carries many heartbeats, which is what lets an
+embedded database keep up with thousands of agents.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any, Final, TypeVar
+
+import attrs
+import orjson
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from optiinfra.registry.model import UNREACHABLE, Agent, AgentQuery, Heartbeat
+from optiinfra.store.interface import IBackend, IStore, Transaction
+
+T = TypeVar("T")
+
+_COLUMNS: Final = (
+    "id, name, type, host, port, capabilities, status, version, registered_at,"
+    " last_seen, metadata, endpoint, health_check_endpoint"
+)
+
+#: Heartbeats written in one transaction at most.
+MAX_BATCH: Final = 500
+
+
+def _agent(row: Sequence[Any]) -> Agent:
+    return Agent(
+        id=row[0],
+        name=row[1],
+        type=row[2],
+        host=row[3],
+        port=row[4],
+        capabilities=tuple(orjson.loads(row[5])),
+        status=row[6],
+        version=row[7],
+        registered_at=row[8],
+        last_seen=row[9],
+        metadata=orjson.loads(row[10]),
+        endpoint=row[11],
+        health_check_endpoint=row[12],
+    )
+
+
+def _values(agent: Agent) -> tuple[Any, ...]:
+    return (
+        agent.id,
+        agent.name,
+        agent.type,
+        agent.host,
+        agent.port,
+        orjson.dumps(list(agent.capabilities)).decode(),
+        agent.status,
+        agent.version,
+        agent.registered_at,
+        agent.last_seen,
+        orjson.dumps(dict(agent.metadata)).decode(),
+        agent.endpoint,
+        agent.health_check_endpoint,
+    )
+
+
+def new_agent_id() -> str:
+    return str(uuid.uuid4())
+
+
+_UPSERT_SET: Final = (
+    "name = ?, type = ?, host = ?, port = ?, capabilities = ?, status = ?,"
+    " version = ?, last_seen = ?, metadata = ?, endpoint = ?,"
+    " health_check_endpoint = ?"
+)
+
+
+def _refresh_values(agent: Agent) -> tuple[Any, ...]:
+    values = _values(agent)
+    # everything but id and registered_at, in _UPSERT_SET's order
+    return values[1:8] + values[9:]
+
+
+@implementer(IStore)
+class SQLStore:
+    """L{IStore} on any backend."""
+
+    def __init__(self, backend: IBackend, clock: IReactorTime) -> None:
+        self.backend = backend
+        self._clock = clock
+        self._pending: list[tuple[Heartbeat, Deferred[Agent | None]]] = []
+        self._flushing = False
+
+    def ping(self) -> Deferred[None]:
+        def ping(tx: Transaction) -> None:
+            tx.execute("SELECT 1")
+
+        return self.backend.run(ping, write=False)
+
+    # Registration -----------------------------------------------------------
+
+    def register_agent(self, agent: Agent, by_id: bool) -> Deferred[tuple[Agent, bool]]:
+        lock = self.backend.lock_suffix()
+
+        def register(tx: Transaction) -> tuple[Agent, bool]:
+            if by_id:
+                # The same agent registered earlier under another id (it chose a
+                # new one) is replaced: name, host and port are its identity too.
+                tx.execute(
+                    "DELETE FROM agents WHERE name = ? AND host = ? AND port = ?"
+                    " AND id <> ?",
+                    (agent.name, agent.host, agent.port, agent.id),
+                )
+                rows = tx.execute(
+                    f"SELECT {_COLUMNS} FROM agents WHERE id = ?{lock}", (agent.id,)
+                )
+            else:
+                rows = tx.execute(
+                    f"SELECT {_COLUMNS} FROM agents"
+                    f" WHERE name = ? AND host = ? AND port = ?{lock}",
+                    (agent.name, agent.host, agent.port),
+                )
+            if rows:
+                existing = _agent(rows[0])
+                stored = attrs.evolve(
+                    agent, id=existing.id, registered_at=existing.registered_at
+                )
+                tx.execute(
+                    f"UPDATE agents SET {_UPSERT_SET} WHERE id = ?",
+                    (*_refresh_values(stored), stored.id),
+                )
+                return stored, False
+            tx.execute(
+                f"INSERT INTO agents ({_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                _values(agent),
+            )
+            return agent, True
+
+        return self.backend.run(register)
+
+    # Heartbeats -------------------------------------------------------------
+
+    def heartbeat(self, beat: Heartbeat) -> Deferred[Agent | None]:
+        answer: Deferred[Agent | None] = Deferred()
+        self._pending.append((beat, answer))
+        if not self._flushing:
+            self._flushing = True
+            self._clock.callLater(0, self._flush)
+        return answer
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        beats = [beat for beat, _ in batch]
+        written = self.backend.run(lambda tx: self._write_heartbeats(tx, beats))
+
+        def answer(previous: list[Agent | None]) -> None:
+            for (_, waiting), agent in zip(batch, previous, strict=True):
+                waiting.callback(agent)
+
+        def fail(failure: Failure) -> None:
+            for _, waiting in batch:
+                waiting.errback(failure)
+
+        def next_batch(_: object) -> None:
+            if self._pending:
+                self._flush()
+            else:
+                self._flushing = False
+
+        written.addCallbacks(answer, fail).addBoth(next_batch)
+
+    def _write_heartbeats(
+        self, tx: Transaction, beats: list[Heartbeat]
+    ) -> list[Agent | None]:
+        ids = sorted({beat.agent_id for beat in beats})
+        condition, params = self.backend.in_list("id", ids)
+        rows = tx.execute(
+            f"SELECT {_COLUMNS} FROM agents WHERE {condition}"
+            f" ORDER BY id{self.backend.lock_suffix()}",
+            params,
+        )
+        current = {row[0]: _agent(row) for row in rows}
+        previous: list[Agent | None] = []
+        for beat in beats:
+            before = current.get(beat.agent_id)
+            previous.append(before)
+            if before is not None:
+                current[beat.agent_id] = attrs.evolve(
+                    before,
+                    status=beat.status,
+                    last_seen=max(before.last_seen, beat.seen_at),
+                    metadata={**before.metadata, **beat.metadata},
+                )
+        tx.executemany(
+            "UPDATE agents SET status = ?, last_seen = ?, metadata = ? WHERE id = ?",
+            [
+                (
+                    agent.status,
+                    agent.last_seen,
+                    orjson.dumps(dict(agent.metadata)).decode(),
+                    agent.id,
+                )
+                for agent in (current[i] for i in ids if i in current)
+            ],
+        )
+        return previous
+
+    # Reads ------------------------------------------------------------------
+
+    def get_agent(self, agent_id: str) -> Deferred[Agent | None]:
+        def get(tx: Transaction) -> Agent | None:
+            rows = tx.execute(
+                f"SELECT {_COLUMNS} FROM agents WHERE id = ?", (agent_id,)
+            )
+            return _agent(rows[0]) if rows else None
+
+        return self.backend.run(get, write=False)
+
+    def list_agents(self, query: AgentQuery) -> Deferred[list[Agent]]:
+        def list_(tx: Transaction) -> list[Agent]:
+            if query.type is None:
+                rows = tx.execute(f"SELECT {_COLUMNS} FROM agents ORDER BY id")
+            else:
+                rows = tx.execute(
+                    f"SELECT {_COLUMNS} FROM agents WHERE type = ? ORDER BY id",
+                    (query.type,),
+                )
+            return [_agent(row) for row in rows]
+
+        return self.backend.run(list_, write=False)
+
+    def count_agents(self, silent_since: float) -> Deferred[dict[tuple[str, str], int]]:
+        def count(tx: Transaction) -> dict[tuple[str, str], int]:
+            rows = tx.execute(
+                "SELECT type, CASE WHEN last_seen < ? THEN ? ELSE status END AS s,"
+                " COUNT(*) FROM agents GROUP BY type, s",
+                (silent_since, UNREACHABLE),
+            )
+            return {(kind, status): int(n) for kind, status, n in rows}
+
+        return self.backend.run(count, write=False)
+
+    # Removal and the sweep ----------------------------------------------------
+
+    def delete_agent(self, agent_id: str) -> Deferred[Agent | None]:
+        def delete(tx: Transaction) -> Agent | None:
+            rows = tx.execute(
+                f"DELETE FROM agents WHERE id = ? RETURNING {_COLUMNS}", (agent_id,)
+            )
+            return _agent(rows[0]) if rows else None
+
+        return self.backend.run(delete)
+
+    def mark_unreachable(self, silent_since: float) -> Deferred[list[Agent]]:
+        return self._changed(
+            f"UPDATE agents SET status = ? WHERE status <> ? AND last_seen < ?"
+            f" RETURNING {_COLUMNS}",
+            (UNREACHABLE, UNREACHABLE, silent_since),
+        )
+
+    def remove_silent(self, silent_since: float) -> Deferred[list[Agent]]:
+        return self._changed(
+            f"DELETE FROM agents WHERE last_seen < ? RETURNING {_COLUMNS}",
+            (silent_since,),
+        )
+
+    def _changed(self, sql: str, params: tuple[Any, ...]) -> Deferred[list[Agent]]:
+        def change(tx: Transaction) -> list[Agent]:
+            return sorted((_agent(row) for row in tx.execute(sql, params)), key=_id)
+
+        return self.backend.run(change)
+
+
+def _id(agent: Agent) -> str:
+    return agent.id

@@ -1,0 +1,122 @@
+"""
+The embedded backend: one SQLite file under the state directory.
+
+SQLite allows one writer at a time, so one dedicated thread owns the one
+connection and runs every unit of work in turn; the reactor thread never waits on
+the database.  WAL mode lets readers outside this process (backups, sqlite3 CLI)
+look without blocking it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from optiinfra.store.interface import (
+    IBackend,
+    StoreUnavailable,
+    Transaction,
+)
+from optiinfra.store.interface import (
+    stop_pool as _stop_pool,
+)
+from optiinfra.store.schema import migrate
+
+T = TypeVar("T")
+
+_log = structlog.get_logger("optiinfra.store")
+
+
+class _SQLiteTransaction:
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._connection.execute(sql, params).fetchall()
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._connection.executemany(sql, rows)
+
+
+@implementer(IBackend)
+class SQLiteBackend:
+    name = "sqlite"
+
+    def __init__(self, path: Path, reactor: IReactorThreads) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sqlite")
+        self._connection: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
+            connection.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit that was answered survives a power cut, not just a
+            # crash; group commit keeps the cost per heartbeat small.
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA busy_timeout=5000")
+        except (OSError, sqlite3.Error) as error:
+            raise StoreUnavailable(f"cannot open {self.path}: {error}") from error
+        self._connection = connection
+        applied = self._transaction(migrate, True)
+        if applied:
+            _log.info("schema migrated", backend=self.name, versions=applied)
+        self._pool.start()
+
+    def _transaction(self, work: Callable[[Transaction], T], write: bool) -> T:
+        connection = self._connection
+        if connection is None:
+            raise StoreUnavailable("the SQLite store is closed")
+        try:
+            connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                result = work(_SQLiteTransaction(connection))
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable(str(error)) from error
+        return result
+
+    def run(self, work: Callable[[Transaction], T], write: bool = True) -> Deferred[T]:
+        return deferToThreadPool(
+            self._reactor,
+            self._pool,
+            self._transaction,
+            work,
+            write,
+        )
+
+    def in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        marks = ", ".join("?" * len(values))
+        return f"{column} IN ({marks})", list(values)
+
+    def lock_suffix(self) -> str:
+        return ""  # BEGIN IMMEDIATE already holds the only write lock
+
+    def close(self) -> Deferred[None]:
+        def finish() -> None:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+        closing: Deferred[None] = deferToThreadPool(
+            self._reactor,
+            self._pool,
+            finish,
+        )
+        return closing.addBoth(_stop_pool, self._pool)

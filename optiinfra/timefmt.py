@@ -1,0 +1,28 @@
+"""Time as the Go prototype printed it, which clients already parse."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def go_duration(seconds: float) -> str:
+    """Whole seconds in Go's C{time.Duration} style: C{5s}, C{5m30s}, C{2h0m5s}."""
+    total = max(0, int(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def rfc3339(seconds: float) -> str:
+    """A UTC time as RFC 3339 with whole seconds: C{2025-10-16T10:00:00Z}."""
+    return datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rfc3339_ms(seconds: float) -> str:
+    """A UTC time as RFC 3339 with milliseconds: C{2025-10-16T10:00:00.250Z}."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
