@@ -39,6 +39,17 @@ class Settings:
     log_level: str = "info"
     drain_timeout: float = 10.0
     max_body_bytes: int = 1024 * 1024
+    #: Where the embedded store keeps its file.
+    state_dir: Path = Path("var")
+    #: A PostgreSQL URL for the shared store; None means the embedded SQLite one.
+    database_url: str | None = None
+    api_keys_file: Path | None = None
+    auth_disabled: bool = False
+    heartbeat_interval: float = 30.0
+    #: None: one and a half heartbeat intervals.
+    unreachable_after: float | None = None
+    agent_expiry: float = 600.0
+    sweep_interval: float = 5.0
     #: systemd's notification socket and watchdog period, when run by systemd.
     notify_socket: str | None = None
     watchdog_usec: int | None = None
@@ -46,6 +57,13 @@ class Settings:
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
+
+    @property
+    def silent_after(self) -> float:
+        """Seconds of silence after which an agent is unreachable."""
+        if self.unreachable_after is not None:
+            return self.unreachable_after
+        return 1.5 * self.heartbeat_interval
 
 
 def parse_port(name: str, raw: str) -> str:
@@ -123,6 +141,39 @@ def parse_microseconds(name: str, raw: str) -> int:
     return value
 
 
+def parse_positive_seconds(name: str, raw: str) -> float:
+    value = parse_seconds(name, raw)
+    if value == 0:
+        raise SettingsError(name, raw, "expected more than zero seconds")
+    return value
+
+
+def parse_path(name: str, raw: str) -> Path:
+    if not raw.strip():
+        raise SettingsError(name, raw, "expected a path")
+    return Path(raw.split(":", 1)[0] if name == "STATE_DIRECTORY" else raw)
+
+
+def parse_database_url(name: str, raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise SettingsError(
+            name, "<hidden>", "expected a postgresql:// URL (unset for SQLite)"
+        )
+    return value
+
+
+def parse_flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(name, raw, "expected true or false")
+
+
 #: Environment variable -> (Settings field, parser).
 ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object]]]] = {
     "ORCHESTRATOR_PORT": ("port", parse_port),
@@ -130,6 +181,16 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "LOG_LEVEL": ("log_level", parse_log_level),
     "DRAIN_TIMEOUT": ("drain_timeout", parse_seconds),
     "MAX_BODY_BYTES": ("max_body_bytes", parse_bytes),
+    # systemd's StateDirectory= first, so that STATE_DIR overrides it.
+    "STATE_DIRECTORY": ("state_dir", parse_path),
+    "STATE_DIR": ("state_dir", parse_path),
+    "DATABASE_URL": ("database_url", parse_database_url),
+    "API_KEYS_FILE": ("api_keys_file", parse_path),
+    "AUTH_DISABLED": ("auth_disabled", parse_flag),
+    "HEARTBEAT_INTERVAL": ("heartbeat_interval", parse_positive_seconds),
+    "UNREACHABLE_AFTER": ("unreachable_after", parse_positive_seconds),
+    "AGENT_EXPIRY": ("agent_expiry", parse_positive_seconds),
+    "SWEEP_INTERVAL": ("sweep_interval", parse_positive_seconds),
     "NOTIFY_SOCKET": ("notify_socket", parse_text),
     "WATCHDOG_USEC": ("watchdog_usec", parse_microseconds),
 }
@@ -182,6 +243,18 @@ def build_settings(
             values[field] = parse(override.option, override.value)
         elif variable in raw:
             values[field] = parse(variable, raw[variable])
+    environment = values.get("environment", "development")
+    if (
+        environment == "production"
+        and values.get("api_keys_file") is None
+        and not values.get("auth_disabled", False)
+    ):
+        raise SettingsError(
+            "API_KEYS_FILE",
+            "",
+            "required when ENVIRONMENT=production (or set AUTH_DISABLED=true"
+            " to run without access control)",
+        )
     # systemd names the process the watchdog is meant for; a child ignores it.
     watchdog_pid = raw.get("WATCHDOG_PID")
     if watchdog_pid and watchdog_pid != str(os.getpid() if pid is None else pid):

@@ -14,11 +14,13 @@ from typing import Any, NoReturn, cast
 from klein import Klein
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
 from optiinfra import __version__
+from optiinfra.auth import ApiKeyFileError, ApiKeys
+from optiinfra.lifecycle import OrderedServices
 from optiinfra.logs import (
     LEVELS,
     configure,
@@ -28,6 +30,9 @@ from optiinfra.logs import (
 )
 from optiinfra.metrics import HttpMetrics, new_registry
 from optiinfra.readiness import Readiness
+from optiinfra.registry import routes as registry_routes
+from optiinfra.registry.loops import StoreService, StoreWatch, Sweeper
+from optiinfra.registry.service import Registry, RegistryConfig, RegistryMetrics
 from optiinfra.settings import (
     Override,
     Settings,
@@ -35,9 +40,14 @@ from optiinfra.settings import (
     build_settings,
     read_environment,
 )
+from optiinfra.store.interface import IBackend, IStore, StoreError, StoreUnavailable
+from optiinfra.store.postgres import PostgresBackend
+from optiinfra.store.sql import SQLStore
+from optiinfra.store.sqlite import SQLiteBackend
 from optiinfra.systemd import SystemdNotifier
 from optiinfra.web import health
 from optiinfra.web.app import new_app
+from optiinfra.web.guard import Guard
 from optiinfra.web.service import HTTPService
 from optiinfra.web.site import LogSink, OrchestratorSite
 
@@ -99,7 +109,7 @@ class Options(usage.Options):
         try:
             self.settings = build_settings(read_environment(), overrides)
         except SettingsError as error:
-            refuse_to_start(error)
+            refuse_to_start(error.name, error.value, error.reason)
         configure(self.settings.log_level)
         parent = cast(dict[str, Any] | None, self.parent)
         if parent is not None and not parent.get("logger"):
@@ -110,9 +120,9 @@ class Options(usage.Options):
 Mount = Callable[[Klein], None]
 
 
-def refuse_to_start(error: SettingsError) -> NoReturn:
+def refuse_to_start(setting: str, value: str, reason: str, code: int = 2) -> NoReturn:
     """
-    One JSON line naming the bad setting, then exit 2.
+    One JSON line naming the bad setting, then exit C{code}.
 
     Written straight to standard output: logging has not begun this early, and
     events buffered for it would be lost with the exit.
@@ -124,15 +134,51 @@ def refuse_to_start(error: SettingsError) -> NoReturn:
                 "log_level": LEVELS["error"],
                 "log_namespace": "optiinfra.settings",
                 "log_format": None,
-                "event": f"invalid setting {error.name}={error.value!r}: "
-                f"{error.reason}",
-                "setting": error.name,
-                "value": error.value,
+                "event": f"invalid setting {setting}={value!r}: {reason}",
+                "setting": setting,
+                "value": value,
             }
         )
     )
     stdout.flush()
-    raise SystemExit(2)
+    raise SystemExit(code)
+
+
+def open_store(settings: Settings, reactor: IReactorTime) -> IStore:
+    """
+    Connect to the configured store and migrate its schema, blocking: this runs
+    before the reactor starts, and the process must not serve without it.
+    """
+    threads = cast(IReactorThreads, reactor)
+    backend: IBackend
+    if settings.database_url:
+        backend = PostgresBackend(settings.database_url, threads)
+    else:
+        backend = SQLiteBackend(settings.state_dir / "orchestrator.db", threads)
+    backend.open()
+    get_logger("optiinfra.store").info(
+        "store opened",
+        backend=backend.name,
+        path=None if settings.database_url else str(settings.state_dir),
+    )
+    return SQLStore(backend, reactor)
+
+
+def load_keys(settings: Settings) -> ApiKeys | None:
+    """The API keys, or None (with a warning) when access control is off."""
+    log = get_logger("optiinfra.auth")
+    if settings.auth_disabled:
+        log.warn("access control disabled by AUTH_DISABLED: every caller is trusted")
+        return None
+    if settings.api_keys_file is None:
+        log.warn(
+            "no API_KEYS_FILE: the API is open to anyone who can reach it",
+            environment=settings.environment,
+        )
+        return None
+    keys = ApiKeys.load(settings.api_keys_file)
+    log.info("API keys loaded", keys=len(keys.entries))
+    return keys
 
 
 def build_service(
@@ -140,8 +186,14 @@ def build_service(
     reactor: IReactorTime,
     log_sink: LogSink = globalLogPublisher,
     mounts: Sequence[Mount] = (),
+    store: IStore | None = None,
 ) -> MultiService:
-    """Everything the process runs, as one service tree."""
+    """
+    Everything the process runs, as one service tree.
+
+    Children start in order and stop in reverse, one at a time: systemd hears
+    STOPPING=1, the HTTP port drains, the loops stop, and the store closes last.
+    """
     log = get_logger("optiinfra")
     log.info(
         "Starting OptiInfra Orchestrator",
@@ -150,35 +202,53 @@ def build_service(
         port=settings.port,
         min_level=settings.log_level,
     )
-    registry = new_registry()
+    # Everything that can be refused is checked before the store is opened.
+    endpoint = serverFromString(reactor, settings.port)
+    guard = Guard(load_keys(settings))
+    if store is None:
+        store = open_store(settings, reactor)
+    metrics = new_registry()
     readiness = Readiness()
+    registry = Registry(
+        store,
+        reactor,
+        RegistryConfig(
+            heartbeat_interval=settings.heartbeat_interval,
+            unreachable_after=settings.silent_after,
+            expire_after=settings.agent_expiry,
+            sweep_interval=settings.sweep_interval,
+        ),
+        RegistryMetrics(metrics),
+    )
     app = new_app()
     health.mount(
         app,
         clock=reactor,
         started=reactor.seconds(),
         readiness=readiness,
-        registry=registry,
+        registry=metrics,
     )
+    registry_routes.mount(app, registry, guard)
     for mount in mounts:
         mount(app)
     site = OrchestratorSite(
         app.resource(),
         clock=reactor,
-        metrics=HttpMetrics(registry),
+        metrics=HttpMetrics(metrics),
         log_sink=log_sink,
         max_body_bytes=settings.max_body_bytes,
     )
-    top = MultiService()
+    top = OrderedServices()
+    StoreService(store).setServiceParent(top)
+    StoreWatch(store, readiness, reactor, interval=2.0).setServiceParent(top)
+    Sweeper(registry, reactor).setServiceParent(top)
     web = HTTPService(
-        serverFromString(reactor, settings.port),
+        endpoint,
         site,
         readiness,
         settings.drain_timeout,
     )
     web.setServiceParent(top)
-    # Stopped before the web service (MultiService stops in reverse), so systemd
-    # hears STOPPING=1 as the drain begins.
     SystemdNotifier(
         reactor, web.when_listening(), settings.notify_socket, settings.watchdog_usec
     ).setServiceParent(top)
@@ -198,12 +268,20 @@ def tune_gc() -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    settings = options.settings
     try:
-        service = build_service(options.settings, cast(IReactorTime, reactor))
-    except ValueError as error:  # serverFromString's word on a bad endpoint
+        service = build_service(settings, cast(IReactorTime, reactor))
+    except ApiKeyFileError as error:
+        refuse_to_start("API_KEYS_FILE", str(settings.api_keys_file), str(error))
+    except (StoreUnavailable, StoreError) as error:
         refuse_to_start(
-            SettingsError("ORCHESTRATOR_PORT", options.settings.port, str(error))
+            "DATABASE_URL" if settings.database_url else "STATE_DIR",
+            "<hidden>" if settings.database_url else str(settings.state_dir),
+            str(error),
+            code=1,
         )
+    except ValueError as error:  # serverFromString's word on a bad endpoint
+        refuse_to_start("ORCHESTRATOR_PORT", settings.port, str(error))
     cast(IReactorCore, reactor).callWhenRunning(tune_gc)
     return service
 

@@ -66,7 +66,9 @@ StartService = Callable[..., Any]
 
 
 @pytest_twisted.async_yield_fixture
-async def start_service(logs: LogCapture) -> AsyncIterator[StartService]:
+async def start_service(
+    logs: LogCapture, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[StartService]:
     """Start orchestrators on 127.0.0.1:<free port>; all stopped after the test."""
     started: list[RunningService] = []
 
@@ -74,6 +76,7 @@ async def start_service(logs: LogCapture) -> AsyncIterator[StartService]:
         mounts: Sequence[Callable[[Klein], None]] = (), **settings: Any
     ) -> RunningService:
         settings.setdefault("port", "tcp:0:interface=127.0.0.1")
+        settings.setdefault("state_dir", tmp_path_factory.mktemp("state"))
         top = build_service(Settings(**settings), reactor, log_sink=logs, mounts=mounts)
         top.startService()
         http = top.getServiceNamed("http")

@@ -34,6 +34,7 @@ def test_environment_values_are_parsed() -> None:
             "LOG_LEVEL": "WARNING",
             "DRAIN_TIMEOUT": "2.5",
             "MAX_BODY_BYTES": "2048",
+            "API_KEYS_FILE": "/etc/optiinfra/keys",
         }
     )
     assert settings.port == "tcp:9090"

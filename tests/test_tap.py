@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.application.service import MultiService
-from twisted.internet.task import Clock
 
 from optiinfra import logs, tap
 from optiinfra.settings import Settings
@@ -65,13 +66,20 @@ def test_bad_option_exits_with_one_json_line(
     assert record["message"].startswith("invalid setting LOG_LEVEL='loud'")
 
 
-def test_make_service_builds_the_tree() -> None:
+@pytest_twisted.ensureDeferred
+async def test_make_service_builds_the_tree() -> None:
     options = tap.Options()
     options.parseOptions(["--port", "tcp:0:interface=127.0.0.1"])
     service = tap.makeService(options)
-    assert isinstance(service, MultiService)
-    assert isinstance(service.getServiceNamed("http"), HTTPService)
-    assert service.getServiceNamed("systemd") is not None
+    try:
+        assert isinstance(service, MultiService)
+        assert isinstance(service.getServiceNamed("http"), HTTPService)
+        assert service.getServiceNamed("systemd") is not None
+        assert Path("var/orchestrator.db").is_file()  # noqa: ASYNC240
+    finally:
+        store = service.getServiceNamed("store")
+        store.startService()
+        await store.stopService()
 
 
 def test_make_service_rejects_an_unknown_endpoint(stdout: io.BytesIO) -> None:
@@ -80,13 +88,6 @@ def test_make_service_rejects_an_unknown_endpoint(stdout: io.BytesIO) -> None:
     with pytest.raises(SystemExit):
         tap.makeService(options)
     assert b"ORCHESTRATOR_PORT" in stdout.getvalue()
-
-
-def test_build_service_with_a_fake_clock() -> None:
-    clock = Clock()
-    clock.advance(100)
-    top = tap.build_service(Settings(port="tcp:0:interface=127.0.0.1"), clock)  # type: ignore[arg-type]
-    assert top.getServiceNamed("http") is not None
 
 
 def test_tune_gc_freezes_start_up_objects() -> None:

@@ -59,6 +59,10 @@ class IBackend(Interface):
         @raise StoreError: the schema cannot be used by this build.
         """
 
+    def start() -> None:
+        """Start the worker threads; called when the service starts, so a
+        process that fails before then has no threads keeping it alive."""
+
     def run(work: Callable[[Transaction], T], write: bool = True) -> Deferred[T]:
         """
         Run C{work} in one transaction in a worker thread; commit if it returns,

@@ -92,6 +92,8 @@ class PostgresBackend:
         applied = self._transaction(migrate_locked)
         if applied:
             _log.info("schema migrated", backend=self.name, versions=applied)
+
+    def start(self) -> None:
         self._threads.start()
 
     def _transaction(self, work: Callable[[Transaction], T]) -> T:

@@ -258,11 +258,26 @@ class SQLStore:
         return self.backend.run(delete)
 
     def mark_unreachable(self, silent_since: float) -> Deferred[list[Agent]]:
-        return self._changed(
-            f"UPDATE agents SET status = ? WHERE status <> ? AND last_seen < ?"
-            f" RETURNING {_COLUMNS}",
-            (UNREACHABLE, UNREACHABLE, silent_since),
-        )
+        lock = self.backend.lock_suffix()
+
+        def mark(tx: Transaction) -> list[Agent]:
+            # Locked, then re-checked by PostgreSQL after any wait, so of two
+            # replicas sweeping at once only one sees (and reports) each agent.
+            silent = [
+                _agent(row)
+                for row in tx.execute(
+                    f"SELECT {_COLUMNS} FROM agents WHERE status <> ?"
+                    f" AND last_seen < ? ORDER BY id{lock}",
+                    (UNREACHABLE, silent_since),
+                )
+            ]
+            tx.executemany(
+                "UPDATE agents SET status = ? WHERE id = ?",
+                [(UNREACHABLE, agent.id) for agent in silent],
+            )
+            return silent
+
+        return self.backend.run(mark)
 
     def remove_silent(self, silent_since: float) -> Deferred[list[Agent]]:
         return self._changed(

@@ -74,6 +74,8 @@ class SQLiteBackend:
         applied = self._transaction(migrate, True)
         if applied:
             _log.info("schema migrated", backend=self.name, versions=applied)
+
+    def start(self) -> None:
         self._pool.start()
 
     def _transaction(self, work: Callable[[Transaction], T], write: bool) -> T:

@@ -19,7 +19,13 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from optiinfra.errors import Conflict, InvalidField, NotFound
+from optiinfra.store.interface import StoreUnavailable
+from optiinfra.web.guard import Forbidden, Unauthenticated
 from optiinfra.web.render import render_error
+
+#: Seconds a client should wait before retrying when the store is down.
+RETRY_AFTER = b"5"
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -71,6 +77,48 @@ def new_app() -> Klein:
             code, (error.name or "error").lower()
         )
         return render_error(request, code, message)
+
+    @app.handle_errors(InvalidField)
+    def invalid(request: IRequest, failure: Failure) -> bytes:
+        error = cast(InvalidField, failure.value)
+        return render_error(
+            request,
+            error.status,
+            "invalid request",
+            field=error.field,
+            detail=error.detail,
+        )
+
+    @app.handle_errors(NotFound)
+    def not_found(request: IRequest, failure: Failure) -> bytes:
+        error = cast(NotFound, failure.value)
+        return render_error(request, 404, error.message, **error.fields)
+
+    @app.handle_errors(Conflict)
+    def conflict(request: IRequest, failure: Failure) -> bytes:
+        error = cast(Conflict, failure.value)
+        return render_error(request, 409, error.message, **error.fields)
+
+    @app.handle_errors(Unauthenticated)
+    def unauthenticated(request: IRequest, failure: Failure) -> bytes:
+        request.setHeader(b"www-authenticate", b'Bearer realm="optiinfra"')
+        return render_error(
+            request, 401, "an API key is required (Authorization: Bearer or X-API-Key)"
+        )
+
+    @app.handle_errors(Forbidden)
+    def forbidden(request: IRequest, failure: Failure) -> bytes:
+        return render_error(request, 403, str(failure.value))
+
+    @app.handle_errors(StoreUnavailable)
+    def unavailable(request: IRequest, failure: Failure) -> bytes:
+        _log.warn(
+            "store unavailable",
+            request_id=getattr(request, "request_id", None),
+            error=failure.getErrorMessage(),
+        )
+        request.setHeader(b"retry-after", RETRY_AFTER)
+        return render_error(request, 503, "storage unavailable, try again later")
 
     @app.handle_errors(Exception)
     def unhandled(request: IRequest, failure: Failure) -> bytes:

@@ -1,0 +1,195 @@
+"""
+The registry over HTTP: the contract's root paths and the agents' C{/api/v1}.
+
+Each handler parses, checks the key, calls the registry, renders.  Both dialects
+reach the one L{Registry}, so an agent registered one way is visible and can
+heartbeat the other way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.web.iweb import IRequest
+
+from optiinfra.auth import Permission
+from optiinfra.errors import InvalidField
+from optiinfra.registry.model import AGENT_TYPES, STATUSES, Agent, AgentQuery
+from optiinfra.registry.parse import (
+    parse_beat,
+    parse_registration,
+    parse_v1_beat,
+    parse_v1_registration,
+)
+from optiinfra.registry.service import Registry
+from optiinfra.timefmt import rfc3339, rfc3339_ms
+from optiinfra.validation import TOKEN
+from optiinfra.web.app import route
+from optiinfra.web.body import read_json
+from optiinfra.web.guard import Guard
+from optiinfra.web.render import render_json
+
+#: A query may ask for this many capabilities at most.
+MAX_QUERY_CAPABILITIES = 32
+
+
+def agent_view(agent: Agent, status: str) -> dict[str, Any]:
+    """The contract's agent record."""
+    view: dict[str, Any] = {
+        "id": agent.id,
+        "name": agent.name,
+        "type": agent.type,
+        "host": agent.host,
+        "port": agent.port,
+        "capabilities": list(agent.capabilities),
+        "status": status,
+        "version": agent.version,
+        "registered_at": rfc3339_ms(agent.registered_at),
+        "last_seen": rfc3339_ms(agent.last_seen),
+        "metadata": agent.metadata,
+    }
+    if agent.endpoint is not None:
+        view["endpoint"] = agent.endpoint
+    if agent.health_check_endpoint is not None:
+        view["health_check_endpoint"] = agent.health_check_endpoint
+    return view
+
+
+def _agent_id(value: str) -> str:
+    if not TOKEN.fullmatch(value):
+        raise InvalidField("agent_id", "is not a valid agent id")
+    return value
+
+
+def _query(request: IRequest, kind: str | None = None) -> AgentQuery:
+    args = request.args or {}
+
+    def one(name: str) -> str | None:
+        values = args.get(name.encode())
+        return values[-1].decode("utf-8", "replace") if values else None
+
+    kind = kind if kind is not None else one("type")
+    if kind is not None and kind not in AGENT_TYPES:
+        raise InvalidField("type", f"must be one of {', '.join(AGENT_TYPES)}")
+    status = one("status")
+    if status is not None and status not in STATUSES:
+        raise InvalidField("status", f"must be one of {', '.join(STATUSES)}")
+    wanted = tuple(v.decode("utf-8", "replace") for v in args.get(b"capability", []))
+    if len(wanted) > MAX_QUERY_CAPABILITIES:
+        raise InvalidField(
+            "capability", f"at most {MAX_QUERY_CAPABILITIES} may be asked for"
+        )
+    return AgentQuery(type=kind, status=status, capabilities=wanted)
+
+
+def mount(app: Klein, registry: Registry, guard: Guard) -> None:
+    """Add the registry's routes to C{app}."""
+    interval = int(registry.config.heartbeat_interval)
+
+    def listing(agents: list[Agent]) -> dict[str, Any]:
+        now, silent = registry.now(), registry.config.unreachable_after
+        views = [agent_view(a, a.status_at(now, silent)) for a in agents]
+        return {"agents": views, "count": len(views)}
+
+    def accepted(received: float) -> dict[str, Any]:
+        return {
+            "received": True,
+            "next_interval_seconds": interval,
+            "timestamp": rfc3339(received),
+        }
+
+    # The contract's root paths -------------------------------------------------
+
+    @route(app, "/agents/register", ("POST",))
+    async def register(request: IRequest) -> bytes:
+        guard.check(request, Permission.AGENT_WRITE)
+        agent, _ = await registry.register(parse_registration(read_json(request)))
+        return render_json(
+            request,
+            {
+                "agent_id": agent.id,
+                "registered_at": rfc3339_ms(agent.registered_at),
+                "heartbeat_url": f"/agents/{agent.id}/heartbeat",
+                "heartbeat_interval_seconds": interval,
+            },
+            201,
+        )
+
+    @route(app, "/agents/{agent_id}/heartbeat", ("POST",))
+    async def heartbeat(request: IRequest, agent_id: str) -> bytes:
+        guard.check(request, Permission.AGENT_WRITE)
+        beat = parse_beat(read_json(request, optional=True))
+        return render_json(
+            request, accepted(await registry.heartbeat(_agent_id(agent_id), beat))
+        )
+
+    @route(app, "/agents/{agent_id}/unregister", ("POST",))
+    async def unregister(request: IRequest, agent_id: str) -> bytes:
+        guard.check(request, Permission.AGENT_WRITE)
+        await registry.unregister(_agent_id(agent_id))
+        return render_json(request, {"message": "Agent unregistered successfully"})
+
+    @route(app, "/agents", ("GET",))
+    async def list_agents(request: IRequest) -> bytes:
+        guard.check(request, Permission.READ_AGENTS)
+        return render_json(request, listing(await registry.list(_query(request))))
+
+    @route(app, "/agents/{agent_id}", ("GET",))
+    async def get_agent(request: IRequest, agent_id: str) -> bytes:
+        guard.check(request, Permission.READ_AGENTS)
+        agent = await registry.get(_agent_id(agent_id))
+        return render_json(request, agent_view(agent, registry.status_of(agent)))
+
+    @route(app, "/agents/type/{agent_type}", ("GET",))
+    async def by_type(request: IRequest, agent_type: str) -> bytes:
+        guard.check(request, Permission.READ_AGENTS)
+        query = _query(request, kind=agent_type)
+        return render_json(request, listing(await registry.list(query)))
+
+    # The agents' /api/v1 shapes ----------------------------------------------
+
+    @route(app, "/api/v1/agents/register", ("POST",))
+    async def register_v1(request: IRequest) -> bytes:
+        guard.check(request, Permission.AGENT_WRITE)
+        registration = parse_v1_registration(read_json(request))
+        agent, created = await registry.register(registration)
+        return render_json(
+            request,
+            {
+                "success": True,
+                "agent_id": agent.id,
+                "status": "registered" if created else "re-registered",
+                "registered_at": rfc3339_ms(agent.registered_at),
+                "heartbeat_url": f"/api/v1/agents/{agent.id}/heartbeat",
+                "heartbeat_interval_seconds": interval,
+            },
+        )
+
+    @route(app, "/api/v1/agents/heartbeat", ("POST",))
+    async def heartbeat_v1(request: IRequest) -> bytes:
+        guard.check(request, Permission.AGENT_WRITE)
+        agent_id, beat = parse_v1_beat(read_json(request))
+        return render_json(request, accepted(await registry.heartbeat(agent_id, beat)))
+
+    @route(app, "/api/v1/agents/{agent_id}/heartbeat", ("POST",))
+    async def heartbeat_v1_path(request: IRequest, agent_id: str) -> bytes:
+        guard.check(request, Permission.AGENT_WRITE)
+        beat = parse_beat(read_json(request, optional=True))
+        return render_json(
+            request, accepted(await registry.heartbeat(_agent_id(agent_id), beat))
+        )
+
+    @route(app, "/api/v1/agents/{agent_id}", ("DELETE",))
+    async def delete_v1(request: IRequest, agent_id: str) -> bytes:
+        guard.check(request, Permission.AGENT_WRITE)
+        await registry.unregister(_agent_id(agent_id))
+        return render_json(request, {"message": "Agent unregistered successfully"})
+
+    @route(app, "/api/v1/agents", ("GET",))
+    async def list_v1(request: IRequest) -> bytes:
+        return await list_agents(request)
+
+    @route(app, "/api/v1/agents/{agent_id}", ("GET",))
+    async def get_v1(request: IRequest, agent_id: str) -> bytes:
+        return await get_agent(request, agent_id)

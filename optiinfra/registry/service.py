@@ -1,0 +1,211 @@
+"""
+The registry's rules: registration, heartbeats, status, expiry.
+
+It knows the store and a clock, nothing about HTTP.  Status is what an agent
+last reported, or C{unreachable} once it has been silent too long; the sweep
+writes that conclusion down (and removes agents silent for much longer) so that
+every replica sees and logs each change once.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from twisted.internet.interfaces import IReactorTime
+
+from optiinfra.errors import NotFound
+from optiinfra.registry.model import (
+    AGENT_TYPES,
+    STATUSES,
+    Agent,
+    AgentQuery,
+    Heartbeat,
+)
+from optiinfra.registry.parse import Beat, Registration
+from optiinfra.store.interface import IStore
+from optiinfra.store.sql import new_agent_id
+
+_log = structlog.get_logger("optiinfra.registry")
+
+REGISTER_AGAIN: Final = "Agent not found: register again at /agents/register"
+
+
+@attrs.frozen
+class RegistryConfig:
+    """Timing, in seconds; the defaults are the prototype's contract."""
+
+    heartbeat_interval: float = 30.0
+    unreachable_after: float = 45.0
+    expire_after: float = 600.0
+    sweep_interval: float = 5.0
+
+
+class RegistryMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.agents = Gauge(
+            "optiinfra_agents",
+            "Registered agents by type and status, as of the last sweep.",
+            ("type", "status"),
+            registry=registry,
+        )
+        self.registrations = Counter(
+            "optiinfra_agent_registrations",
+            "Registrations, new or repeated.",
+            ("type", "outcome"),
+            registry=registry,
+        )
+        self.removals = Counter(
+            "optiinfra_agent_removals",
+            "Agents removed, by reason.",
+            ("type", "reason"),
+            registry=registry,
+        )
+        self.heartbeats = Counter(
+            "optiinfra_agent_heartbeats",
+            "Heartbeats received, by outcome.",
+            ("outcome",),
+            registry=registry,
+        )
+        self.status_changes = Counter(
+            "optiinfra_agent_status_changes",
+            "Agent status changes, by new status.",
+            ("status",),
+            registry=registry,
+        )
+        self._heartbeat_ok = self.heartbeats.labels("accepted")
+        self._heartbeat_unknown = self.heartbeats.labels("unknown_agent")
+
+    def heartbeat(self, known: bool) -> None:
+        (self._heartbeat_ok if known else self._heartbeat_unknown).inc()
+
+
+class Registry:
+    """Agents on a store, with time from C{clock}."""
+
+    def __init__(
+        self,
+        store: IStore,
+        clock: IReactorTime,
+        config: RegistryConfig,
+        metrics: RegistryMetrics,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self._clock = clock
+        self._metrics = metrics
+
+    def now(self) -> float:
+        return self._clock.seconds()
+
+    def status_of(self, agent: Agent) -> str:
+        return agent.status_at(self.now(), self.config.unreachable_after)
+
+    async def register(self, registration: Registration) -> tuple[Agent, bool]:
+        """Register, or refresh the same agent's registration; (agent, created)."""
+        now = self.now()
+        candidate = Agent(
+            id=registration.agent_id or new_agent_id(),
+            name=registration.name,
+            type=registration.type,
+            host=registration.host,
+            port=registration.port,
+            capabilities=registration.capabilities,
+            status=registration.status,
+            version=registration.version,
+            registered_at=now,
+            last_seen=now,
+            metadata=registration.metadata,
+            endpoint=registration.endpoint,
+            health_check_endpoint=registration.health_check_endpoint,
+        )
+        agent, created = await self.store.register_agent(
+            candidate, by_id=registration.agent_id is not None
+        )
+        self._metrics.registrations.labels(
+            agent.type, "registered" if created else "refreshed"
+        ).inc()
+        _log.info(
+            "agent registered" if created else "agent registered again",
+            agent_id=agent.id,
+            agent_type=agent.type,
+            name=agent.name,
+            address=f"{agent.host}:{agent.port}",
+            capabilities=list(agent.capabilities),
+        )
+        return agent, created
+
+    async def heartbeat(self, agent_id: str, beat: Beat) -> float:
+        """Record a heartbeat; when it was received.  L{NotFound} if unknown."""
+        now = self.now()
+        before = await self.store.heartbeat(
+            Heartbeat(agent_id, beat.status, beat.metadata, now)
+        )
+        self._metrics.heartbeat(before is not None)
+        if before is None:
+            raise NotFound(REGISTER_AGAIN, agent_id=agent_id, action="register")
+        was = before.status_at(now, self.config.unreachable_after)
+        if was != beat.status:
+            self._status_changed(before, was, beat.status, "heartbeat")
+        return now
+
+    def _status_changed(self, agent: Agent, was: str, now: str, cause: str) -> None:
+        self._metrics.status_changes.labels(now).inc()
+        _log.info(
+            "agent status changed",
+            agent_id=agent.id,
+            agent_type=agent.type,
+            previous=was,
+            status=now,
+            cause=cause,
+        )
+
+    async def unregister(self, agent_id: str) -> Agent:
+        removed = await self.store.delete_agent(agent_id)
+        if removed is None:
+            raise NotFound("Agent not found", agent_id=agent_id)
+        self._metrics.removals.labels(removed.type, "unregistered").inc()
+        _log.info("agent unregistered", agent_id=agent_id, agent_type=removed.type)
+        return removed
+
+    async def get(self, agent_id: str) -> Agent:
+        agent = await self.store.get_agent(agent_id)
+        if agent is None:
+            raise NotFound("Agent not found", agent_id=agent_id)
+        return agent
+
+    async def list(self, query: AgentQuery) -> list[Agent]:
+        agents = await self.store.list_agents(query)
+        if query.status is None and not query.capabilities:
+            return agents
+        now, silent = self.now(), self.config.unreachable_after
+        return [
+            agent
+            for agent in agents
+            if (query.status is None or agent.status_at(now, silent) == query.status)
+            and agent.has_capabilities(query.capabilities)
+        ]
+
+    async def sweep(self) -> None:
+        """Write down who went quiet, remove the long gone, refresh the gauge."""
+        now = self.now()
+        for agent in await self.store.mark_unreachable(
+            now - self.config.unreachable_after
+        ):
+            self._status_changed(agent, agent.status, "unreachable", "silence")
+        for agent in await self.store.remove_silent(now - self.config.expire_after):
+            self._metrics.removals.labels(agent.type, "expired").inc()
+            _log.warn(
+                "agent removed after silence",
+                agent_id=agent.id,
+                agent_type=agent.type,
+                silent_seconds=round(now - agent.last_seen, 1),
+            )
+        counts = await self.store.count_agents(now - self.config.unreachable_after)
+        for kind in AGENT_TYPES:
+            for status in STATUSES:
+                self._metrics.agents.labels(kind, status).set(
+                    counts.get((kind, status), 0)
+                )
