@@ -52,8 +52,8 @@ bench: deps ## Throughput and latency against baselines measured in the same run
 docker-build: ## Build the container image (no registry access needed)
 	bash deploy/docker/build.sh $(IMAGE):$(VERSION)
 
-docker-run: docker-build ## Run the image on $(PORT)
-	bash deploy/docker/dockerd.sh run --rm -p $(PORT):8080 $(IMAGE):$(VERSION)
+docker-run: docker-build ## Run the image on the host network, port 8080
+	bash deploy/docker/dockerd.sh run --rm --network host $(IMAGE):$(VERSION)
 
 docker-test: ## Build, then check size, read-only run, health and a clean stop
 	bash deploy/docker/test.sh $(IMAGE):$(VERSION)

@@ -28,10 +28,21 @@ fi
 # The image's interpreter is Debian's CPython 3.11, so the compiled wheels (orjson,
 # zope.interface, ...) must be built for 3.11 too. Only dependencies and the build
 # backend are kept: the service itself is built from source inside the image.
-echo "Building wheels"
+PYTHON=python3.11
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+  PYTHON=/usr/bin/python3.11
+fi
+echo "Building wheels into $ROOT/wheels"
 rm -rf "$ROOT/wheels"
-python3.11 -m pip wheel --quiet --disable-pip-version-check -w "$ROOT/wheels" "$ROOT" setuptools wheel
-rm -f "$ROOT"/wheels/optiinfra_orchestrator-*.whl
+log=$(mktemp)
+if ! "$PYTHON" -m pip wheel --disable-pip-version-check -w "$ROOT/wheels" "$ROOT" \
+  setuptools wheel >"$log" 2>&1; then
+  cat "$log" >&2
+  exit 1
+fi
+rm -f "$log" "$ROOT"/wheels/optiinfra_orchestrator-*.whl
 
 echo "Building $IMAGE"
 cd "$ROOT"

@@ -7,6 +7,8 @@
 #   dockerd.sh ARGS...      start it if needed, then run `docker ARGS...` against it
 #   dockerd.sh stop         stop it (images are kept for the next start)
 #   dockerd.sh purge        stop it and delete its state, images included
+# With no bridge, `-p` publishes nothing: reach a container with `--network host`
+# (the service then listens on the host's port 8080), or from inside (docker exec).
 set -euo pipefail
 
 STATE=${DOCKER_STATE:-/tmp/optiinfra-docker}
@@ -28,12 +30,12 @@ stop() {
   if mountpoint -q "$STATE/exec/netns/default" 2>/dev/null; then
     umount "$STATE/exec/netns/default"
   fi
-  rm -rf "$STATE/exec"
+  rm -rf --one-file-system "$STATE/exec"
 }
 
 case ${1:-} in
   stop) stop; exit 0 ;;
-  purge) stop; rm -rf "$STATE"; exit 0 ;;
+  purge) stop; rm -rf --one-file-system "$STATE"; exit 0 ;;
 esac
 
 # /usr/local/bin/docker may be a client alone; the engine comes from Debian.
