@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import psycopg
 import structlog
 from psycopg_pool import ConnectionPool, PoolTimeout
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -122,6 +122,10 @@ class PostgresBackend:
     def close(self) -> Deferred[None]:
         def finish() -> None:
             self._connections.close()
+
+        if not self._threads.started:  # never started, or closed already
+            finish()
+            return succeed(None)
 
         closing: Deferred[None] = deferToThreadPool(
             self._reactor,

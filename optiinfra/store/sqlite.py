@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -115,6 +115,10 @@ class SQLiteBackend:
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
+
+        if not self._pool.started:  # never started, or closed already
+            finish()
+            return succeed(None)
 
         closing: Deferred[None] = deferToThreadPool(
             self._reactor,

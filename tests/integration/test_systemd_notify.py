@@ -18,13 +18,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import orjson
 import pytest
+
+from optiinfra.auth import Role, generate
 
 from .test_systemd_units import SERVICE, SOCKET, environment, one, read_unit
 
@@ -138,12 +140,15 @@ class Service:
     def output(self) -> str:
         return "\n".join(map(str, self.lines)) + "\nstderr:\n" + "".join(self.stderr)
 
-    def wait_for_message(self, message: str, timeout: float = 20) -> dict[str, Any]:
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20
+    ) -> dict[str, Any]:
+        """The first log line, seen or still to come, matching C{predicate}."""
         deadline = time.monotonic() + timeout
         seen = 0
         while True:
             for line in self.lines[seen:]:
-                if line.get("message") == message:
+                if predicate(line):
                     return line
             seen = len(self.lines)
             left = deadline - time.monotonic()
@@ -154,7 +159,10 @@ class Service:
                     break
             except queue.Empty:
                 pass
-        raise AssertionError(f"no {message!r} log line in {timeout}s:\n{self.output()}")
+        raise AssertionError(f"no such log line in {timeout}s:\n{self.output()}")
+
+    def wait_for_message(self, message: str, timeout: float = 20) -> dict[str, Any]:
+        return self.wait_for(lambda line: line.get("message") == message, timeout)
 
     def wait_for_stderr(self, text: str, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -204,6 +212,13 @@ def get_health(host: str, port: int, timeout: float = 20) -> bytes:
     return b"".join(chunks)
 
 
+def healthy(service: Service, host: str, port: int) -> bool:
+    try:
+        return get_health(host, port).startswith(b"HTTP/1.1 200 ")
+    except OSError as error:
+        raise AssertionError(f"GET /health: {error}\n{service.output()}") from None
+
+
 def clean_exit(code: int) -> bool:
     # twistd re-raises SIGTERM after a clean shutdown; systemd counts death by
     # SIGTERM as a clean exit, so Restart=on-failure leaves it alone.
@@ -225,7 +240,7 @@ def test_ready_watchdog_stopping(fake_systemd: FakeSystemd, run: Any) -> None:
     status = fields["STATUS"]
     assert status.startswith("Serving on 127.0.0.1:")
     port = int(status.rsplit(":", 1)[1])
-    assert get_health("127.0.0.1", port).startswith(b"HTTP/1.1 200 ")
+    assert healthy(service, "127.0.0.1", port)
     assert service.wait_for_message("Server starting")["port"] == port
 
     pings = [fake_systemd.next(timeout=WATCHDOG_USEC / 1e6 * 5) for _ in range(8)]
@@ -286,7 +301,7 @@ def ipv6_loopback() -> bool:
     reason="systemd-socket-activate is not installed (apt: systemd)",
 )
 def test_socket_activation_as_the_units_set_it_up(
-    fake_systemd: FakeSystemd, run: Any
+    fake_systemd: FakeSystemd, run: Any, tmp_path: Path
 ) -> None:
     """
     The unit's own ExecStart and environment, on a socket passed the way
@@ -297,8 +312,24 @@ def test_socket_activation_as_the_units_set_it_up(
     name = one(socket_unit, "Socket", "FileDescriptorName")
     argv = one(unit, "Service", "ExecStart").split()
     argv[0] = TWISTD
+    # What systemd sets up: LoadCredential= copies into $CREDENTIALS_DIRECTORY
+    # (%d), StateDirectory= gives $STATE_DIRECTORY.
+    credentials, state = tmp_path / "credentials", tmp_path / "state"
+    credentials.mkdir()
+    state.mkdir()
+    for credential in unit["Service"].get("LoadCredential", []):
+        credential_name, _, _ = credential.partition(":")
+        assert credential_name == "api-keys", "teach this test the new credential"
+        _, line = generate("systemd-test", next(iter(Role)))
+        (credentials / credential_name).write_text(line + "\n")
     settings = {
-        **environment(unit),
+        key: value.replace("%d", str(credentials))
+        for key, value in environment(unit).items()
+    }
+    assert not any("%" in value for value in settings.values()), settings
+    settings |= {
+        "CREDENTIALS_DIRECTORY": str(credentials),
+        "STATE_DIRECTORY": str(state),
         "PYTHONPATH": str(ROOT),
         "NOTIFY_SOCKET": fake_systemd.path,
     }
@@ -316,18 +347,17 @@ def test_socket_activation_as_the_units_set_it_up(
     service.wait_for_stderr(f"Listening on [::]:{port}")
 
     # The first connection starts the service; it waits in the backlog meanwhile.
-    assert get_health("127.0.0.1", port).startswith(b"HTTP/1.1 200 ")
+    assert healthy(service, "127.0.0.1", port)
     ready = fake_systemd.next(timeout=30)
     assert ready.fields()["READY"] == "1"
     assert ready.pid == service.pid  # systemd-socket-activate execs in place
     assert service.wait_for_message("Server starting")["port"] == port
     if ipv6_loopback():
-        assert get_health("::1", port).startswith(b"HTTP/1.1 200 ")
+        assert healthy(service, "::1", port)
     # Adopted as INET6, IPv4 clients keep their real address (as INET they
     # would be logged as garbage).
-    health = [line for line in service.lines if line.get("path") == "/health"]
-    assert health, service.output()
-    assert "::ffff:127.0.0.1" in orjson.dumps(health[0]).decode()
+    access = service.wait_for(lambda line: line.get("path") == "/health")
+    assert "::ffff:127.0.0.1" in orjson.dumps(access).decode(), access
 
     assert clean_exit(service.stop()), service.output()
     assert fake_systemd.pending()[-1].fields()["STOPPING"] == "1"

@@ -205,6 +205,22 @@ def test_service_adopts_the_socket_units_socket() -> None:
     assert one(socket_unit, "Install", "WantedBy") == "sockets.target"
 
 
+def test_production_gets_its_api_keys_as_a_credential() -> None:
+    """
+    The service refuses ENVIRONMENT=production without API_KEYS_FILE, and the
+    dynamic user cannot read a root-owned 0600 key file: systemd passes a copy.
+    """
+    service = read_unit(SERVICE)
+    variables = environment(service)
+    assert variables["ENVIRONMENT"] == "production"
+    credentials = dict(
+        value.split(":", 1) for value in service["Service"]["LoadCredential"]
+    )
+    directory, _, credential = variables["API_KEYS_FILE"].partition("/")
+    assert directory == "%d"
+    assert credentials[credential].startswith("/etc/optiinfra/")
+
+
 def test_sd_notify_is_not_sandboxed_away() -> None:
     service = read_unit(SERVICE)
     families = " ".join(service["Service"]["RestrictAddressFamilies"]).split()

@@ -1,0 +1,241 @@
+"""One suite, both backends: the store behaves the same on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+
+from optiinfra.registry.model import UNREACHABLE, Agent, AgentQuery, Heartbeat
+from optiinfra.store.interface import IBackend, IStore, StoreError
+from optiinfra.store.postgres import PostgresBackend
+from optiinfra.store.schema import LATEST
+from optiinfra.store.sql import SQLStore
+from optiinfra.store.sqlite import SQLiteBackend
+
+from ..databases import postgres_schema, sqlite_path
+
+
+def agent(number: int = 1, **changes: Any) -> Agent:
+    fields: dict[str, Any] = {
+        "id": f"agent-{number}",
+        "name": f"name-{number}",
+        "type": "cost",
+        "host": "10.0.0.1",
+        "port": 8000 + number,
+        "capabilities": ("analyze_cost",),
+        "status": "healthy",
+        "version": "1.0",
+        "registered_at": 1000.0,
+        "last_seen": 1000.0,
+        "metadata": {"zone": "a"},
+    }
+    fields.update(changes)
+    return Agent(**fields)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """Opens backends on one database (each call: another connection to it)."""
+    if request.param == "sqlite":
+        yield lambda: SQLiteBackend(sqlite_path(tmp_path), reactor)
+    else:
+        with postgres_schema() as url:
+            yield lambda: PostgresBackend(url, reactor)
+
+
+@pytest_twisted.async_yield_fixture
+async def open_store(make_backend: Any) -> AsyncIterator[Any]:
+    opened: list[IBackend] = []
+
+    def open_() -> IStore:
+        backend = make_backend()
+        backend.open()
+        backend.start()
+        opened.append(backend)
+        return SQLStore(backend, reactor)
+
+    yield open_
+    for backend in opened:
+        await backend.close()
+
+
+@pytest.fixture
+def store(open_store: Any) -> IStore:
+    return open_store()  # type: ignore[no-any-return]
+
+
+@pytest_twisted.ensureDeferred
+async def test_register_then_read_back(store: IStore) -> None:
+    stored, created = await store.register_agent(agent(1), by_id=True)
+    assert created
+    assert stored == agent(1)
+    assert await store.get_agent("agent-1") == agent(1)
+    assert await store.get_agent("nope") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_identity_keeps_id_and_registration_time(store: IStore) -> None:
+    await store.register_agent(agent(1), by_id=False)
+    again, created = await store.register_agent(
+        agent(1, id="other", registered_at=2000.0, last_seen=2000.0, version="2.0"),
+        by_id=False,
+    )
+    assert not created
+    assert again.id == "agent-1"
+    assert again.registered_at == 1000.0
+    assert again.version == "2.0"
+    assert again.last_seen == 2000.0
+    assert len(await store.list_agents(AgentQuery())) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_caller_id_keeps_registration_time(store: IStore) -> None:
+    await store.register_agent(agent(1), by_id=True)
+    again, created = await store.register_agent(
+        agent(1, registered_at=5000.0, capabilities=("right_size",)), by_id=True
+    )
+    assert not created
+    assert again.registered_at == 1000.0
+    assert again.capabilities == ("right_size",)
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_caller_id_for_the_same_agent_replaces_the_old(
+    store: IStore,
+) -> None:
+    await store.register_agent(agent(1), by_id=True)
+    await store.register_agent(agent(1, id="agent-1-restarted"), by_id=True)
+    assert [a.id for a in await store.list_agents(AgentQuery())] == [
+        "agent-1-restarted"
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeat_updates_status_time_and_merges_metadata(
+    store: IStore,
+) -> None:
+    await store.register_agent(agent(1, metadata={"zone": "a", "gpu": {"n": 1}}), True)
+    before = await store.heartbeat(
+        Heartbeat("agent-1", "degraded", {"gpu": {"m": 2}, "load": None}, 1100.0)
+    )
+    assert before is not None
+    assert before.status == "healthy"
+    after = await store.get_agent("agent-1")
+    assert after is not None
+    assert after.status == "degraded"
+    assert after.last_seen == 1100.0
+    # shallow merge: top-level keys replaced, others kept, null stored as null
+    assert after.metadata == {"zone": "a", "gpu": {"m": 2}, "load": None}
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeat_for_unknown_agent(store: IStore) -> None:
+    assert await store.heartbeat(Heartbeat("ghost", "healthy", {}, 1.0)) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_heartbeats_are_all_answered(store: IStore) -> None:
+    for number in range(20):
+        await store.register_agent(agent(number), by_id=True)
+    beats = [
+        store.heartbeat(Heartbeat(f"agent-{n % 25}", "healthy", {"n": n}, 2000.0 + n))
+        for n in range(600)  # more than one batch, with unknown ids and repeats
+    ]
+    answers = await gatherResults(beats)
+    assert sum(1 for answer in answers if answer is None) == 5 * 24
+    agents = {a.id: a for a in await store.list_agents(AgentQuery())}
+    assert agents["agent-3"].metadata["n"] == 578  # the last beat wins
+    assert agents["agent-3"].last_seen == 2578.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_heartbeat_never_moves_last_seen_back(store: IStore) -> None:
+    await store.register_agent(agent(1, last_seen=5000.0), True)
+    await store.heartbeat(Heartbeat("agent-1", "healthy", {}, 4000.0))
+    stored = await store.get_agent("agent-1")
+    assert stored is not None
+    assert stored.last_seen == 5000.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_by_type_ordered_by_id(store: IStore) -> None:
+    await store.register_agent(agent(2, type="resource"), True)
+    await store.register_agent(agent(1), True)
+    await store.register_agent(agent(3), True)
+    assert [a.id for a in await store.list_agents(AgentQuery())] == [
+        "agent-1",
+        "agent-2",
+        "agent-3",
+    ]
+    cost = await store.list_agents(AgentQuery(type="cost"))
+    assert [a.id for a in cost] == ["agent-1", "agent-3"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete(store: IStore) -> None:
+    await store.register_agent(agent(1), True)
+    removed = await store.delete_agent("agent-1")
+    assert removed is not None
+    assert removed.id == "agent-1"
+    assert await store.delete_agent("agent-1") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweep_marks_once_and_removes(store: IStore) -> None:
+    await store.register_agent(agent(1, last_seen=100.0, status="degraded"), True)
+    await store.register_agent(agent(2, last_seen=900.0), True)
+    marked = await store.mark_unreachable(silent_since=500.0)
+    assert [(a.id, a.status) for a in marked] == [("agent-1", "degraded")]
+    assert await store.mark_unreachable(silent_since=500.0) == []
+    counts = await store.count_agents(silent_since=500.0)
+    assert counts == {("cost", UNREACHABLE): 1, ("cost", "healthy"): 1}
+    removed = await store.remove_silent(silent_since=200.0)
+    assert [a.id for a in removed] == ["agent-1"]
+    assert [a.id for a in await store.list_agents(AgentQuery())] == ["agent-2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_connections_sweeping_at_once_report_each_agent_once(
+    open_store: Any,
+) -> None:
+    first, second = open_store(), open_store()
+    for number in range(50):
+        await first.register_agent(agent(number, last_seen=10.0), True)
+    results = await gatherResults(
+        [first.mark_unreachable(100.0), second.mark_unreachable(100.0)]
+    )
+    ids = [a.id for batch in results for a in batch]
+    assert sorted(ids) == sorted(f"agent-{n}" for n in range(50))
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_survives_reopening(open_store: Any) -> None:
+    first = open_store()
+    await first.register_agent(agent(1), True)
+    await first.backend.close()
+    second = open_store()
+    assert await second.get_agent("agent-1") == agent(1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ping(store: IStore) -> None:
+    await store.ping()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_newer_schema_is_refused(store: IStore, make_backend: Any) -> None:
+    await store.backend.run(
+        lambda tx: tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at)"
+            " VALUES (?, ?, ?)",
+            (LATEST + 1, "from the future", 0.0),
+        )
+    )
+    with pytest.raises(StoreError, match="newer than this build"):
+        make_backend().open()
