@@ -18,6 +18,8 @@ from optiinfra.errors import InvalidField
 
 #: Identifiers chosen by clients: agent ids, names of things.
 TOKEN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+#: Human-readable names: any printable text.
+NAME: Final = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
 #: Host names and IP addresses (v4, or v6 without brackets).
 HOST: Final = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 

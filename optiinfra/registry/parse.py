@@ -19,7 +19,7 @@ from optiinfra.registry.model import (
     REPORTED_STATUSES,
     STATUS_ALIASES,
 )
-from optiinfra.validation import HOST, TOKEN, Fields
+from optiinfra.validation import HOST, NAME, TOKEN, Fields
 
 _VERSION_LENGTH: Final = 64
 
@@ -78,7 +78,7 @@ def parse_registration(document: object) -> Registration:
     """The contract's C{POST /agents/register} body."""
     fields = Fields(document)
     return Registration(
-        name=_req(fields.text("name", pattern=TOKEN, max_length=128)),
+        name=_req(fields.text("name", pattern=NAME, max_length=128)),
         type=_req(fields.choice("type", AGENT_TYPES)),
         host=_req(fields.text("host", pattern=HOST, max_length=253)),
         port=_req(fields.integer("port", minimum=1, maximum=65535)),
@@ -101,7 +101,7 @@ def parse_v1_registration(document: object) -> Registration:
                 "agent_name",
                 required=False,
                 default=agent_id,
-                pattern=TOKEN,
+                pattern=NAME,
                 max_length=128,
             )
         ),
