@@ -48,3 +48,33 @@ def postgres_schema() -> Iterator[str]:
 
 def sqlite_path(directory: Path) -> Path:
     return directory / "orchestrator.db"
+
+
+@contextmanager
+def postgres_database() -> Iterator[tuple[str, str]]:
+    """A whole database of its own (url, name), for tests that cut it off."""
+    url = postgres_or_skip()
+    name = f"optiinfra_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base, _, query = url.partition("?")
+    own = base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
+    try:
+        yield own, name
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def cut_off(name: str, allowed: bool) -> None:
+    """Refuse (or allow again) connections to database C{name}, dropping live ones."""
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(
+            f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'
+        )
+        if not allowed:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )

@@ -6,6 +6,7 @@ import os
 import queue
 import signal
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -36,6 +37,10 @@ class Twistd:
         for name in ("LOG_LEVEL", "ENVIRONMENT", "DRAIN_TIMEOUT", "NOTIFY_SOCKET"):
             environment.pop(name, None)
         environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SLOWTAP)])
+        for name in ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
+            environment.pop(name, None)
+        # Each process gets its own embedded store unless the test says otherwise.
+        environment["STATE_DIR"] = tempfile.mkdtemp(prefix="optiinfra-state-")
         environment.update(env or {})
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", plugin, *args],
