@@ -10,7 +10,7 @@ IMAGE ?= optiinfra-orchestrator
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' optiinfra/__init__.py)
 SOURCES := setup.py pyproject.toml $(shell find optiinfra twisted -name '*.py' -o -name '*.sql' 2>/dev/null)
 
-.PHONY: help deps build run test lint fmt clean docker-build docker-run docker-test bench
+.PHONY: help deps build run test lint fmt clean docker-build docker-run docker-test bench api-key
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -48,6 +48,10 @@ test: lint ## Every check: lint, types, tests with the coverage gate
 
 bench: deps ## Throughput and latency against baselines measured in the same run
 	$(BIN)/python bench/health.py
+
+api-key: deps ## New API key: make api-key NAME=cost-agent ROLE=agent [KEYS=api-keys]
+	@test -n "$(NAME)" -a -n "$(ROLE)" || { echo "usage: make api-key NAME=... ROLE=agent|operator|viewer [KEYS=file]" >&2; exit 2; }
+	$(BIN)/python -m optiinfra.auth new "$(NAME)" "$(ROLE)" $(if $(KEYS),--file "$(KEYS)")
 
 docker-build: ## Build the container image (no registry access needed)
 	bash deploy/docker/build.sh $(IMAGE):$(VERSION)
