@@ -172,19 +172,15 @@ def mount(app: Klein, registry: Registry, guard: Guard) -> None:
         agent_id, beat = parse_v1_beat(read_json(request))
         return render_json(request, accepted(await registry.heartbeat(agent_id, beat)))
 
+    # The same handlers answer the root paths and these.
+
     @route(app, "/api/v1/agents/{agent_id}/heartbeat", ("POST",))
     async def heartbeat_v1_path(request: IRequest, agent_id: str) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
-        beat = parse_beat(read_json(request, optional=True))
-        return render_json(
-            request, accepted(await registry.heartbeat(_agent_id(agent_id), beat))
-        )
+        return await heartbeat(request, agent_id)
 
     @route(app, "/api/v1/agents/{agent_id}", ("DELETE",))
     async def delete_v1(request: IRequest, agent_id: str) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
-        await registry.unregister(_agent_id(agent_id))
-        return render_json(request, {"message": "Agent unregistered successfully"})
+        return await unregister(request, agent_id)
 
     @route(app, "/api/v1/agents", ("GET",))
     async def list_v1(request: IRequest) -> bytes:

@@ -39,14 +39,6 @@ def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]
 
 
 @pytest.fixture
-def processes() -> Iterator[list[Twistd]]:
-    started: list[Twistd] = []
-    yield started
-    for process in started:
-        process.kill()
-
-
-@pytest.fixture
 def database() -> Iterator[str]:
     with postgres_database() as (url, _):
         yield url

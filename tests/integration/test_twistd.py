@@ -8,7 +8,6 @@ import subprocess
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,6 @@ LOCAL = "tcp:0:interface=127.0.0.1"
 CLEAN_EXITS = (0, -15, 143)  # twistd re-raises SIGTERM after a clean shutdown
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Twistd]]:
-    started: list[Twistd] = []
-    yield started
-    for process in started:
-        process.kill()
 
 
 def start(processes: list[Twistd], *args: str, **kwargs: Any) -> Twistd:

@@ -6,8 +6,8 @@ import os
 import queue
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
