@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from klein import Klein
 from twisted.web.iweb import IRequest
 
 from optiinfra.auth import Permission
 from optiinfra.errors import InvalidField
-from optiinfra.registry.model import AGENT_TYPES, STATUSES, Agent, AgentQuery
+from optiinfra.registry.model import AGENT_TYPES, STATUSES, AgentQuery
 from optiinfra.registry.parse import (
     parse_beat,
     parse_registration,
@@ -32,28 +33,6 @@ from optiinfra.web.render import render_json
 
 #: A query may ask for this many capabilities at most.
 MAX_QUERY_CAPABILITIES = 32
-
-
-def agent_view(agent: Agent, status: str) -> dict[str, Any]:
-    """The contract's agent record."""
-    view: dict[str, Any] = {
-        "id": agent.id,
-        "name": agent.name,
-        "type": agent.type,
-        "host": agent.host,
-        "port": agent.port,
-        "capabilities": list(agent.capabilities),
-        "status": status,
-        "version": agent.version,
-        "registered_at": rfc3339_ms(agent.registered_at),
-        "last_seen": rfc3339_ms(agent.last_seen),
-        "metadata": agent.metadata,
-    }
-    if agent.endpoint is not None:
-        view["endpoint"] = agent.endpoint
-    if agent.health_check_endpoint is not None:
-        view["health_check_endpoint"] = agent.health_check_endpoint
-    return view
 
 
 def _agent_id(value: str) -> str:
@@ -87,10 +66,9 @@ def mount(app: Klein, registry: Registry, guard: Guard) -> None:
     """Add the registry's routes to C{app}."""
     interval = int(registry.config.heartbeat_interval)
 
-    def listing(agents: list[Agent]) -> dict[str, Any]:
-        now, silent = registry.now(), registry.config.unreachable_after
-        views = [agent_view(a, a.status_at(now, silent)) for a in agents]
-        return {"agents": views, "count": len(views)}
+    async def listing(query: AgentQuery) -> dict[str, Any]:
+        count, documents = await registry.documents(query)
+        return {"agents": orjson.Fragment(documents), "count": count}
 
     def accepted(received: float) -> dict[str, Any]:
         return {
@@ -133,19 +111,18 @@ def mount(app: Klein, registry: Registry, guard: Guard) -> None:
     @route(app, "/agents", ("GET",))
     async def list_agents(request: IRequest) -> bytes:
         guard.check(request, Permission.READ_AGENTS)
-        return render_json(request, listing(await registry.list(_query(request))))
+        return render_json(request, await listing(_query(request)))
 
     @route(app, "/agents/{agent_id}", ("GET",))
     async def get_agent(request: IRequest, agent_id: str) -> bytes:
         guard.check(request, Permission.READ_AGENTS)
-        agent = await registry.get(_agent_id(agent_id))
-        return render_json(request, agent_view(agent, registry.status_of(agent)))
+        document = await registry.document(_agent_id(agent_id))
+        return render_json(request, orjson.Fragment(document))
 
     @route(app, "/agents/type/{agent_type}", ("GET",))
     async def by_type(request: IRequest, agent_type: str) -> bytes:
         guard.check(request, Permission.READ_AGENTS)
-        query = _query(request, kind=agent_type)
-        return render_json(request, listing(await registry.list(query)))
+        return render_json(request, await listing(_query(request, kind=agent_type)))
 
     # The agents' /api/v1 shapes ----------------------------------------------
 

@@ -98,7 +98,9 @@ class Registry:
         self._metrics = metrics
 
     def now(self) -> float:
-        return self._clock.seconds()
+        """The clock's time to the millisecond, the precision every view shows,
+        so that what is stored and what is rendered never disagree."""
+        return round(self._clock.seconds(), 3)
 
     def status_of(self, agent: Agent) -> str:
         return agent.status_at(self.now(), self.config.unreachable_after)
@@ -175,6 +177,21 @@ class Registry:
         if agent is None:
             raise NotFound("Agent not found", agent_id=agent_id)
         return agent
+
+    async def documents(self, query: AgentQuery) -> tuple[int, bytes]:
+        """The agents matching C{query} as the API shows them: (count, JSON array)."""
+        return await self.store.agent_documents(
+            query, self.now() - self.config.unreachable_after
+        )
+
+    async def document(self, agent_id: str) -> bytes:
+        """One agent as the API shows it (a JSON object); L{NotFound} if unknown."""
+        count, documents = await self.store.agent_documents(
+            AgentQuery(), self.now() - self.config.unreachable_after, agent_id
+        )
+        if count == 0:
+            raise NotFound("Agent not found", agent_id=agent_id)
+        return documents[1:-1]  # the one element of a one-element array
 
     async def list(self, query: AgentQuery) -> list[Agent]:
         agents = await self.store.list_agents(query)

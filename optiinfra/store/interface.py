@@ -73,6 +73,17 @@ class IBackend(Interface):
     def in_list(column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
         """SQL testing C{column} against C{values}, and its parameters."""
 
+    def agent_documents_sql(where: str) -> str:
+        """
+        A query rendering the agents matching C{where} as a JSON array, ordered
+        by id, and counting them: one row, C{(count, array text)}.  Its one
+        parameter before C{where}'s is the time after which an agent is silent.
+        Building the JSON in the database keeps large listings off the reactor.
+        """
+
+    def has_capabilities(wanted: Sequence[str]) -> tuple[str, list[Any]]:
+        """SQL true for agents offering all of C{wanted}, and its parameters."""
+
     def lock_suffix() -> str:
         """What makes a SELECT lock the rows it reads (empty where writes are
         serialised anyway)."""
@@ -107,6 +118,15 @@ class IStore(Interface):
 
     def list_agents(query: AgentQuery) -> Deferred[list[Agent]]:
         """Agents of C{query.type} (all types when None), ordered by id."""
+
+    def agent_documents(
+        query: AgentQuery, silent_since: float, agent_id: str | None = None
+    ) -> Deferred[tuple[int, bytes]]:
+        """
+        The agents matching C{query} (and C{agent_id}, when given) as the API
+        shows them, rendered as a JSON array, and how many there are.  An agent
+        not seen since C{silent_since} shows as unreachable.
+        """
 
     def delete_agent(agent_id: str) -> Deferred[Agent | None]:
         """Remove the agent; fires with what was removed, or None."""

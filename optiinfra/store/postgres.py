@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 import structlog
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -133,3 +134,26 @@ class PostgresBackend:
             finish,
         )
         return closing.addBoth(_stop_pool, self._threads)
+
+    def agent_documents_sql(self, where: str) -> str:
+        stamp = (
+            "to_char(to_timestamp({}) AT TIME ZONE 'UTC',"
+            ' \'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"\')'
+        )
+        return (
+            "SELECT COUNT(*), COALESCE(json_agg(doc ORDER BY id), '[]'::json)::text"
+            " FROM (SELECT id, json_build_object("
+            "'id', id, 'name', name, 'type', type, 'host', host, 'port', port,"
+            " 'capabilities', capabilities::json,"
+            " 'status', CASE WHEN last_seen < ? THEN 'unreachable' ELSE status END,"
+            f" 'version', version, 'registered_at', {stamp.format('registered_at')},"
+            f" 'last_seen', {stamp.format('last_seen')},"
+            " 'metadata', metadata::json, 'endpoint', endpoint,"
+            " 'health_check_endpoint', health_check_endpoint) AS doc"
+            f" FROM agents WHERE {where}) AS listed"
+        )
+
+    def has_capabilities(self, wanted: Sequence[str]) -> tuple[str, list[Any]]:
+        if not wanted:
+            return "TRUE", []
+        return "capabilities::jsonb @> ?::jsonb", [orjson.dumps(list(wanted)).decode()]

@@ -235,6 +235,32 @@ class SQLStore:
 
         return self.backend.run(list_, write=False)
 
+    def agent_documents(
+        self, query: AgentQuery, silent_since: float, agent_id: str | None = None
+    ) -> Deferred[tuple[int, bytes]]:
+        conditions: list[str] = []
+        params: list[Any] = [silent_since]
+        if agent_id is not None:
+            conditions.append("id = ?")
+            params.append(agent_id)
+        if query.type is not None:
+            conditions.append("type = ?")
+            params.append(query.type)
+        if query.status is not None:
+            conditions.append("(CASE WHEN last_seen < ? THEN ? ELSE status END) = ?")
+            params.extend((silent_since, UNREACHABLE, query.status))
+        if query.capabilities:
+            condition, values = self.backend.has_capabilities(query.capabilities)
+            conditions.append(condition)
+            params.extend(values)
+        sql = self.backend.agent_documents_sql(" AND ".join(conditions) or "1 = 1")
+
+        def render(tx: Transaction) -> tuple[int, bytes]:
+            [(count, document)] = tx.execute(sql, params)
+            return int(count), document.encode()
+
+        return self.backend.run(render, write=False)
+
     def count_agents(self, silent_since: float) -> Deferred[dict[tuple[str, str], int]]:
         def count(tx: Transaction) -> dict[tuple[str, str], int]:
             rows = tx.execute(

@@ -126,3 +126,25 @@ class SQLiteBackend:
             finish,
         )
         return closing.addBoth(_stop_pool, self._pool)
+
+    def agent_documents_sql(self, where: str) -> str:
+        stamp = "strftime('%Y-%m-%dT%H:%M:%fZ', {}, 'unixepoch')"
+        return (
+            "SELECT COUNT(*), COALESCE(json_group_array(json(doc)), '[]') FROM ("
+            " SELECT json_object("
+            "'id', id, 'name', name, 'type', type, 'host', host, 'port', port,"
+            " 'capabilities', json(capabilities),"
+            " 'status', CASE WHEN last_seen < ? THEN 'unreachable' ELSE status END,"
+            f" 'version', version, 'registered_at', {stamp.format('registered_at')},"
+            f" 'last_seen', {stamp.format('last_seen')},"
+            " 'metadata', json(metadata), 'endpoint', endpoint,"
+            " 'health_check_endpoint', health_check_endpoint) AS doc"
+            f" FROM agents WHERE {where} ORDER BY id)"
+        )
+
+    def has_capabilities(self, wanted: Sequence[str]) -> tuple[str, list[Any]]:
+        condition = " AND ".join(
+            "EXISTS (SELECT 1 FROM json_each(capabilities) WHERE value = ?)"
+            for _ in wanted
+        )
+        return condition or "1 = 1", list(wanted)

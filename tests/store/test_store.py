@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -239,3 +240,51 @@ async def test_a_newer_schema_is_refused(store: IStore, make_backend: Any) -> No
     )
     with pytest.raises(StoreError, match="newer than this build"):
         make_backend().open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_documents_render_and_filter(store: IStore) -> None:
+    await store.register_agent(
+        agent(1, capabilities=("a", "b"), last_seen=1000.123, registered_at=999.5),
+        True,
+    )
+    await store.register_agent(agent(2, type="resource", capabilities=("b",)), True)
+    await store.register_agent(
+        agent(3, last_seen=10.0, endpoint="http://x:1", metadata={"k": [1, None]}),
+        True,
+    )
+    count, raw = await store.agent_documents(AgentQuery(), silent_since=500.0)
+    documents = orjson.loads(raw)
+    assert count == 3
+    assert [d["id"] for d in documents] == ["agent-1", "agent-2", "agent-3"]
+    assert documents[0] == {
+        "id": "agent-1",
+        "name": "name-1",
+        "type": "cost",
+        "host": "10.0.0.1",
+        "port": 8001,
+        "capabilities": ["a", "b"],
+        "status": "healthy",
+        "version": "1.0",
+        "registered_at": "1970-01-01T00:16:39.500Z",
+        "last_seen": "1970-01-01T00:16:40.123Z",
+        "metadata": {"zone": "a"},
+        "endpoint": None,
+        "health_check_endpoint": None,
+    }
+    assert documents[2]["status"] == UNREACHABLE
+    assert documents[2]["endpoint"] == "http://x:1"
+    assert documents[2]["metadata"] == {"k": [1, None]}
+
+    async def ids(query: AgentQuery, agent_id: str | None = None) -> list[str]:
+        _, raw = await store.agent_documents(query, 500.0, agent_id)
+        return [d["id"] for d in orjson.loads(raw)]
+
+    assert await ids(AgentQuery(type="resource")) == ["agent-2"]
+    assert await ids(AgentQuery(capabilities=("b",))) == ["agent-1", "agent-2"]
+    assert await ids(AgentQuery(capabilities=("a", "b"))) == ["agent-1"]
+    assert await ids(AgentQuery(capabilities=("c",))) == []
+    assert await ids(AgentQuery(status=UNREACHABLE)) == ["agent-3"]
+    assert await ids(AgentQuery(status="healthy", type="cost")) == ["agent-1"]
+    assert await ids(AgentQuery(), "agent-2") == ["agent-2"]
+    assert await store.agent_documents(AgentQuery(), 0.0, "nope") == (0, b"[]")

@@ -1,0 +1,974 @@
+"""
+C{GET /openapi.json}: the OpenAPI 3.1 description of every route the service serves.
+
+The document is data, written here by hand and built once at import.  Its
+vocabularies (agent types, statuses, identifier patterns, limits) are taken from the
+modules that enforce them, so they cannot drift apart; which paths and methods it
+lists, and the shapes of the bodies, are held to the code by C{tests/test_openapi.py},
+which compares the document with the app's URL map and with real answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Final
+
+from klein import Klein
+from twisted.web.iweb import IRequest
+
+from optiinfra import __version__
+from optiinfra.registry.model import (
+    AGENT_TYPES,
+    REPORTED_STATUSES,
+    STATUS_ALIASES,
+    STATUSES,
+)
+from optiinfra.registry.routes import MAX_QUERY_CAPABILITIES
+from optiinfra.validation import HOST, MAX_DOCUMENT, MAX_LIST, NAME, TOKEN
+from optiinfra.web.app import route
+from optiinfra.web.health import SERVICE_NAME
+from optiinfra.web.render import render_json
+
+OPENAPI_VERSION: Final = "3.1.0"
+
+
+JSON: Final = "application/json"
+
+
+# Building blocks ---------------------------------------------------------------
+
+
+def _key_required() -> list[dict[str, list[str]]]:
+    """Either security scheme will do."""
+    return [{"bearerAuth": []}, {"apiKeyAuth": []}]
+
+
+def _ref(kind: str, name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _schema(name: str) -> dict[str, Any]:
+    return _ref("schemas", name)
+
+
+#: Text the service refuses when it is only whitespace (``str.strip()``).
+_NOT_BLANK: Final = r"\S"
+
+
+def _whole(pattern: re.Pattern[str], *, not_blank: bool = False) -> str:
+    """
+    A Python pattern used with C{fullmatch}, as an anchored JSON Schema one;
+    C{not_blank} adds that the text is not only whitespace, for patterns that
+    would allow that.
+    """
+    ahead = rf"(?=[\s\S]*{_NOT_BLANK})" if not_blank else ""
+    return f"^{ahead}(?:{pattern.pattern})$"
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{schema}, or JSON C{null}: optional fields sent as C{null} are read as absent.
+    """
+    if "$ref" in schema:
+        return {"anyOf": [schema, {"type": "null"}]}
+    result = copy.deepcopy(schema)
+    kind = result["type"]
+    result["type"] = [*(kind if isinstance(kind, list) else [kind]), "null"]
+    if "enum" in result:
+        result["enum"] = [*result["enum"], None]
+    return result
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {JSON: {"schema": schema}}
+
+
+def _answer(
+    description: str,
+    schema: dict[str, Any] | None = None,
+    *,
+    content: dict[str, Any] | None = None,
+    headers: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A response: every one carries X-Request-ID."""
+    response: dict[str, Any] = {
+        "description": description,
+        "headers": {"X-Request-ID": _ref("headers", "XRequestId"), **(headers or {})},
+    }
+    if schema is not None:
+        response["content"] = _json(schema)
+    elif content is not None:
+        response["content"] = content
+    return response
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    names = {
+        "400": "BadRequest",
+        "401": "Unauthorized",
+        "403": "Forbidden",
+        "404": "AgentNotFound",
+        "413": "PayloadTooLarge",
+        "415": "UnsupportedMediaType",
+        "503": "StoreUnavailable",
+    }
+    responses = {code: _ref("responses", names[code]) for code in sorted(codes)}
+    responses["default"] = _ref("responses", "Error")
+    return responses
+
+
+def _public(
+    operation_id: str, summary: str, responses: dict[str, Any], description: str = ""
+) -> dict[str, Any]:
+    """An operation anyone may call (probes, metrics scrapers, this document)."""
+    operation: dict[str, Any] = {
+        "tags": ["service"],
+        "operationId": operation_id,
+        "summary": summary,
+        "security": [],
+        "parameters": [_ref("parameters", "RequestId")],
+        "responses": {**responses, "default": _ref("responses", "Error")},
+    }
+    if description:
+        operation["description"] = description
+    return operation
+
+
+def _guarded(
+    tag: str,
+    operation_id: str,
+    summary: str,
+    permission: str,
+    responses: dict[str, Any],
+    *,
+    description: str = "",
+    parameters: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """
+    A registry operation: needs a key whose role grants C{permission} (when the
+    service has keys), talks to the store (503 when it is down).
+    """
+    operation: dict[str, Any] = {
+        "tags": [tag],
+        "operationId": operation_id,
+        "summary": summary,
+        "description": (
+            (description + "\n\n" if description else "")
+            + f"Requires the `{permission}` permission."
+        ),
+        "x-permission": permission,
+        "security": _key_required(),
+        "parameters": [*(parameters or []), _ref("parameters", "RequestId")],
+        "responses": responses,
+    }
+    if body is not None:
+        operation["requestBody"] = body
+    return operation
+
+
+def _body(schema_name: str, description: str, *, required: bool) -> dict[str, Any]:
+    return {
+        "description": description,
+        "required": required,
+        "content": _json(_schema(schema_name)),
+    }
+
+
+# Schemas -----------------------------------------------------------------------
+
+_AGENT_ID: Final[dict[str, Any]] = {
+    "type": "string",
+    "pattern": _whole(TOKEN),
+    "maxLength": 128,
+    "description": "Letters, digits and `. _ : @ -`, starting with a letter or digit.",
+    "examples": ["performance-agent-1"],
+}
+_NAME: Final[dict[str, Any]] = {
+    "type": "string",
+    "pattern": _whole(NAME, not_blank=True),
+    "maxLength": 128,
+    "description": "Printable text, not only whitespace.",
+}
+_HOST: Final[dict[str, Any]] = {
+    "type": "string",
+    "pattern": _whole(HOST),
+    "maxLength": 253,
+    "description": "A host name or IP address (IPv6 without brackets).",
+    "examples": ["10.0.0.12"],
+}
+_PORT: Final[dict[str, Any]] = {"type": "integer", "minimum": 1, "maximum": 65535}
+_URL_TEXT: Final[dict[str, Any]] = {
+    "type": "string",
+    "maxLength": 2048,
+    "pattern": _NOT_BLANK,
+}
+_TIME_MS: Final[dict[str, Any]] = {
+    "type": "string",
+    "format": "date-time",
+    "description": "UTC, RFC 3339 with milliseconds.",
+    "examples": ["2025-10-16T10:00:00.250Z"],
+}
+_TIME_S: Final[dict[str, Any]] = {
+    "type": "string",
+    "format": "date-time",
+    "description": "UTC, RFC 3339 with whole seconds.",
+    "examples": ["2025-10-16T10:00:00Z"],
+}
+_INTERVAL: Final[dict[str, Any]] = {
+    "type": "integer",
+    "minimum": 0,
+    "description": "Seconds between heartbeats (HEARTBEAT_INTERVAL, default 30).",
+    "examples": [30],
+}
+
+
+def _schemas() -> dict[str, Any]:
+    status_input = {
+        "type": "string",
+        "enum": [*REPORTED_STATUSES, *STATUS_ALIASES],
+        "default": "healthy",
+        "description": (
+            "What the agent says about itself; "
+            + ", ".join(
+                f'"{alias}" means "{to}"' for alias, to in STATUS_ALIASES.items()
+            )
+            + ". Absent: healthy."
+        ),
+    }
+    metadata = {
+        "type": "object",
+        "description": f"Any JSON object, at most {MAX_DOCUMENT} bytes serialised.",
+    }
+    capabilities = {
+        "type": "array",
+        "items": {"type": "string", "pattern": _whole(TOKEN)},
+        "maxItems": MAX_LIST,
+        "description": "Short identifiers; repeats are dropped.",
+        "examples": [["optimize_kv_cache", "tune_inference"]],
+    }
+    version = {
+        "type": "string",
+        "maxLength": 64,
+        "pattern": _NOT_BLANK,
+        "default": "unknown",
+    }
+    common = {
+        "capabilities": _nullable(capabilities),
+        "version": _nullable(version),
+        "metadata": _nullable(metadata),
+        "status": _nullable(status_input),
+    }
+    beat = {
+        "status": _nullable(status_input),
+        "metadata": _nullable(
+            {**metadata, "description": "Merged into the agent's metadata."}
+        ),
+        "metrics": _nullable(
+            {
+                **metadata,
+                "description": "Kept as the `metrics` key of the agent's metadata.",
+            }
+        ),
+    }
+    return {
+        "AgentType": {"type": "string", "enum": list(AGENT_TYPES)},
+        "AgentStatus": {
+            "type": "string",
+            "enum": list(STATUSES),
+            "description": (
+                "What the agent last reported, or unreachable once it has been "
+                "silent longer than UNREACHABLE_AFTER (default 1.5 heartbeat "
+                "intervals)."
+            ),
+        },
+        "AgentId": _AGENT_ID,
+        "Registration": {
+            "type": "object",
+            "description": (
+                "The contract's registration. The same name, host and port "
+                "registering again refreshes the record and keeps its id. Other "
+                "fields are ignored."
+            ),
+            "required": ["name", "type", "host", "port"],
+            "properties": {
+                "name": _NAME,
+                "type": _schema("AgentType"),
+                "host": _HOST,
+                "port": _PORT,
+                **common,
+            },
+        },
+        "RegistrationV1": {
+            "type": "object",
+            "description": (
+                "The registration the agents send: either `endpoint` (whose host "
+                "and port are used) or `host` and `port`. The same `agent_id` "
+                "registering again refreshes its record. Other fields are ignored."
+            ),
+            "required": ["agent_id", "agent_type"],
+            "properties": {
+                "agent_id": _schema("AgentId"),
+                "agent_name": _nullable(
+                    {**_NAME, "description": "Defaults to `agent_id`."}
+                ),
+                "agent_type": _schema("AgentType"),
+                "endpoint": _nullable(
+                    {
+                        **_URL_TEXT,
+                        "format": "uri",
+                        "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+                        "description": (
+                            "An http(s) URL with a valid host; port 80 or 443 "
+                            "when it names none."
+                        ),
+                        "examples": ["http://localhost:8002"],
+                    }
+                ),
+                "health_check_endpoint": _nullable(
+                    {**_URL_TEXT, "examples": ["/api/v1/health"]}
+                ),
+                "host": _HOST,
+                "port": _PORT,
+                **common,
+            },
+            "anyOf": [
+                {
+                    "required": ["endpoint"],
+                    "properties": {"endpoint": {"type": "string"}},
+                },
+                {"required": ["host", "port"]},
+            ],
+        },
+        "Heartbeat": {
+            "type": "object",
+            "description": "An empty body is read as `{}`. Other fields are ignored.",
+            "properties": beat,
+        },
+        "HeartbeatV1": {
+            "type": "object",
+            "description": "Names the agent in the body. Other fields are ignored.",
+            "required": ["agent_id"],
+            "properties": {
+                "agent_id": _schema("AgentId"),
+                "timestamp": {
+                    "description": "Accepted and ignored: the server's clock counts."
+                },
+                **beat,
+            },
+        },
+        "Agent": {
+            "type": "object",
+            "required": [
+                "id",
+                "name",
+                "type",
+                "host",
+                "port",
+                "capabilities",
+                "status",
+                "version",
+                "registered_at",
+                "last_seen",
+                "metadata",
+            ],
+            "properties": {
+                "id": {"type": "string"},
+                "name": {"type": "string"},
+                "type": _schema("AgentType"),
+                "host": {"type": "string"},
+                "port": _PORT,
+                "capabilities": {"type": "array", "items": {"type": "string"}},
+                "status": _schema("AgentStatus"),
+                "version": {"type": "string"},
+                "registered_at": _TIME_MS,
+                "last_seen": _TIME_MS,
+                "metadata": {"type": "object"},
+                "endpoint": {
+                    "type": "string",
+                    "description": "Present when the agent registered one.",
+                },
+                "health_check_endpoint": {
+                    "type": "string",
+                    "description": "Present when the agent registered one.",
+                },
+            },
+        },
+        "AgentList": {
+            "type": "object",
+            "required": ["agents", "count"],
+            "properties": {
+                "agents": {"type": "array", "items": _schema("Agent")},
+                "count": {"type": "integer", "minimum": 0},
+            },
+        },
+        "Registered": {
+            "type": "object",
+            "required": [
+                "agent_id",
+                "registered_at",
+                "heartbeat_url",
+                "heartbeat_interval_seconds",
+            ],
+            "properties": {
+                "agent_id": {"type": "string"},
+                "registered_at": _TIME_MS,
+                "heartbeat_url": {
+                    "type": "string",
+                    "examples": ["/agents/2f1c.../heartbeat"],
+                },
+                "heartbeat_interval_seconds": _INTERVAL,
+            },
+        },
+        "RegisteredV1": {
+            "type": "object",
+            "required": [
+                "success",
+                "agent_id",
+                "status",
+                "registered_at",
+                "heartbeat_url",
+                "heartbeat_interval_seconds",
+            ],
+            "properties": {
+                "success": {"const": True},
+                "agent_id": {"type": "string"},
+                "status": {"type": "string", "enum": ["registered", "re-registered"]},
+                "registered_at": _TIME_MS,
+                "heartbeat_url": {
+                    "type": "string",
+                    "examples": ["/api/v1/agents/performance-agent-1/heartbeat"],
+                },
+                "heartbeat_interval_seconds": _INTERVAL,
+            },
+        },
+        "HeartbeatAccepted": {
+            "type": "object",
+            "required": ["received", "next_interval_seconds", "timestamp"],
+            "properties": {
+                "received": {"const": True},
+                "next_interval_seconds": _INTERVAL,
+                "timestamp": _TIME_S,
+            },
+        },
+        "Unregistered": {
+            "type": "object",
+            "required": ["message"],
+            "properties": {"message": {"const": "Agent unregistered successfully"}},
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "timestamp", "version", "uptime"],
+            "properties": {
+                "status": {"const": "healthy"},
+                "timestamp": _TIME_S,
+                "version": {"type": "string", "examples": [__version__]},
+                "uptime": {
+                    "type": "string",
+                    "pattern": r"^(\d+h)?(\d+m)?\d+s$",
+                    "description": "Go duration style, whole seconds.",
+                    "examples": ["5m30s"],
+                },
+            },
+        },
+        "Index": {
+            "type": "object",
+            "required": ["service", "version", "status"],
+            "properties": {
+                "service": {"const": SERVICE_NAME},
+                "version": {"type": "string", "examples": [__version__]},
+                "status": {"const": "running"},
+            },
+        },
+        "Alive": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"const": "alive"}},
+        },
+        "Ready": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"const": "ready"}},
+        },
+        "NotReady": {
+            "type": "object",
+            "required": ["status", "reasons"],
+            "properties": {
+                "status": {"const": "not ready"},
+                "reasons": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string"},
+                    "description": "Why, by component (`server`: draining, ...).",
+                    "examples": [{"server": "draining"}],
+                },
+            },
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error", "request_id"],
+            "properties": {
+                "error": {"type": "string", "description": "What went wrong."},
+                "field": {
+                    "type": "string",
+                    "description": (
+                        "The request field at fault (`body`, `content-type`, a "
+                        "body field such as `port` or `capabilities[2]`, a path "
+                        "or query parameter)."
+                    ),
+                },
+                "detail": {"type": "string", "description": "What is wrong with it."},
+                "request_id": {
+                    "type": "string",
+                    "description": "The X-Request-ID of the answer.",
+                },
+                "agent_id": {
+                    "type": "string",
+                    "description": "The agent that was not found (404).",
+                },
+                "action": {
+                    "const": "register",
+                    "description": "What the agent should do next (404 heartbeat).",
+                },
+                "max_bytes": {
+                    "type": "integer",
+                    "description": "The largest body accepted (413).",
+                },
+            },
+        },
+    }
+
+
+# Components shared by operations --------------------------------------------------
+
+
+def _components() -> dict[str, Any]:
+    error = _schema("Error")
+    return {
+        "schemas": _schemas(),
+        "securitySchemes": {
+            "bearerAuth": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": (
+                    "An API key (`oik_...`) as `Authorization: Bearer <key>`. Keys "
+                    "are listed, hashed, in API_KEYS_FILE; without one (or with "
+                    "AUTH_DISABLED) no key is needed."
+                ),
+            },
+            "apiKeyAuth": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-API-Key",
+                "description": (
+                    "The same API key in `X-API-Key`. Sending both headers with "
+                    "different keys is refused."
+                ),
+            },
+        },
+        "parameters": {
+            "RequestId": {
+                "name": "X-Request-ID",
+                "in": "header",
+                "required": False,
+                "description": (
+                    "Echoed in the answer when it is a token of up to 128 letters, "
+                    "digits and `. _ : -`; otherwise the server makes one up."
+                ),
+                "schema": {"type": "string"},
+            },
+            "AgentId": {
+                "name": "agent_id",
+                "in": "path",
+                "required": True,
+                "description": "An invalid id is a 400 naming `agent_id`.",
+                "schema": _schema("AgentId"),
+            },
+            "AgentTypePath": {
+                "name": "agent_type",
+                "in": "path",
+                "required": True,
+                "description": "Another value is a 400 naming `type`.",
+                "schema": _schema("AgentType"),
+            },
+            "TypeQuery": {
+                "name": "type",
+                "in": "query",
+                "required": False,
+                "description": "Only agents of this type (the last one if repeated).",
+                "schema": _schema("AgentType"),
+            },
+            "StatusQuery": {
+                "name": "status",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "Only agents with this status now (the last one if repeated)."
+                ),
+                "schema": _schema("AgentStatus"),
+            },
+            "CapabilityQuery": {
+                "name": "capability",
+                "in": "query",
+                "required": False,
+                "description": "Only agents having every capability given; repeatable.",
+                "style": "form",
+                "explode": True,
+                "schema": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "maxItems": MAX_QUERY_CAPABILITIES,
+                },
+            },
+        },
+        "headers": {
+            "XRequestId": {
+                "description": "This request's id, also in its access log line.",
+                "required": True,
+                "schema": {"type": "string"},
+            },
+            "RetryAfter": {
+                "description": "Seconds to wait before trying again.",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 0},
+            },
+            "WwwAuthenticate": {
+                "description": 'Always `Bearer realm="optiinfra"`.',
+                "required": True,
+                "schema": {"type": "string"},
+            },
+            "Allow": {
+                "description": "The methods this path serves.",
+                "required": True,
+                "schema": {"type": "string"},
+            },
+        },
+        "responses": {
+            "BadRequest": _answer(
+                "A parameter or body field is invalid: `error` is "
+                '"invalid request", `field` names it and `detail` says why.',
+                error,
+            ),
+            "Unauthorized": _answer(
+                "No usable API key was presented.",
+                error,
+                headers={"WWW-Authenticate": _ref("headers", "WwwAuthenticate")},
+            ),
+            "Forbidden": _answer("The key's role does not allow this.", error),
+            "AgentNotFound": _answer(
+                'No such agent: `error` is "Agent not found" (for a heartbeat, '
+                '"Agent not found: register again at /agents/register" with '
+                '`action`: "register"), `agent_id` names it.',
+                error,
+            ),
+            "MethodNotAllowed": _answer(
+                "The path exists but does not serve this method.",
+                error,
+                headers={"Allow": _ref("headers", "Allow")},
+            ),
+            "PayloadTooLarge": _answer(
+                "The body is larger than MAX_BODY_BYTES (default 1 MiB); the "
+                "connection is closed.",
+                error,
+            ),
+            "UnsupportedMediaType": _answer(
+                "A body was sent with a content type other than "
+                "`application/json` or `*/*+json` (`field`: `content-type`).",
+                error,
+            ),
+            "StoreUnavailable": _answer(
+                "The database is unavailable; try again later.",
+                error,
+                headers={"Retry-After": _ref("headers", "RetryAfter")},
+            ),
+            "Error": _answer(
+                "Any other error, as the same JSON body: 404 for a path that does "
+                "not exist, 405 (with Allow) for a method the path does not serve, "
+                "500 for an internal error.",
+                error,
+            ),
+        },
+    }
+
+
+# Paths ------------------------------------------------------------------------------
+
+
+def _service_paths() -> dict[str, Any]:
+    return {
+        "/health": {
+            "get": _public(
+                "getHealth",
+                "Liveness in the contract's shape",
+                {"200": _answer("The service is up.", _schema("Health"))},
+            )
+        },
+        "/": {
+            "get": _public(
+                "getIndex",
+                "Which service this is",
+                {"200": _answer("The service's name and version.", _schema("Index"))},
+            )
+        },
+        "/livez": {
+            "get": _public(
+                "getLivez",
+                "Liveness probe",
+                {"200": _answer("The process is alive.", _schema("Alive"))},
+            )
+        },
+        "/readyz": {
+            "get": _public(
+                "getReadyz",
+                "Readiness probe",
+                {
+                    "200": _answer("Send traffic here.", _schema("Ready")),
+                    "503": _answer(
+                        "Do not send traffic here: draining, or a dependency "
+                        "(the database) is failing.",
+                        _schema("NotReady"),
+                    ),
+                },
+            )
+        },
+        "/metrics": {
+            "get": _public(
+                "getMetrics",
+                "Prometheus metrics",
+                {
+                    "200": _answer(
+                        "The Prometheus text exposition format "
+                        "(`text/plain; version=...; charset=utf-8`).",
+                        content={"text/plain": {"schema": {"type": "string"}}},
+                    )
+                },
+            )
+        },
+        "/openapi.json": {
+            "get": _public(
+                "getOpenApi",
+                "This document",
+                {
+                    "200": _answer(
+                        "The OpenAPI 3.1 description of this service.",
+                        {"type": "object"},
+                    )
+                },
+            )
+        },
+    }
+
+
+def _registry_paths() -> dict[str, Any]:
+    agent_id = _ref("parameters", "AgentId")
+    filters = [_ref("parameters", "StatusQuery"), _ref("parameters", "CapabilityQuery")]
+    listed = {"200": _answer("The matching agents.", _schema("AgentList"))}
+    accepted = {
+        "200": _answer("The heartbeat was recorded.", _schema("HeartbeatAccepted"))
+    }
+    unregistered = {"200": _answer("The agent is gone.", _schema("Unregistered"))}
+    agent = {"200": _answer("The agent's record.", _schema("Agent"))}
+    heartbeat_body = _body(
+        "Heartbeat", "The agent's status and metadata; may be empty.", required=False
+    )
+    write = "agent-write"
+    read = "read-agents"
+    body_errors = ("400", "401", "403", "413", "415", "503")
+    return {
+        # The contract's root paths.
+        "/agents/register": {
+            "post": _guarded(
+                "registry",
+                "registerAgent",
+                "Register an agent (the contract's shape)",
+                write,
+                {
+                    "201": _answer(
+                        "Registered, or registered again (same id).",
+                        _schema("Registered"),
+                    ),
+                    **_errors(*body_errors),
+                },
+                body=_body("Registration", "The agent.", required=True),
+            )
+        },
+        "/agents/{agent_id}/heartbeat": {
+            "parameters": [agent_id],
+            "post": _guarded(
+                "registry",
+                "heartbeatAgent",
+                "Record a heartbeat",
+                write,
+                {**accepted, **_errors(*body_errors, "404")},
+                description=(
+                    "An unknown id is a 404 telling the agent to register again."
+                ),
+                body=heartbeat_body,
+            ),
+        },
+        "/agents/{agent_id}/unregister": {
+            "parameters": [agent_id],
+            "post": _guarded(
+                "registry",
+                "unregisterAgent",
+                "Unregister an agent",
+                write,
+                {**unregistered, **_errors("400", "401", "403", "404", "503")},
+                description="Any body is ignored.",
+            ),
+        },
+        "/agents": {
+            "get": _guarded(
+                "registry",
+                "listAgents",
+                "List agents",
+                read,
+                {**listed, **_errors("400", "401", "403", "503")},
+                description="Ordered by id.",
+                parameters=[_ref("parameters", "TypeQuery"), *filters],
+            )
+        },
+        "/agents/{agent_id}": {
+            "parameters": [agent_id],
+            "get": _guarded(
+                "registry",
+                "getAgent",
+                "One agent",
+                read,
+                {**agent, **_errors("400", "401", "403", "404", "503")},
+            ),
+        },
+        "/agents/type/{agent_type}": {
+            "parameters": [_ref("parameters", "AgentTypePath")],
+            "get": _guarded(
+                "registry",
+                "listAgentsByType",
+                "List agents of one type",
+                read,
+                {**listed, **_errors("400", "401", "403", "503")},
+                description="Ordered by id; a `type` query parameter is ignored.",
+                parameters=filters,
+            ),
+        },
+        # The agents' /api/v1 shapes.
+        "/api/v1/agents/register": {
+            "post": _guarded(
+                "registry-v1",
+                "registerAgentV1",
+                "Register an agent (the agents' shape)",
+                write,
+                {
+                    "200": _answer(
+                        "Registered (`status`: registered) or registered again "
+                        "(`status`: re-registered).",
+                        _schema("RegisteredV1"),
+                    ),
+                    **_errors(*body_errors),
+                },
+                body=_body("RegistrationV1", "The agent.", required=True),
+            )
+        },
+        "/api/v1/agents/heartbeat": {
+            "post": _guarded(
+                "registry-v1",
+                "heartbeatAgentV1",
+                "Record a heartbeat naming the agent in the body",
+                write,
+                {**accepted, **_errors(*body_errors, "404")},
+                body=_body("HeartbeatV1", "The agent and its status.", required=True),
+            )
+        },
+        "/api/v1/agents/{agent_id}/heartbeat": {
+            "parameters": [agent_id],
+            "post": _guarded(
+                "registry-v1",
+                "heartbeatAgentV1ById",
+                "Record a heartbeat",
+                write,
+                {**accepted, **_errors(*body_errors, "404")},
+                body=heartbeat_body,
+            ),
+        },
+        "/api/v1/agents/{agent_id}": {
+            "parameters": [agent_id],
+            "get": _guarded(
+                "registry-v1",
+                "getAgentV1",
+                "One agent",
+                read,
+                {**agent, **_errors("400", "401", "403", "404", "503")},
+            ),
+            "delete": _guarded(
+                "registry-v1",
+                "deleteAgentV1",
+                "Unregister an agent",
+                write,
+                {**unregistered, **_errors("400", "401", "403", "404", "503")},
+            ),
+        },
+        "/api/v1/agents": {
+            "get": _guarded(
+                "registry-v1",
+                "listAgentsV1",
+                "List agents",
+                read,
+                {**listed, **_errors("400", "401", "403", "503")},
+                description="Ordered by id.",
+                parameters=[_ref("parameters", "TypeQuery"), *filters],
+            )
+        },
+    }
+
+
+_DESCRIPTION: Final = """\
+The control plane between OptiInfra's agents (cost, performance, resource,
+application): agents register and heartbeat, and their records can be listed.
+
+The registry is served twice: at the root paths of the original contract
+(`/agents/...`, registration answers 201) and at the `/api/v1` paths the agents
+use (registration answers 200). Both reach the same registry.
+
+Every answer carries `X-Request-ID`. Every error is JSON:
+`{"error": ..., "field"?: ..., "detail"?: ..., "request_id": ...}`. A path that
+does not exist is a 404, a method a path does not serve a 405 with `Allow`, a body
+larger than MAX_BODY_BYTES a 413. HEAD is served wherever GET is, and a trailing
+slash is accepted on every path.
+
+Registry routes need an API key (`Authorization: Bearer` or `X-API-Key`) whose
+role grants the operation's `x-permission`: `agent` keys may write agents and read
+them, `viewer` keys may read, `operator` keys may do everything. A service running
+without API_KEYS_FILE needs no key.
+"""
+
+
+def build_document() -> dict[str, Any]:
+    """The OpenAPI document, built afresh."""
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": SERVICE_NAME,
+            "version": __version__,
+            "summary": "Agent registry and control plane of the OptiInfra platform.",
+            "description": _DESCRIPTION,
+        },
+        "tags": [
+            {"name": "service", "description": "Probes, metrics and this document."},
+            {"name": "registry", "description": "Agents, at the contract's paths."},
+            {"name": "registry-v1", "description": "Agents, at the agents' paths."},
+        ],
+        "security": _key_required(),
+        "paths": {**_service_paths(), **_registry_paths()},
+        "components": _components(),
+    }
+
+
+#: The document served; built once.
+DOCUMENT: Final[dict[str, Any]] = build_document()
+
+
+def mount(app: Klein) -> None:
+    """Add C{GET /openapi.json} to C{app}; it needs no key."""
+
+    @route(app, "/openapi.json", ("GET",))
+    def openapi(request: IRequest) -> bytes:
+        return render_json(request, DOCUMENT)
