@@ -386,12 +386,12 @@ def _schemas() -> dict[str, Any]:
                 "last_seen": _TIME_MS,
                 "metadata": {"type": "object"},
                 "endpoint": {
-                    "type": "string",
-                    "description": "Present when the agent registered one.",
+                    "type": ["string", "null"],
+                    "description": "null when the agent registered none.",
                 },
                 "health_check_endpoint": {
-                    "type": "string",
-                    "description": "Present when the agent registered one.",
+                    "type": ["string", "null"],
+                    "description": "null when the agent registered none.",
                 },
             },
         },

@@ -18,6 +18,31 @@ STATUSES: Final = (*REPORTED_STATUSES, UNREACHABLE)
 STATUS_ALIASES: Final[Mapping[str, str]] = {"active": "healthy"}
 
 
+def status_at(status: str, last_seen: float, now: float, silent_after: float) -> str:
+    """
+    The status as of C{now}: what the agent last said, unless it has been
+    silent for longer than C{silent_after} seconds.
+
+    Computed on read, so an answer is right even between two sweeps.
+    """
+    if now - last_seen > silent_after:
+        return UNREACHABLE
+    return status
+
+
+@attrs.frozen
+class AgentState:
+    """What a heartbeat needs to know of an agent: enough to see a change."""
+
+    id: str
+    type: str
+    status: str
+    last_seen: float
+
+    def status_at(self, now: float, unreachable_after: float) -> str:
+        return status_at(self.status, self.last_seen, now, unreachable_after)
+
+
 @attrs.frozen
 class Agent:
     """One registered agent, as stored."""
@@ -37,15 +62,7 @@ class Agent:
     health_check_endpoint: str | None = None
 
     def status_at(self, now: float, unreachable_after: float) -> str:
-        """
-        The status as of C{now}: what the agent last said, unless it has been
-        silent for longer than C{unreachable_after} seconds.
-
-        Computed on read, so an answer is right even between two sweeps.
-        """
-        if now - self.last_seen > unreachable_after:
-            return UNREACHABLE
-        return self.status
+        return status_at(self.status, self.last_seen, now, unreachable_after)
 
     def has_capabilities(self, wanted: tuple[str, ...]) -> bool:
         return all(capability in self.capabilities for capability in wanted)

@@ -22,6 +22,7 @@ from optiinfra.registry.model import (
     STATUSES,
     Agent,
     AgentQuery,
+    AgentState,
     Heartbeat,
 )
 from optiinfra.registry.parse import Beat, Registration
@@ -153,7 +154,9 @@ class Registry:
             self._status_changed(before, was, beat.status, "heartbeat")
         return now
 
-    def _status_changed(self, agent: Agent, was: str, now: str, cause: str) -> None:
+    def _status_changed(
+        self, agent: Agent | AgentState, was: str, now: str, cause: str
+    ) -> None:
         self._metrics.status_changes.labels(now).inc()
         _log.info(
             "agent status changed",

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface
 
-from optiinfra.registry.model import Agent, AgentQuery, Heartbeat
+from optiinfra.registry.model import Agent, AgentQuery, AgentState, Heartbeat
 
 T = TypeVar("T")
 
@@ -107,10 +107,10 @@ class IStore(Interface):
         and registration time.  Fires with the stored agent and whether it is new.
         """
 
-    def heartbeat(beat: Heartbeat) -> Deferred[Agent | None]:
+    def heartbeat(beat: Heartbeat) -> Deferred[AgentState | None]:
         """
-        Record C{beat}; fires with the agent as it was before, or None when no
-        such agent is registered.
+        Record C{beat}; fires with the agent's state as it was before, or None
+        when no such agent is registered.
         """
 
     def get_agent(agent_id: str) -> Deferred[Agent | None]:

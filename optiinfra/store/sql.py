@@ -20,7 +20,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from optiinfra.registry.model import UNREACHABLE, Agent, AgentQuery, Heartbeat
+from optiinfra.registry.model import (
+    UNREACHABLE,
+    Agent,
+    AgentQuery,
+    AgentState,
+    Heartbeat,
+)
 from optiinfra.store.interface import IBackend, IStore, Transaction
 
 T = TypeVar("T")
@@ -94,7 +100,7 @@ class SQLStore:
     def __init__(self, backend: IBackend, clock: IReactorTime) -> None:
         self.backend = backend
         self._clock = clock
-        self._pending: list[tuple[Heartbeat, Deferred[Agent | None]]] = []
+        self._pending: list[tuple[Heartbeat, Deferred[AgentState | None]]] = []
         self._flushing = False
 
     def ping(self) -> Deferred[None]:
@@ -146,8 +152,8 @@ class SQLStore:
 
     # Heartbeats -------------------------------------------------------------
 
-    def heartbeat(self, beat: Heartbeat) -> Deferred[Agent | None]:
-        answer: Deferred[Agent | None] = Deferred()
+    def heartbeat(self, beat: Heartbeat) -> Deferred[AgentState | None]:
+        answer: Deferred[AgentState | None] = Deferred()
         self._pending.append((beat, answer))
         if not self._flushing:
             self._flushing = True
@@ -159,7 +165,7 @@ class SQLStore:
         beats = [beat for beat, _ in batch]
         written = self.backend.run(lambda tx: self._write_heartbeats(tx, beats))
 
-        def answer(previous: list[Agent | None]) -> None:
+        def answer(previous: list[AgentState | None]) -> None:
             for (_, waiting), agent in zip(batch, previous, strict=True):
                 waiting.callback(agent)
 
@@ -177,36 +183,42 @@ class SQLStore:
 
     def _write_heartbeats(
         self, tx: Transaction, beats: list[Heartbeat]
-    ) -> list[Agent | None]:
+    ) -> list[AgentState | None]:
+        """
+        One batch: read what the beats change, write each agent once.
+
+        This runs on the database thread but still holds the GIL in Python,
+        so it decodes only the metadata a beat merges into.
+        """
         ids = sorted({beat.agent_id for beat in beats})
         condition, params = self.backend.in_list("id", ids)
         rows = tx.execute(
-            f"SELECT {_COLUMNS} FROM agents WHERE {condition}"
-            f" ORDER BY id{self.backend.lock_suffix()}",
+            f"SELECT id, type, status, last_seen, metadata FROM agents"
+            f" WHERE {condition} ORDER BY id{self.backend.lock_suffix()}",
             params,
         )
-        current = {row[0]: _agent(row) for row in rows}
-        previous: list[Agent | None] = []
+        states = {row[0]: AgentState(*row[:4]) for row in rows}
+        metadata: dict[str, str] = {row[0]: row[4] for row in rows}
+        previous: list[AgentState | None] = []
         for beat in beats:
-            before = current.get(beat.agent_id)
+            before = states.get(beat.agent_id)
             previous.append(before)
-            if before is not None:
-                current[beat.agent_id] = attrs.evolve(
-                    before,
-                    status=beat.status,
-                    last_seen=max(before.last_seen, beat.seen_at),
-                    metadata={**before.metadata, **beat.metadata},
-                )
+            if before is None:
+                continue
+            states[beat.agent_id] = AgentState(
+                before.id,
+                before.type,
+                beat.status,
+                max(before.last_seen, beat.seen_at),
+            )
+            if beat.metadata:
+                merged = {**orjson.loads(metadata[before.id]), **beat.metadata}
+                metadata[before.id] = orjson.dumps(merged).decode()
         tx.executemany(
             "UPDATE agents SET status = ?, last_seen = ?, metadata = ? WHERE id = ?",
             [
-                (
-                    agent.status,
-                    agent.last_seen,
-                    orjson.dumps(dict(agent.metadata)).decode(),
-                    agent.id,
-                )
-                for agent in (current[i] for i in ids if i in current)
+                (state.status, state.last_seen, metadata[state.id], state.id)
+                for state in states.values()
             ],
         )
         return previous
