@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorT
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
-from optiinfra import __version__
+from optiinfra import __version__, openapi
 from optiinfra.auth import ApiKeyFileError, ApiKeys
 from optiinfra.lifecycle import OrderedServices
 from optiinfra.logs import (
@@ -229,6 +229,7 @@ def build_service(
         registry=metrics,
     )
     registry_routes.mount(app, registry, guard)
+    openapi.mount(app)
     for mount in mounts:
         mount(app)
     site = OrchestratorSite(

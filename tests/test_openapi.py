@@ -1,0 +1,787 @@
+"""
+C{GET /openapi.json}: a well-formed OpenAPI 3.1 document that lists exactly the
+routes the service serves, and whose schemas agree with what the service accepts
+and answers.
+
+The venv has no OpenAPI or JSON Schema validator, so the structure is checked
+here, and bodies are checked by a small validator for the JSON Schema keywords the
+document uses (a test fails if the document starts using another one).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import pytest_twisted
+from klein import Klein
+from twisted.internet.threads import deferToThread
+
+from optiinfra import __version__
+from optiinfra.auth import Role, generate
+from optiinfra.openapi import DOCUMENT, build_document, mount
+
+from .conftest import RunningService, StartService
+
+HTTP_METHODS = frozenset(
+    {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+)
+#: A Werkzeug placeholder: C{<name>} or C{<converter:name>} or C{<conv(args):name>}.
+WERKZEUG_PLACEHOLDER = re.compile(r"<(?:[^<>:]+:)?(\w+)>")
+TEMPLATE_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def mount_once(app: Klein) -> None:
+    """Mount C{/openapi.json} unless the service already does."""
+    if not any(rule.rule == "/openapi.json" for rule in app.url_map.iter_rules()):
+        mount(app)
+
+
+# Reading the document ------------------------------------------------------------
+
+
+def resolve(ref: str) -> Any:
+    """The object a local C{$ref} points at; KeyError if it points nowhere."""
+    assert ref.startswith("#/"), f"only local references are used: {ref}"
+    node: Any = DOCUMENT
+    for part in ref[2:].split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def deref(node: Any) -> Any:
+    while isinstance(node, dict) and "$ref" in node:
+        node = resolve(node["$ref"])
+    return node
+
+
+def operations() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in DOCUMENT["paths"].items():
+        for method, operation in item.items():
+            if method in HTTP_METHODS:
+                yield path, method, operation
+
+
+def references(node: Any, where: str = "#") -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield where, node["$ref"]
+        for key, value in node.items():
+            yield from references(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from references(value, f"{where}/{index}")
+
+
+# A validator for the JSON Schema keywords the document uses ----------------------
+
+ANNOTATIONS = frozenset({"description", "default", "examples", "format", "title"})
+ASSERTIONS = frozenset(
+    {
+        "$ref",
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "enum",
+        "const",
+        "minimum",
+        "maximum",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "minItems",
+        "maxItems",
+        "anyOf",
+    }
+)
+
+
+def subschemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from schema.get("properties", {}).values()
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            yield schema[key]
+    yield from schema.get("anyOf", [])
+
+
+def unknown_keywords(schema: dict[str, Any], where: str) -> Iterator[str]:
+    for keyword in set(schema) - ANNOTATIONS - ASSERTIONS:
+        yield f"{where}: {keyword}"
+    for sub in subschemas(schema):
+        yield from unknown_keywords(sub, where)
+
+
+def has_type(value: Any, kind: str) -> bool:
+    if isinstance(value, bool):
+        return kind == "boolean"
+    return {
+        "object": isinstance(value, dict),
+        "array": isinstance(value, list),
+        "string": isinstance(value, str),
+        "integer": isinstance(value, int)
+        or (isinstance(value, float) and value.is_integer()),
+        "number": isinstance(value, int | float),
+        "null": value is None,
+        "boolean": False,
+    }[kind]
+
+
+def same(a: Any, b: Any) -> bool:
+    """JSON equality: C{true} is not C{1}."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return bool(a == b)
+
+
+def matches(pattern: str, text: str) -> bool:
+    # ECMA-262 "$" is the end of the text; Python's also matches before a final "\n".
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.search(pattern, text) is not None
+
+
+def problems(
+    schema: dict[str, Any], value: Any, where: str = "$", *, closed: bool = False
+) -> list[str]:
+    """
+    Why C{value} does not match C{schema} (empty when it does).
+
+    C{closed}: an object schema that lists C{properties} and says nothing about
+    other ones allows no other ones, so that a field the service answers with but
+    the document does not mention is noticed.
+    """
+    found = [f"{where}: unknown keyword {k}" for k in unknown_keywords(schema, "")]
+    if found:
+        return found
+    if "$ref" in schema:
+        found += problems(resolve(schema["$ref"]), value, where, closed=closed)
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(has_type(value, kind) for kind in kinds):
+            return [*found, f"{where}: {value!r} is not of type {kinds}"]
+    if "enum" in schema and not any(same(value, v) for v in schema["enum"]):
+        found.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if "const" in schema and not same(value, schema["const"]):
+        found.append(f"{where}: {value!r} is not {schema['const']!r}")
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            found.append(f"{where}: shorter than {schema['minLength']}")
+        if len(value) > schema.get("maxLength", len(value)):
+            found.append(f"{where}: longer than {schema['maxLength']}")
+        if "pattern" in schema and not matches(schema["pattern"], value):
+            found.append(f"{where}: {value!r} does not match {schema['pattern']}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            found.append(f"{where}: {value} < {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            found.append(f"{where}: {value} > {schema['maximum']}")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            found.append(f"{where}: fewer than {schema['minItems']} items")
+        if len(value) > schema.get("maxItems", len(value)):
+            found.append(f"{where}: more than {schema['maxItems']} items")
+        if "items" in schema:
+            for index, item in enumerate(value):
+                found += problems(
+                    schema["items"], item, f"{where}[{index}]", closed=closed
+                )
+    if isinstance(value, dict):
+        for name in schema.get("required", []):
+            if name not in value:
+                found.append(f"{where}: {name} is required")
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for name, item in value.items():
+            if name in properties:
+                found += problems(
+                    properties[name], item, f"{where}.{name}", closed=closed
+                )
+            elif isinstance(extra, dict):
+                found += problems(extra, item, f"{where}.{name}", closed=closed)
+            elif extra is False or (
+                closed and properties and schema.get("type") == "object"
+            ):
+                found.append(f"{where}: {name} is not documented")
+    if "anyOf" in schema:
+        branches = [problems(s, value, where, closed=closed) for s in schema["anyOf"]]
+        if all(branches):
+            found.append(f"{where}: matches no anyOf branch: {branches}")
+    return found
+
+
+# 1. The document is well-formed OpenAPI 3.1 ----------------------------------------
+
+
+def test_document_header() -> None:
+    assert DOCUMENT["openapi"] == "3.1.0"
+    assert DOCUMENT["info"]["title"] == "OptiInfra Orchestrator"
+    assert DOCUMENT["info"]["version"] == __version__
+    assert build_document() == DOCUMENT
+    assert orjson.loads(orjson.dumps(DOCUMENT)) == DOCUMENT  # plain JSON data
+
+
+def test_every_reference_resolves() -> None:
+    refs = list(references(DOCUMENT))
+    assert refs
+    for where, ref in refs:
+        try:
+            resolve(ref)
+        except KeyError:
+            pytest.fail(f"{where}: {ref} points nowhere")
+
+
+def test_every_operation_is_complete() -> None:
+    ids: list[str] = []
+    tags = {tag["name"] for tag in DOCUMENT["tags"]}
+    for path, method, operation in operations():
+        name = f"{method.upper()} {path}"
+        ids.append(operation["operationId"])
+        assert set(operation["tags"]) <= tags, name
+        responses = operation["responses"]
+        assert responses, f"{name} has no responses"
+        assert any(code.startswith("2") for code in responses), name
+        for code, response in responses.items():
+            assert code == "default" or re.fullmatch(r"[1-5]\d\d", code), name
+            assert deref(response)["description"], f"{name} {code}"
+        body = operation.get("requestBody")
+        if body is not None:
+            assert deref(body)["content"], name
+    assert len(ids) == len(set(ids)), "operationIds must be unique"
+
+
+def test_path_parameters_match_the_templates() -> None:
+    for path, item in DOCUMENT["paths"].items():
+        assert path.startswith("/"), path
+        shared = [deref(p) for p in item.get("parameters", [])]
+        for method, operation in item.items():
+            if method not in HTTP_METHODS:
+                continue
+            declared = shared + [deref(p) for p in operation.get("parameters", [])]
+            in_path = {p["name"] for p in declared if p["in"] == "path"}
+            assert in_path == set(TEMPLATE_PLACEHOLDER.findall(path)), (method, path)
+            for parameter in declared:
+                assert parameter["in"] in {"path", "query", "header", "cookie"}
+                assert "schema" in parameter, parameter["name"]
+                if parameter["in"] == "path":
+                    assert parameter["required"] is True, parameter["name"]
+
+
+def test_security_schemes() -> None:
+    schemes = DOCUMENT["components"]["securitySchemes"]
+    assert {"type": "http", "scheme": "bearer"}.items() <= schemes["bearerAuth"].items()
+    assert {"type": "apiKey", "in": "header", "name": "X-API-Key"}.items() <= schemes[
+        "apiKeyAuth"
+    ].items()
+    requirements = [*DOCUMENT["security"]]
+    for _, _, operation in operations():
+        requirements += operation.get("security", [])
+    for requirement in requirements:
+        assert set(requirement) <= set(schemes), requirement
+
+
+def test_guarded_operations_name_their_permission() -> None:
+    for path, method, operation in operations():
+        if operation["security"] == []:
+            assert "x-permission" not in operation, (method, path)
+            continue
+        assert operation["security"] == DOCUMENT["security"], (method, path)
+        assert operation["x-permission"] in {"agent-write", "read-agents"}
+        assert {"401", "403", "503"} <= set(operation["responses"]), (method, path)
+
+
+def test_every_schema_uses_known_keywords() -> None:
+    schemas: list[tuple[str, dict[str, Any]]] = list(
+        DOCUMENT["components"]["schemas"].items()
+    )
+    for kind in ("parameters", "headers"):
+        for name, holder in DOCUMENT["components"][kind].items():
+            schemas.append((f"{kind}/{name}", holder["schema"]))
+    for _, response in DOCUMENT["components"]["responses"].items():
+        for media in response.get("content", {}).values():
+            schemas.append(("response", media["schema"]))
+    for path, method, operation in operations():
+        for code, response in operation["responses"].items():
+            for media in deref(response).get("content", {}).values():
+                schemas.append((f"{method} {path} {code}", media["schema"]))
+    unknown = [
+        problem
+        for where, schema in schemas
+        for problem in unknown_keywords(schema, where)
+    ]
+    assert not unknown
+
+
+# 2. The document lists exactly what the service serves ------------------------------
+
+
+def served_operations(app: Klein) -> set[tuple[str, str]]:
+    served = set()
+    for rule in app.url_map.iter_rules():
+        methods = {m.upper() for m in rule.methods or ()}
+        if "GET" in methods:
+            assert "HEAD" in methods, rule.rule  # HEAD comes with GET
+        path = WERKZEUG_PLACEHOLDER.sub(r"{\1}", rule.rule)
+        served |= {(path, m.lower()) for m in methods if m != "HEAD"}
+    return served
+
+
+def documented_operations() -> set[tuple[str, str]]:
+    return {(path, method) for path, method, _ in operations()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_served_route_is_documented_and_no_other(
+    start_service: StartService,
+) -> None:
+    apps: list[Klein] = []
+    await start_service(mounts=[mount_once, apps.append])
+    [app] = apps
+    served = served_operations(app)
+    documented = documented_operations()
+    undocumented = sorted(served - documented)
+    stale = sorted(documented - served)
+    assert not undocumented, (
+        f"served but missing from optiinfra/openapi.py: {undocumented}"
+    )
+    assert not stale, f"documented but not served: {stale}"
+    assert ("/openapi.json", "get") in served
+
+
+def test_the_comparison_sees_werkzeug_placeholders() -> None:
+    app = Klein()
+    app.route("/x/<int:n>/<name>", methods=["GET"])(lambda request, **kw: b"")
+    app.route("/y", methods=["POST", "DELETE"])(lambda request: b"")
+    assert served_operations(app) == {
+        ("/x/{n}/{name}", "get"),
+        ("/y", "post"),
+        ("/y", "delete"),
+    }
+
+
+# 3. Served over a real socket, and true to what the service does ------------------
+
+
+def key_file(path: Path) -> dict[str, dict[str, str]]:
+    """One key per role; the headers presenting each."""
+    headers, lines = {}, []
+    for role in Role:
+        key, line = generate(f"{role.value}-key", role)
+        lines.append(line)
+        headers[role.value] = {"Authorization": f"Bearer {key}"}
+    path.write_text("\n".join(lines) + "\n")
+    return headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_served_without_a_key(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    key_file(tmp_path / "keys")
+    service = await start_service(mounts=[mount_once], api_keys_file=tmp_path / "keys")
+    response = await service.get("/openapi.json")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert response.headers.getRawHeaders("x-request-id")
+    body = await response.json()
+    assert body == DOCUMENT
+    assert body["openapi"] == "3.1.0"
+    assert body["info"]["version"] == __version__
+    assert "/agents/{agent_id}/heartbeat" in body["paths"]
+    assert set(body["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyAuth"}
+    head = await service.request("HEAD", "/openapi.json")
+    assert (head.code, await head.content()) == (200, b"")
+
+
+@pytest_twisted.ensureDeferred
+async def test_security_is_as_documented(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """Public operations need no key; the others need one granting x-permission."""
+    keys = key_file(tmp_path / "keys")
+    service = await start_service(mounts=[mount_once], api_keys_file=tmp_path / "keys")
+    wrong = []
+    for path, method, operation in operations():
+        target = TEMPLATE_PLACEHOLDER.sub("cost", path)
+        send: dict[str, Any] = {"json": {}} if method == "post" else {}
+        codes = {}
+        for who, headers in [("nobody", {}), *keys.items()]:
+            response = await service.request(
+                method.upper(), target, headers=headers, **send
+            )
+            await response.content()
+            codes[who] = response.code
+        permission = operation.get("x-permission")
+        expected_denials = {
+            "nobody": 401 if permission else None,
+            "viewer": 403 if permission == "agent-write" else None,
+            "agent": None,
+            "operator": None,
+        }
+        for who, code in codes.items():
+            denied = code if code in (401, 403) else None
+            if denied != expected_denials[who]:
+                wrong.append((method, path, who, code))
+    assert not wrong
+
+
+def response_spec(template: str, method: str, code: int) -> dict[str, Any]:
+    operation = DOCUMENT["paths"][template][method.lower()]
+    responses = operation["responses"]
+    assert str(code) in responses, f"{method} {template} answered {code}: undocumented"
+    spec: dict[str, Any] = deref(responses[str(code)])
+    return spec
+
+
+def nonconformance(spec: dict[str, Any], response: Any, content: bytes) -> list[str]:
+    """Why an answer does not match its documented response."""
+    found = []
+    for name, header in spec.get("headers", {}).items():
+        if deref(header).get("required") and not response.headers.getRawHeaders(name):
+            found.append(f"header {name} is missing")
+    kind = (response.headers.getRawHeaders("content-type") or [""])[0]
+    media = kind.split(";", 1)[0].strip()
+    documented = spec.get("content", {})
+    if media not in documented:
+        return [*found, f"content type {kind!r} is not one of {list(documented)}"]
+    if media == "application/json":
+        schema = documented[media]["schema"]
+        found += problems(schema, orjson.loads(content), closed=True)
+    return found
+
+
+async def call(
+    service: RunningService,
+    method: str,
+    target: str,
+    template: str | None = None,
+    **kwargs: Any,
+) -> tuple[int, Any]:
+    """Make a request and check its answer against the document."""
+    response = await service.request(method, target, **kwargs)
+    content = await response.content()
+    template = template or target.split("?", 1)[0]
+    issues = nonconformance(
+        response_spec(template, method, response.code), response, content
+    )
+    assert not issues, f"{method} {target} {response.code}: {issues}"
+    is_json = (response.headers.getRawHeaders("content-type") or [""])[0].startswith(
+        "application/json"
+    )
+    return response.code, orjson.loads(content) if is_json else content
+
+
+def request_schema(template: str, method: str) -> dict[str, Any]:
+    body = deref(DOCUMENT["paths"][template][method]["requestBody"])
+    schema: dict[str, Any] = body["content"]["application/json"]["schema"]
+    return schema
+
+
+def raw_http(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_match_the_document(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    keys = key_file(tmp_path / "keys")
+    service = await start_service(
+        mounts=[mount_once], api_keys_file=tmp_path / "keys", max_body_bytes=8192
+    )
+    agent, viewer = keys["agent"], keys["viewer"]
+
+    # The service's own routes.
+    for path in ("/health", "/", "/livez", "/readyz", "/openapi.json"):
+        assert (await call(service, "GET", path))[0] == 200
+    code, text = await call(service, "GET", "/metrics")
+    assert code == 200
+    assert b"optiinfra_" in text
+
+    # The contract's root paths.
+    registration = {
+        "name": "cost-1",
+        "type": "cost",
+        "host": "10.0.0.1",
+        "port": 8001,
+        "capabilities": ["analyze_cost"],
+        "metadata": {"region": "eu"},
+    }
+    assert not problems(request_schema("/agents/register", "post"), registration)
+    code, registered = await call(
+        service, "POST", "/agents/register", json=registration, headers=agent
+    )
+    assert code == 201
+    agent_id = registered["agent_id"]
+    one = "/agents/{agent_id}"
+    beat = "/agents/{agent_id}/heartbeat"
+    assert (
+        await call(
+            service, "POST", f"/agents/{agent_id}/heartbeat", beat, headers=agent
+        )
+    )[0] == 200
+    assert (
+        await call(
+            service,
+            "POST",
+            f"/agents/{agent_id}/heartbeat",
+            beat,
+            json={"status": "active", "metrics": {"cpu": 0.5}},
+            headers=agent,
+        )
+    )[0] == 200
+    for target in (
+        "/agents",
+        "/agents?type=cost&status=healthy&capability=analyze_cost&capability=x",
+        "/api/v1/agents",
+    ):
+        code, listing = await call(service, "GET", target, headers=viewer)
+        assert code == 200
+    assert listing["count"] == 1
+    code, _ = await call(
+        service,
+        "GET",
+        "/agents/type/cost?status=healthy",
+        "/agents/type/{agent_type}",
+        headers=viewer,
+    )
+    assert code == 200
+    assert (await call(service, "GET", f"/agents/{agent_id}", one, headers=viewer))[
+        0
+    ] == 200
+
+    # The agents' /api/v1 shapes.
+    v1 = {
+        "agent_id": "performance-agent-1",
+        "agent_type": "performance",
+        "capabilities": ["optimize_kv_cache"],
+        "endpoint": "http://localhost:8002",
+        "health_check_endpoint": "/api/v1/health",
+        "version": "1.0.0",
+        "status": "active",
+    }
+    assert not problems(request_schema("/api/v1/agents/register", "post"), v1)
+    for expected in ("registered", "re-registered"):
+        code, answer = await call(
+            service, "POST", "/api/v1/agents/register", json=v1, headers=agent
+        )
+        assert (code, answer["status"]) == (200, expected)
+    v1_one = "/api/v1/agents/{agent_id}"
+    code, record = await call(
+        service, "GET", "/api/v1/agents/performance-agent-1", v1_one, headers=viewer
+    )
+    assert record["endpoint"] == "http://localhost:8002"
+    code, _ = await call(
+        service,
+        "POST",
+        "/api/v1/agents/heartbeat",
+        json={"agent_id": "performance-agent-1", "timestamp": "x", "status": "active"},
+        headers=agent,
+    )
+    assert code == 200
+    code, _ = await call(
+        service,
+        "POST",
+        "/api/v1/agents/performance-agent-1/heartbeat",
+        "/api/v1/agents/{agent_id}/heartbeat",
+        json={"status": "degraded"},
+        headers=agent,
+    )
+    assert code == 200
+
+    # Errors.
+    bad = {**registration, "port": 0}
+    code, error = await call(
+        service, "POST", "/agents/register", json=bad, headers=agent
+    )
+    assert (code, error["field"]) == (400, "port")
+    code, error = await call(service, "GET", "/agents/bad%20id", one, headers=viewer)
+    assert (code, error["field"]) == (400, "agent_id")
+    code, error = await call(service, "GET", "/agents?type=gpu", headers=viewer)
+    assert (code, error["field"]) == (400, "type")
+    assert (await call(service, "GET", "/agents"))[0] == 401
+    code, _ = await call(
+        service, "POST", "/agents/register", json=registration, headers=viewer
+    )
+    assert code == 403
+    code, error = await call(
+        service,
+        "POST",
+        "/agents/register",
+        data=b"name=x",
+        headers={**agent, "Content-Type": "text/plain"},
+    )
+    assert (code, error["field"]) == (415, "content-type")
+    code, error = await call(
+        service, "POST", "/agents/nobody/heartbeat", beat, headers=agent
+    )
+    assert (code, error["action"]) == (404, "register")
+    assert (
+        await call(service, "GET", "/api/v1/agents/nobody", v1_one, headers=viewer)
+    )[0] == 404
+
+    response = await service.request("DELETE", "/agents", headers=agent)
+    spec = deref(DOCUMENT["components"]["responses"]["MethodNotAllowed"])
+    assert response.code == 405
+    assert not nonconformance(spec, response, await response.content())
+
+    port = int(service.url.rsplit(":", 1)[1])
+    answer = await deferToThread(
+        raw_http,
+        port,
+        b"POST /agents/register HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 9000\r\n\r\n{",
+    )
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b"X-Request-ID: " in head
+    error_schema = response_spec("/agents/register", "post", 413)["content"][
+        "application/json"
+    ]["schema"]
+    assert not problems(error_schema, orjson.loads(content), closed=True)
+
+    # Leaving.
+    code, _ = await call(
+        service,
+        "POST",
+        f"/agents/{agent_id}/unregister",
+        "/agents/{agent_id}/unregister",
+        headers=agent,
+    )
+    assert code == 200
+    code, _ = await call(
+        service, "DELETE", "/api/v1/agents/performance-agent-1", v1_one, headers=agent
+    )
+    assert code == 200
+    service.http._readiness.start_draining()
+    assert (await call(service, "GET", "/readyz"))[0] == 503
+
+
+#: Bodies sent to each endpoint; the document and the service must agree on
+#: which are acceptable.
+ROOT_REGISTRATION = {"name": "perf-1", "type": "performance", "host": "h", "port": 1}
+V1_REGISTRATION = {"agent_id": "app-1", "agent_type": "application"}
+BODIES: list[tuple[str, str, Any]] = [
+    ("/agents/register", "", ROOT_REGISTRATION),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "port": 65535}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "port": 0}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "port": 65536}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "port": "8001"}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "port": True}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "port": 80.5}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "port": None}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "type": "gpu"}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "type": "Cost"}),
+    *[
+        ("/agents/register", "", {**ROOT_REGISTRATION, "type": t})
+        for t in ("cost", "resource", "application")
+    ],
+    (
+        "/agents/register",
+        "",
+        {k: v for k, v in ROOT_REGISTRATION.items() if k != "host"},
+    ),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "host": "a b"}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "host": "fe80::1"}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "host": "h" * 254}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "name": ""}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "name": "   "}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "name": "Perf Agent 1"}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "name": "bad\x01"}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "name": "n" * 128}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "name": "n" * 129}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "capabilities": ["a", "a"]}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "capabilities": ["bad cap"]}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "capabilities": "a"}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "capabilities": None}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "capabilities": ["c"] * 257}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "status": "active"}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "status": "degraded"}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "status": "unreachable"}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "version": ""}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "version": "v" * 65}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "version": None}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "metadata": []}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "metadata": {"k": [1]}}),
+    ("/agents/register", "", {**ROOT_REGISTRATION, "unknown": 1}),
+    ("/agents/register", "", ["not", "an", "object"]),
+    ("/api/v1/agents/register", "", {**V1_REGISTRATION, "endpoint": "http://h:8004"}),
+    ("/api/v1/agents/register", "", {**V1_REGISTRATION, "endpoint": "https://h"}),
+    ("/api/v1/agents/register", "", {**V1_REGISTRATION, "endpoint": "ftp://h:21"}),
+    ("/api/v1/agents/register", "", {**V1_REGISTRATION, "host": "h", "port": 8004}),
+    ("/api/v1/agents/register", "", {**V1_REGISTRATION, "host": "h"}),
+    ("/api/v1/agents/register", "", V1_REGISTRATION),
+    (
+        "/api/v1/agents/register",
+        "",
+        {**V1_REGISTRATION, "endpoint": None, "host": "h", "port": 8004},
+    ),
+    (
+        "/api/v1/agents/register",
+        "",
+        {**V1_REGISTRATION, "host": "h", "port": 1, "agent_name": "App Agent"},
+    ),
+    ("/api/v1/agents/register", "", {**V1_REGISTRATION, "agent_id": "bad id"}),
+    ("/api/v1/agents/register", "", {"agent_id": "x", "host": "h", "port": 1}),
+    (
+        "/api/v1/agents/register",
+        "",
+        {**V1_REGISTRATION, "host": "h", "port": 1, "status": "active"},
+    ),
+    ("/agents/{agent_id}/heartbeat", "/agents/{id}/heartbeat", {}),
+    ("/agents/{agent_id}/heartbeat", "/agents/{id}/heartbeat", {"status": "active"}),
+    ("/agents/{agent_id}/heartbeat", "/agents/{id}/heartbeat", {"status": "down"}),
+    ("/agents/{agent_id}/heartbeat", "/agents/{id}/heartbeat", {"metrics": 5}),
+    ("/agents/{agent_id}/heartbeat", "/agents/{id}/heartbeat", {"metadata": None}),
+    ("/agents/{agent_id}/heartbeat", "/agents/{id}/heartbeat", [1]),
+    ("/api/v1/agents/heartbeat", "", {"agent_id": "{id}"}),
+    ("/api/v1/agents/heartbeat", "", {"agent_id": "{id}", "timestamp": 1}),
+    ("/api/v1/agents/heartbeat", "", {"status": "healthy"}),
+    ("/api/v1/agents/heartbeat", "", {"agent_id": "{id}", "status": "unhealthy"}),
+    ("/api/v1/agents/heartbeat", "", {"agent_id": "{id}", "status": "ok"}),
+]
+
+
+def fill(node: Any, agent_id: str) -> Any:
+    if isinstance(node, str):
+        return node.replace("{id}", agent_id)
+    if isinstance(node, dict):
+        return {key: fill(value, agent_id) for key, value in node.items()}
+    return node
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_document_and_the_service_agree_on_bodies(
+    start_service: StartService,
+) -> None:
+    service = await start_service()
+    _, registered = await call(
+        service, "POST", "/agents/register", json=ROOT_REGISTRATION
+    )
+    agent_id = registered["agent_id"]
+    verdicts = []
+    disagreements = []
+    for template, target, body in BODIES:
+        body = fill(body, agent_id)
+        documented = not problems(request_schema(template, "post"), body)
+        code, answer = await call(
+            service, "POST", fill(target or template, agent_id), template, json=body
+        )
+        assert code < 300 or code == 400, (template, body, code, answer)
+        verdicts.append(documented)
+        if documented != (code < 300):
+            disagreements.append((template, body, documented, answer))
+    assert not disagreements
+    assert verdicts.count(True) > 10
+    assert verdicts.count(False) > 10
