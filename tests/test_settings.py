@@ -112,3 +112,50 @@ def test_watchdog_is_ignored_when_meant_for_another_process() -> None:
     theirs = build_settings({**raw, "WATCHDOG_PID": "7"}, pid=42)
     assert theirs.watchdog_usec is None
     assert theirs.notify_socket == "/run/notify"
+
+
+def test_store_and_registry_settings() -> None:
+    settings = build_settings(
+        {
+            "STATE_DIRECTORY": "/var/lib/optiinfra:/var/lib/other",
+            "DATABASE_URL": "postgresql://u:secret@db/optiinfra",
+            "API_KEYS_FILE": "/etc/optiinfra/keys",
+            "AUTH_DISABLED": "no",
+            "HEARTBEAT_INTERVAL": "10",
+            "AGENT_EXPIRY": "120",
+            "SWEEP_INTERVAL": "1",
+        }
+    )
+    assert settings.state_dir == Path("/var/lib/optiinfra")  # systemd's first
+    assert settings.database_url == "postgresql://u:secret@db/optiinfra"
+    assert settings.api_keys_file == Path("/etc/optiinfra/keys")
+    assert settings.auth_disabled is False
+    assert settings.silent_after == 15.0  # one and a half intervals
+    assert build_settings({"UNREACHABLE_AFTER": "7"}).silent_after == 7.0
+    both = build_settings({"STATE_DIRECTORY": "/a", "STATE_DIR": "/b"})
+    assert both.state_dir == Path("/b")
+    assert build_settings({"DATABASE_URL": ""}).database_url is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DATABASE_URL", "mysql://x"),
+        ("AUTH_DISABLED", "maybe"),
+        ("HEARTBEAT_INTERVAL", "0"),
+        ("STATE_DIR", " "),
+    ],
+)
+def test_invalid_store_settings(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        build_settings({variable: value})
+    assert raised.value.name == variable
+    if variable == "DATABASE_URL":
+        assert raised.value.value == "<hidden>"  # it may hold a password
+
+
+def test_production_needs_keys_unless_auth_is_disabled() -> None:
+    with pytest.raises(SettingsError) as raised:
+        build_settings({"ENVIRONMENT": "production"})
+    assert raised.value.name == "API_KEYS_FILE"
+    assert build_settings({"ENVIRONMENT": "production", "AUTH_DISABLED": "true"})
