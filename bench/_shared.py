@@ -76,7 +76,7 @@ def serve(site: Any, args: argparse.Namespace) -> None:
     # Site.log would format a combined-log line per request; a bare baseline
     # logs nothing.
     site.log = lambda request: None
-    reactor.listenTCP(args.port, site, interface=args.interface)  # type: ignore[attr-defined]
+    reactor.listenTCP(args.port, site, interface=args.interface)
     if args.tune_gc:
 
         def tune() -> None:
@@ -84,6 +84,6 @@ def serve(site: Any, args: argparse.Namespace) -> None:
             gc.freeze()
             gc.set_threshold(20_000, 20, 20)
 
-        reactor.callWhenRunning(tune)  # type: ignore[attr-defined]
+        reactor.callWhenRunning(tune)
     print(f"listening on {args.interface}:{args.port}", file=sys.stderr, flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()

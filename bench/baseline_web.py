@@ -24,13 +24,13 @@ class Health(Resource):
         self.started = started
 
     def render_GET(self, request: Any) -> bytes:
-        return health_body(request, reactor.seconds(), self.started)  # type: ignore[attr-defined]
+        return health_body(request, reactor.seconds(), self.started)
 
 
 def main() -> None:
     args = parse_args("plain twisted.web /health baseline")
     root = Resource()
-    root.putChild(b"health", Health(reactor.seconds()))  # type: ignore[attr-defined]
+    root.putChild(b"health", Health(reactor.seconds()))
     serve(Site(root), args)
 
 

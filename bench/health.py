@@ -52,6 +52,8 @@ LABELS = {
 }
 HEALTH_KEYS = {"status", "timestamp", "version", "uptime"}
 INTERFACE = "127.0.0.1"
+#: The only variables of the caller's environment the servers see.
+_KEPT_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 
 
 class BenchError(Exception):
@@ -142,6 +144,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.devnull,
         help="where the service's JSON log lines (one per request) go; "
         "they are always written [default: /dev/null]",
+    )
+    parser.add_argument(
+        "--service-env",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="set a variable for the service (repeatable); it otherwise runs "
+        "with a clean environment, LOG_LEVEL=info and a throw-away STATE_DIR",
     )
     parser.add_argument(
         "--baseline-gc",
@@ -380,7 +390,12 @@ class Server:
         except OSError:
             tail = []
         lines += [f"  stderr: {line}" for line in tail]
-        if self.name == "service" and self.stdout.name == os.devnull:
+        if self.name == "service" and self.stdout.name != os.devnull:
+            self.stdout.flush()
+            with contextlib.suppress(OSError):
+                text = Path(self.stdout.name).read_text(errors="replace")
+                lines += [f"  log: {line}" for line in text.splitlines()[-10:]]
+        elif self.name == "service":
             lines.append(
                 "  (its JSON log went to /dev/null: rerun with --service-log FILE "
                 "to see it)"
@@ -431,21 +446,15 @@ def build_servers(
     service_log: IO[bytes],
     devnull: IO[bytes],
 ) -> dict[str, Server]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key
-        not in {
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "ORCHESTRATOR_PORT",
-            "LISTEN_FDS",
-            "LISTEN_PID",
-        }
-    }
+    # A clean environment: the service's settings (DATABASE_URL, API_KEYS_FILE,
+    # ENVIRONMENT, NOTIFY_SOCKET ...) must not leak in from the caller's shell.
+    env = {key: os.environ[key] for key in _KEPT_VARIABLES if key in os.environ}
     env["PYTHONPATH"] = str(REPO)  # the source tree, not an installed copy
     env["LOG_LEVEL"] = "info"  # the access log is on, as in production
+    env["STATE_DIR"] = str(workdir / "var")  # a throw-away SQLite store
+    for assignment in args.service_env:
+        key, _, value = assignment.partition("=")
+        env[key] = value
     ports = {name: free_port() for name in TARGETS}
     gc_flag = ["--tune-gc"] if args.baseline_gc == "tuned" else []
     argv = {
@@ -622,6 +631,8 @@ def summarise(
             "median": medians,
             "service_over_klein": service / medians["klein"]["rps"],
             "service_over_web": service / medians["web"]["rps"],
+            "cpu_klein_over_service": medians["klein"]["cpu_us_per_request"]
+            / medians["service"]["cpu_us_per_request"],
             "service_over_klein_per_round": per_round,
             "meets_target": service / medians["klein"]["rps"] >= threshold,
         }
@@ -656,6 +667,11 @@ def print_tables(summary: dict[str, Any], args: argparse.Namespace) -> None:
             f"(per round: {rounds})"
         )
         print(f"  service/web   throughput: {block['service_over_web']:.2f}x")
+        print(
+            "  CPU per request, klein/service: "
+            f"{block['cpu_klein_over_service']:.2f}x (less sensitive to a busy "
+            "machine than req/s)"
+        )
 
 
 def verdict(summary: dict[str, Any], threshold: float) -> tuple[bool, str]:
