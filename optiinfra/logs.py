@@ -142,6 +142,26 @@ class JsonLogObserver:
         self._stream.flush()
 
 
+class AccessLog:
+    """
+    Writes access records straight to a stream as JSON lines.
+
+    The access line is the hottest log path (one per request), so it skips the
+    log publisher and the generic event rendering; its records already have the
+    shape every other line has (timestamp, level, logger, message, fields).
+    """
+
+    def __init__(self, stream: IO[bytes], level: LogLevel = LogLevel.info) -> None:
+        self._stream = stream
+        self._quiet_info = level > LogLevel.info
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self._quiet_info and record["level"] == "info":
+            return
+        self._stream.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        self._stream.flush()
+
+
 class _TwistedSink:
     """structlog's "logger": hands finished event dicts to a Twisted publisher."""
 

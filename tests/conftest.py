@@ -30,10 +30,14 @@ class LogCapture:
         self.events.append(dict(event))
 
     def named(self, namespace: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("log_namespace") == namespace]
+        return [
+            e
+            for e in self.events
+            if namespace in (e.get("log_namespace"), e.get("logger"))
+        ]
 
     def messages(self) -> list[str]:
-        return [str(e.get("event", "")) for e in self.events]
+        return [str(e.get("event", e.get("message", ""))) for e in self.events]
 
 
 @pytest.fixture
@@ -77,7 +81,9 @@ async def start_service(
     ) -> RunningService:
         settings.setdefault("port", "tcp:0:interface=127.0.0.1")
         settings.setdefault("state_dir", tmp_path_factory.mktemp("state"))
-        top = build_service(Settings(**settings), reactor, log_sink=logs, mounts=mounts)
+        top = build_service(
+            Settings(**settings), reactor, access_log=logs, mounts=mounts
+        )
         top.startService()
         http = top.getServiceNamed("http")
         port = await http.when_listening()

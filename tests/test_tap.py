@@ -96,7 +96,6 @@ def test_tune_gc_freezes_start_up_objects() -> None:
     before = gc.get_threshold()
     try:
         tap.tune_gc()
-        assert gc.get_threshold()[0] >= 10_000
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()

@@ -12,8 +12,8 @@ belongs to the proxy in front of it).
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 from collections.abc import Callable
 from time import monotonic, time
 from typing import Any, Final, cast
@@ -21,12 +21,12 @@ from typing import Any, Final, cast
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
-from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
 from optiinfra.metrics import HttpMetrics
+from optiinfra.timefmt import rfc3339_ms_fast
 
 #: A caller's X-Request-ID is kept only when it looks like a token.
 _SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -36,11 +36,12 @@ _CLOSE: Final = [b"close"]
 #: Status written to the access log for a request that never got its answer.
 ABORTED: Final = 499
 
-LogSink = Callable[[dict[str, Any]], None]
+#: Where access records go: L{optiinfra.logs.AccessLog} in production.
+AccessSink = Callable[[dict[str, Any]], None]
 
 
 def new_request_id() -> str:
-    return secrets.token_hex(16)
+    return os.urandom(16).hex()
 
 
 class OrchestratorRequest(server.Request):
@@ -126,7 +127,7 @@ class OrchestratorRequest(server.Request):
     def process(self) -> None:
         self._adopt_request_id()
         self._counted = True
-        self.channel.site.metrics.in_flight.inc()
+        self.channel.site.in_flight += 1
         if self.channel.draining:
             self.responseHeaders.setRawHeaders(b"connection", _CLOSE)
         super().process()
@@ -193,7 +194,7 @@ class OrchestratorSite(server.Site):
         *,
         clock: IReactorTime,
         metrics: HttpMetrics,
-        log_sink: LogSink,
+        access_log: AccessSink,
         max_body_bytes: int,
         idle_timeout: float = 60.0,
     ) -> None:
@@ -202,11 +203,14 @@ class OrchestratorSite(server.Site):
         self.clock = clock
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        self._log_sink = log_sink
+        self._access_log = access_log
         self._channels: set[DrainingChannel] = set()
         self._drained: Deferred[None] | None = None
         self._deadline: IDelayedCall | None = None
         self.draining = False
+        #: Requests being processed; the metrics read it when scraped.
+        self.in_flight = 0
+        metrics.in_flight = lambda: self.in_flight
 
     # Connections ----------------------------------------------------------
 
@@ -259,19 +263,18 @@ class OrchestratorSite(server.Site):
             return
         request._logged = True
         if request._counted:
-            self.metrics.in_flight.dec()
+            self.in_flight -= 1
         seconds = monotonic() - request.started
         method = request.method.decode("latin-1")
         status = request.code
         self.metrics.observe(method, request.route, status, seconds)
         path = request.path.decode("latin-1", "replace")
         client = request.getClientAddress()
-        event: dict[str, Any] = {
-            "log_namespace": "optiinfra.access",
-            "log_level": LogLevel.warn if request.aborted else LogLevel.info,
-            "log_format": None,
-            "log_time": time(),
-            "event": f"{method} {path} {status}",
+        record: dict[str, Any] = {
+            "timestamp": rfc3339_ms_fast(time()),
+            "level": "warn" if request.aborted else "info",
+            "logger": "optiinfra.access",
+            "message": f"{method} {path} {status}",
             "method": method,
             "path": path,
             "route": request.route,
@@ -282,5 +285,5 @@ class OrchestratorSite(server.Site):
             "client": getattr(client, "host", None) or str(client),
         }
         if request.aborted:
-            event["aborted"] = True
-        self._log_sink(event)
+            record["aborted"] = True
+        self._access_log(record)

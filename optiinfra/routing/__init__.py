@@ -1,0 +1,1 @@
+"""Tasks: customer requests routed to a healthy agent able to do them."""

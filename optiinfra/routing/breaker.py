@@ -1,0 +1,76 @@
+"""
+A circuit breaker per agent.
+
+After C{threshold} consecutive failures an agent gets no tasks for C{cooldown}
+seconds; then one trial task decides: success closes the circuit, failure opens
+it again for another cool-down.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+CLOSED: Final = "closed"
+OPEN: Final = "open"
+HALF_OPEN: Final = "half_open"
+
+
+@attrs.define
+class _Circuit:
+    failures: int = 0
+    opened_at: float | None = None
+    trial_out: bool = False
+
+
+class Breakers:
+    """The circuits of every agent this process has dispatched to."""
+
+    def __init__(
+        self, clock: IReactorTime, threshold: int = 5, cooldown: float = 30.0
+    ) -> None:
+        self._clock = clock
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._circuits: dict[str, _Circuit] = {}
+
+    def state(self, agent_id: str) -> str:
+        circuit = self._circuits.get(agent_id)
+        if circuit is None or circuit.opened_at is None:
+            return CLOSED
+        if self._clock.seconds() - circuit.opened_at < self.cooldown:
+            return OPEN
+        return HALF_OPEN
+
+    def allows(self, agent_id: str) -> bool:
+        """May a task go to this agent now?  (Half-open: only the one trial.)"""
+        state = self.state(agent_id)
+        if state == CLOSED:
+            return True
+        if state == OPEN:
+            return False
+        return not self._circuits[agent_id].trial_out
+
+    def sent(self, agent_id: str) -> None:
+        """A task went out; in half-open state it is the trial."""
+        if self.state(agent_id) == HALF_OPEN:
+            self._circuits[agent_id].trial_out = True
+
+    def succeeded(self, agent_id: str) -> None:
+        self._circuits.pop(agent_id, None)
+
+    def failed(self, agent_id: str) -> bool:
+        """Count a failure; True when this failure opened the circuit."""
+        circuit = self._circuits.setdefault(agent_id, _Circuit())
+        was_open = circuit.opened_at is not None
+        circuit.failures += 1
+        circuit.trial_out = False
+        if was_open or circuit.failures >= self.threshold:
+            circuit.opened_at = self._clock.seconds()
+            return True
+        return False
+
+    def states(self) -> dict[str, str]:
+        return {agent_id: self.state(agent_id) for agent_id in self._circuits}
