@@ -221,19 +221,13 @@ def build_service(
         RegistryMetrics(metrics),
     )
     app = new_app()
-    health.mount(
-        app,
-        clock=reactor,
-        started=reactor.seconds(),
-        readiness=readiness,
-        registry=metrics,
-    )
+    health.mount(app, registry=metrics)
     registry_routes.mount(app, registry, guard)
     openapi.mount(app)
     for mount in mounts:
         mount(app)
     site = OrchestratorSite(
-        app.resource(),
+        health.FrontResource(health.Probes(reactor, readiness), app.resource()),
         clock=reactor,
         metrics=HttpMetrics(metrics),
         access_log=access_log or AccessLog(real_stdout(), LEVELS[settings.log_level]),

@@ -1,62 +1,103 @@
-"""C{/health}, C{/}, C{/livez}, C{/readyz} and C{/metrics}."""
+"""
+C{/health}, C{/livez}, C{/readyz}, C{/} and C{/metrics}.
+
+The three probes are answered by L{FrontResource} before Klein sees the request:
+load balancers, kubelets and monitors call them far more often than anything
+else, and Werkzeug's routing would double their cost.  They still go through
+the site, so each is request-id'd, access-logged and counted like any route.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 
 from optiinfra import __version__
 from optiinfra.readiness import Readiness
 from optiinfra.timefmt import go_duration, rfc3339
 from optiinfra.web.app import route
-from optiinfra.web.render import render_json
+from optiinfra.web.render import render_error, render_json
 
 SERVICE_NAME = "OptiInfra Orchestrator"
 
+#: A probe's answer: status code and JSON body.
+Answer = tuple[int, dict[str, Any]]
 
-def mount(
-    app: Klein,
-    *,
-    clock: IReactorTime,
-    started: float,
-    readiness: Readiness,
-    registry: CollectorRegistry,
-) -> None:
-    """Add the service's own routes to C{app}."""
+_PROBE_METHODS = (b"GET", b"HEAD")
+_ALLOW = b"GET, HEAD"
+
+
+class Probes:
+    """What the probes say, from the clock and the readiness."""
+
+    def __init__(self, clock: IReactorTime, readiness: Readiness) -> None:
+        self._clock = clock
+        self._readiness = readiness
+        self._started = clock.seconds()
+
+    def health(self) -> Answer:
+        now = self._clock.seconds()
+        return 200, {
+            "status": "healthy",
+            "timestamp": rfc3339(now),
+            "version": __version__,
+            "uptime": go_duration(now - self._started),
+        }
+
+    def live(self) -> Answer:
+        return 200, {"status": "alive"}
+
+    def ready(self) -> Answer:
+        if self._readiness.ready:
+            return 200, {"status": "ready"}
+        return 503, {"status": "not ready", "reasons": self._readiness.reasons()}
+
+    def by_path(self) -> Mapping[bytes, Callable[[], Answer]]:
+        return {b"/health": self.health, b"/livez": self.live, b"/readyz": self.ready}
+
+
+#: The paths L{FrontResource} answers itself (GET and HEAD).
+PROBE_PATHS = ("/health", "/livez", "/readyz")
+
+
+class FrontResource(Resource):
+    """The site's root: the probes directly, everything else through Klein."""
+
+    isLeaf = True
+
+    def __init__(self, probes: Probes, app: IResource) -> None:
+        super().__init__()
+        self._probes = probes.by_path()
+        self._app = app
+
+    def render(self, request: IRequest) -> Any:
+        path = request.path
+        probe = self._probes.get(path)
+        if probe is None:
+            return self._app.render(request)
+        request.route = path.decode()  # type: ignore[attr-defined]
+        if request.method not in _PROBE_METHODS:
+            request.setHeader(b"allow", _ALLOW)
+            return render_error(request, 405, "method not allowed")
+        status, payload = probe()
+        return render_json(request, payload, status)
+
+
+def mount(app: Klein, *, registry: CollectorRegistry) -> None:
+    """Add C{/} and C{/metrics} to C{app}."""
 
     index = {"service": SERVICE_NAME, "version": __version__, "status": "running"}
-
-    @route(app, "/health", ("GET",))
-    def health(request: IRequest) -> bytes:
-        now = clock.seconds()
-        return render_json(
-            request,
-            {
-                "status": "healthy",
-                "timestamp": rfc3339(now),
-                "version": __version__,
-                "uptime": go_duration(now - started),
-            },
-        )
 
     @route(app, "/", ("GET",))
     def root(request: IRequest) -> bytes:
         return render_json(request, index)
-
-    @route(app, "/livez", ("GET",))
-    def livez(request: IRequest) -> bytes:
-        return render_json(request, {"status": "alive"})
-
-    @route(app, "/readyz", ("GET",))
-    def readyz(request: IRequest) -> bytes:
-        if readiness.ready:
-            return render_json(request, {"status": "ready"})
-        return render_json(
-            request, {"status": "not ready", "reasons": readiness.reasons()}, 503
-        )
 
     @route(app, "/metrics", ("GET",))
     def metrics(request: IRequest) -> bytes:
