@@ -50,6 +50,13 @@ class Settings:
     unreachable_after: float | None = None
     agent_expiry: float = 600.0
     sweep_interval: float = 5.0
+    #: Task routing.
+    agent_concurrency: int = 8
+    attempt_timeout: float = 10.0
+    retry_delay: float = 5.0
+    result_ttl: float = 3600.0
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 30.0
     #: systemd's notification socket and watchdog period, when run by systemd.
     notify_socket: str | None = None
     watchdog_usec: int | None = None
@@ -148,6 +155,16 @@ def parse_positive_seconds(name: str, raw: str) -> float:
     return value
 
 
+def parse_count(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(name, raw, "expected a whole number") from None
+    if value < 1:
+        raise SettingsError(name, raw, "expected at least 1")
+    return value
+
+
 def parse_path(name: str, raw: str) -> Path:
     if not raw.strip():
         raise SettingsError(name, raw, "expected a path")
@@ -191,6 +208,12 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "UNREACHABLE_AFTER": ("unreachable_after", parse_positive_seconds),
     "AGENT_EXPIRY": ("agent_expiry", parse_positive_seconds),
     "SWEEP_INTERVAL": ("sweep_interval", parse_positive_seconds),
+    "AGENT_CONCURRENCY": ("agent_concurrency", parse_count),
+    "ATTEMPT_TIMEOUT": ("attempt_timeout", parse_positive_seconds),
+    "RETRY_DELAY": ("retry_delay", parse_seconds),
+    "RESULT_TTL": ("result_ttl", parse_positive_seconds),
+    "BREAKER_THRESHOLD": ("breaker_threshold", parse_count),
+    "BREAKER_COOLDOWN": ("breaker_cooldown", parse_positive_seconds),
     "NOTIFY_SOCKET": ("notify_socket", parse_text),
     "WATCHDOG_USEC": ("watchdog_usec", parse_microseconds),
 }

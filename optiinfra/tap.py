@@ -16,6 +16,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime
 from twisted.python import usage
+from twisted.web.client import HTTPConnectionPool
 
 from optiinfra import __version__, openapi
 from optiinfra.auth import ApiKeyFileError, ApiKeys
@@ -33,6 +34,10 @@ from optiinfra.readiness import Readiness
 from optiinfra.registry import routes as registry_routes
 from optiinfra.registry.loops import StoreService, StoreWatch, Sweeper
 from optiinfra.registry.service import Registry, RegistryConfig, RegistryMetrics
+from optiinfra.routing import routes as routing_routes
+from optiinfra.routing.dispatch import AgentPool, Dispatcher
+from optiinfra.routing.loops import RouterService
+from optiinfra.routing.router import Router, RouterConfig
 from optiinfra.settings import (
     Override,
     Settings,
@@ -223,6 +228,25 @@ def build_service(
     app = new_app()
     health.mount(app, registry=metrics)
     registry_routes.mount(app, registry, guard)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = settings.agent_concurrency
+    router = Router(
+        store.tasks,
+        registry,
+        reactor,
+        Dispatcher(reactor, pool),
+        RouterConfig(
+            per_agent_limit=settings.agent_concurrency,
+            attempt_timeout=settings.attempt_timeout,
+            retry_delay=settings.retry_delay,
+            result_ttl=settings.result_ttl,
+            breaker_threshold=settings.breaker_threshold,
+            breaker_cooldown=settings.breaker_cooldown,
+        ),
+        metrics,
+        draining=lambda: readiness.draining,
+    )
+    routing_routes.mount(app, router, guard)
     openapi.mount(app)
     for mount in mounts:
         mount(app)
@@ -237,6 +261,10 @@ def build_service(
     StoreService(store).setServiceParent(top)
     StoreWatch(store, readiness, reactor, interval=2.0).setServiceParent(top)
     Sweeper(registry, reactor).setServiceParent(top)
+    AgentPool(pool).setServiceParent(top)
+    RouterService(
+        router, reactor, interval=1.0, grace=settings.drain_timeout
+    ).setServiceParent(top)
     web = HTTPService(
         endpoint,
         site,

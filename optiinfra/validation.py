@@ -118,6 +118,20 @@ class Fields:
             )
         return value
 
+    def number(
+        self, key: str, *, minimum: float, maximum: float, default: float
+    ) -> float:
+        value = self._get(key, False)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidField(self.name(key), "must be a number")
+        if not minimum <= value <= maximum:
+            raise InvalidField(
+                self.name(key), f"must be between {minimum:g} and {maximum:g}"
+            )
+        return float(value)
+
     def strings(
         self,
         key: str,

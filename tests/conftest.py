@@ -19,6 +19,8 @@ from optiinfra.settings import Settings
 from optiinfra.tap import build_service
 from optiinfra.web.service import HTTPService
 
+from .agents import start_agent  # noqa: F401 - a fixture for every test module
+
 
 @attrs.define
 class LogCapture:

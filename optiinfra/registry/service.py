@@ -9,6 +9,7 @@ every replica sees and logs each change once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -97,6 +98,12 @@ class Registry:
         self.config = config
         self._clock = clock
         self._metrics = metrics
+        #: Called when an agent may have become able to take work.
+        self.listeners: list[Callable[[], None]] = []
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def now(self) -> float:
         """The clock's time to the millisecond, the precision every view shows,
@@ -138,6 +145,7 @@ class Registry:
             address=f"{agent.host}:{agent.port}",
             capabilities=list(agent.capabilities),
         )
+        self._notify()
         return agent, created
 
     async def heartbeat(self, agent_id: str, beat: Beat) -> float:
@@ -152,6 +160,7 @@ class Registry:
         was = before.status_at(now, self.config.unreachable_after)
         if was != beat.status:
             self._status_changed(before, was, beat.status, "heartbeat")
+            self._notify()
         return now
 
     def _status_changed(

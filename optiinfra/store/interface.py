@@ -96,6 +96,7 @@ class IStore(Interface):
     """Everything the orchestrator keeps, whichever database holds it."""
 
     backend: IBackend = Attribute("The database underneath.")
+    tasks: Any = Attribute("The tasks: an L{optiinfra.store.tasks.TaskStore}.")
 
     def ping() -> Deferred[None]:
         """Succeeds when the database answers."""

@@ -50,6 +50,53 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX agents_last_seen ON agents (last_seen)",
         ),
     ),
+    Migration(
+        2,
+        "tasks",
+        (
+            """
+            CREATE TABLE tasks (
+                id TEXT PRIMARY KEY,
+                task_type TEXT NOT NULL,
+                agent_type TEXT NOT NULL,
+                parameters TEXT NOT NULL,
+                priority INTEGER NOT NULL,
+                timeout_seconds DOUBLE PRECISION NOT NULL,
+                max_retries INTEGER NOT NULL,
+                metadata TEXT NOT NULL,
+                status TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                deadline DOUBLE PRECISION NOT NULL,
+                requested_agent TEXT,
+                agent_id TEXT,
+                result TEXT,
+                error TEXT,
+                started_at DOUBLE PRECISION,
+                completed_at DOUBLE PRECISION,
+                retry_count INTEGER NOT NULL,
+                not_before DOUBLE PRECISION NOT NULL,
+                owner TEXT,
+                lease_until DOUBLE PRECISION,
+                idempotency_key TEXT UNIQUE,
+                request_hash TEXT,
+                traceparent TEXT,
+                request_id TEXT,
+                tried TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX tasks_waiting ON tasks (status, priority, created_at)",
+            "CREATE INDEX tasks_finished ON tasks (completed_at)",
+            """
+            CREATE TABLE task_events (
+                task_id TEXT NOT NULL,
+                status TEXT NOT NULL,
+                at DOUBLE PRECISION NOT NULL,
+                detail TEXT
+            )
+            """,
+            "CREATE INDEX task_events_task ON task_events (task_id, at)",
+        ),
+    ),
 )
 
 LATEST: Final = MIGRATIONS[-1].version

@@ -28,6 +28,7 @@ from optiinfra.registry.model import (
     Heartbeat,
 )
 from optiinfra.store.interface import IBackend, IStore, Transaction
+from optiinfra.store.tasks import TaskStore
 
 T = TypeVar("T")
 
@@ -99,6 +100,7 @@ class SQLStore:
 
     def __init__(self, backend: IBackend, clock: IReactorTime) -> None:
         self.backend = backend
+        self.tasks = TaskStore(backend)
         self._clock = clock
         self._pending: list[tuple[Heartbeat, Deferred[AgentState | None]]] = []
         self._flushing = False

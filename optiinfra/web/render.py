@@ -24,11 +24,11 @@ def render_json(request: IRequest, payload: Any, status: int = 200) -> bytes:
     return body
 
 
-def render_error(request: IRequest, status: int, message: str, **fields: Any) -> bytes:
+def render_error(request: IRequest, code: int, message: str, /, **fields: Any) -> bytes:
     """A JSON error: C{{"error": message, ...fields}} with the request id."""
     payload: dict[str, Any] = {"error": message}
     payload.update(fields)
     request_id = getattr(request, "request_id", None)
     if request_id is not None:
         payload.setdefault("request_id", request_id)
-    return render_json(request, payload, status)
+    return render_json(request, payload, code)

@@ -1,0 +1,137 @@
+"""
+One attempt at a task: C{POST http://host:port/task} to an agent, via treq.
+
+The agent's answer decides what happens next, and this module only says which
+kind of answer it was: done, failed for good, or worth another try.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import attrs
+import orjson
+import treq
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
+from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+
+from optiinfra.registry.model import Agent
+from optiinfra.routing.model import Task
+
+#: Larger answers are refused: an agent's result is a summary, not a data set.
+MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
+
+
+@attrs.frozen
+class Completed:
+    result: Any
+    execution_time_ms: float | None = None
+
+
+@attrs.frozen
+class Failed:
+    """The agent answered and said no (its own failure or a 4xx): not retried."""
+
+    error: str
+
+
+@attrs.frozen
+class Retryable:
+    """No usable answer (5xx, connection trouble, attempt timeout): try again."""
+
+    error: str
+
+
+Outcome = Completed | Failed | Retryable
+
+
+def task_body(task: Task, timeout_seconds: float) -> dict[str, Any]:
+    return {
+        "task_id": task.id,
+        "task_type": task.task_type,
+        "parameters": task.parameters,
+        "timeout_seconds": timeout_seconds,
+        "priority": task.priority,
+        "metadata": task.metadata,
+    }
+
+
+class AgentPool(Service):
+    """Closes the connections to agents once nothing uses them any more."""
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        closed: Deferred[None] = self._pool.closeCachedConnections()
+        return closed
+
+
+class Dispatcher:
+    """Sends attempts over a shared connection pool."""
+
+    def __init__(self, reactor: Any, pool: HTTPConnectionPool) -> None:
+        self._reactor = reactor
+        self._pool = pool
+
+    async def send(self, agent: Agent, task: Task, seconds_left: float) -> Outcome:
+        """
+        One attempt, telling the agent it has C{seconds_left} seconds.  The caller
+        enforces time: cancelling the coroutine's Deferred aborts the call and
+        raises L{CancelledError} here.
+        """
+        headers: dict[bytes | str, list[bytes | str]] = {
+            "Content-Type": ["application/json"],
+            "X-Deadline-Ms": [str(max(0, int(seconds_left * 1000)))],
+        }
+        if task.request_id:
+            headers["X-Request-ID"] = [task.request_id]
+        if task.traceparent:
+            headers["traceparent"] = [task.traceparent]
+        url = f"http://{agent.host}:{agent.port}/task"
+        try:
+            response = await treq.post(
+                url,
+                data=orjson.dumps(task_body(task, seconds_left)),
+                headers=headers,
+                pool=self._pool,
+                reactor=self._reactor,
+            )
+            content = await treq.content(response)
+        except (ResponseNeverReceived, ResponseFailed) as error:
+            if any(reason.check(CancelledError) for reason in error.reasons):
+                raise CancelledError() from None
+            return Retryable(f"the connection failed: {error.reasons[0].value!r}")
+        except (ConnectError, ConnectionLost, TimeoutError) as error:
+            return Retryable(f"{type(error).__name__}: {error}".strip())
+        return classify(response.code, content)
+
+
+def classify(code: int, content: bytes) -> Outcome:
+    """What an agent's HTTP answer means for the task."""
+    if code >= 500:
+        return Retryable(f"agent answered {code}")
+    if len(content) > MAX_ANSWER_BYTES:
+        return Failed(f"agent answered with more than {MAX_ANSWER_BYTES} bytes")
+    try:
+        answer = orjson.loads(content) if content else {}
+    except orjson.JSONDecodeError:
+        answer = None
+    if code >= 400:
+        detail = answer.get("error") if isinstance(answer, dict) else None
+        return Failed(f"agent refused the task ({code}): {detail or 'no detail'}")
+    if not isinstance(answer, dict):
+        return Failed("agent answered with something other than a JSON object")
+    status = answer.get("status")
+    if status == "completed":
+        elapsed = answer.get("execution_time_ms")
+        return Completed(
+            answer.get("result"),
+            float(elapsed) if isinstance(elapsed, int | float) else None,
+        )
+    if status == "failed":
+        return Failed(str(answer.get("error") or "the agent reported a failure"))
+    return Failed(f"agent answered with an unknown status {status!r}")

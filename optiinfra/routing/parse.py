@@ -1,0 +1,66 @@
+"""The body of C{POST /tasks}, read field by field."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import orjson
+
+from optiinfra.registry.model import AGENT_TYPES
+from optiinfra.routing.model import PRIORITIES, TASK_TYPES
+from optiinfra.routing.router import RouterConfig, TaskRequest
+from optiinfra.validation import TOKEN, Fields
+
+#: W3C trace context: version-traceid-parentid-flags.
+TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+IDEMPOTENCY_KEY: Final = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def parse_task(document: object, config: RouterConfig) -> TaskRequest:
+    fields = Fields(document)
+    task_type = fields.choice("task_type", sorted(TASK_TYPES))
+    agent_type = fields.choice("agent_type", AGENT_TYPES)
+    assert task_type is not None  # noqa: S101 - required
+    assert agent_type is not None  # noqa: S101 - required
+    priority = _priority(fields)
+    timeout = fields.number(
+        "timeout_seconds",
+        minimum=0.001,
+        maximum=config.max_timeout,
+        default=config.default_timeout,
+    )
+    retries = fields.integer(
+        "max_retries",
+        minimum=0,
+        maximum=10,
+        required=False,
+        default=config.default_retries,
+    )
+    assert retries is not None  # noqa: S101 - defaulted
+    return TaskRequest(
+        task_type=task_type,
+        agent_type=agent_type,
+        agent_id=fields.text("agent_id", required=False, pattern=TOKEN),
+        parameters=fields.mapping("parameters"),
+        priority=priority,
+        timeout_seconds=timeout,
+        max_retries=retries,
+        metadata=fields.mapping("metadata"),
+    )
+
+
+def _priority(fields: Fields) -> int:
+    raw = fields.raw("priority")
+    if isinstance(raw, str) and raw in PRIORITIES:
+        return PRIORITIES[raw]
+    value = fields.integer(
+        "priority", minimum=1, maximum=15, required=False, default=PRIORITIES["normal"]
+    )
+    assert value is not None  # noqa: S101 - defaulted
+    return value
+
+
+def request_hash(document: object) -> str:
+    """The same request, whatever the key order: for Idempotency-Key checks."""
+    return orjson.dumps(document, option=orjson.OPT_SORT_KEYS).hex()[:4096]

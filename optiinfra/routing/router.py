@@ -1,0 +1,619 @@
+"""
+The router's rules: which agent gets a task, what each answer means, when to try
+again, and when to give up.
+
+Tasks live in the store and every status change is a compare-and-set there, so
+several replicas can route from one PostgreSQL without sending a task twice.
+This process keeps only what is about work it has in flight: the calls, their
+timers, the outstanding count per agent and the circuit breakers.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from optiinfra.errors import Conflict, InvalidField, NotFound
+from optiinfra.metrics import LATENCY_BUCKETS
+from optiinfra.registry.model import Agent, AgentQuery
+from optiinfra.registry.service import Registry
+from optiinfra.routing.balancer import Outstanding, pick
+from optiinfra.routing.breaker import HALF_OPEN, OPEN, Breakers
+from optiinfra.routing.dispatch import Completed, Dispatcher, Failed, Outcome, Retryable
+from optiinfra.routing.model import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    IN_FLIGHT,
+    PENDING,
+    QUEUED,
+    RETRYING,
+    SENT,
+    TASK_TYPES,
+    TIMEOUT,
+    WAITING,
+    Task,
+    TaskEvent,
+    TaskQuery,
+)
+from optiinfra.store.tasks import TaskStore
+
+_log = structlog.get_logger("optiinfra.routing")
+
+#: Why this process cut a call short.
+_DEADLINE: Final = "deadline"
+_ATTEMPT: Final = "attempt"
+_CANCELLED: Final = "cancelled"
+_DRAIN: Final = "drain"
+
+
+@attrs.frozen
+class RouterConfig:
+    """The contract's defaults; every one configurable."""
+
+    default_timeout: float = 30.0
+    max_timeout: float = 300.0
+    default_retries: int = 3
+    #: The first back-off; each retry doubles it, with jitter.
+    retry_delay: float = 5.0
+    #: One attempt's share of the deadline, at most.
+    attempt_timeout: float = 10.0
+    per_agent_limit: int = 8
+    lease: float = 15.0
+    result_ttl: float = 3600.0
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 30.0
+    batch: int = 200
+
+
+@attrs.frozen
+class TaskRequest:
+    task_type: str
+    agent_type: str
+    parameters: dict[str, Any]
+    priority: int
+    timeout_seconds: float
+    max_retries: int
+    metadata: dict[str, Any]
+    agent_id: str | None = None
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry, breakers: Breakers) -> None:
+        self.finished = Counter(
+            "optiinfra_tasks_finished",
+            "Tasks that reached a final status, by type, agent and status.",
+            ("task_type", "agent", "status"),
+            registry=registry,
+        )
+        self.submitted = Counter(
+            "optiinfra_tasks_submitted",
+            "Tasks accepted, by type.",
+            ("task_type",),
+            registry=registry,
+        )
+        self.dispatch_latency = Histogram(
+            "optiinfra_task_dispatch_latency_seconds",
+            "From submission to the first call to an agent.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.attempts = Counter(
+            "optiinfra_task_attempts",
+            "Calls to agents, by outcome.",
+            ("outcome",),
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "optiinfra_tasks_waiting",
+            "Tasks waiting for an agent or a retry, as of the last count.",
+            registry=registry,
+        )
+        self._breakers = breakers
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> list[Metric]:
+        family = GaugeMetricFamily(
+            "optiinfra_agent_circuit_state",
+            "Circuit breaker per agent: 0 closed, 1 half-open, 2 open.",
+            labels=("agent",),
+        )
+        code = {HALF_OPEN: 1, OPEN: 2}
+        for agent_id, state in sorted(self._breakers.states().items()):
+            family.add_metric((agent_id,), code.get(state, 0))
+        return [family]
+
+
+class Router:
+    """Tasks from submission to their end."""
+
+    def __init__(
+        self,
+        tasks: TaskStore,
+        registry: Registry,
+        clock: IReactorTime,
+        dispatcher: Dispatcher,
+        config: RouterConfig,
+        metrics: CollectorRegistry,
+        draining: Callable[[], bool] = lambda: False,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.tasks = tasks
+        self.config = config
+        self.owner = uuid.uuid4().hex  # this process, for leases
+        self._registry = registry
+        self._clock = clock
+        self._dispatcher = dispatcher
+        self._draining = draining
+        self._rng = rng or random.Random()  # noqa: S311 - load spreading, not secrets
+        self.breakers = Breakers(
+            clock, config.breaker_threshold, config.breaker_cooldown
+        )
+        self.outstanding = Outstanding()
+        self._metrics = RouterMetrics(metrics, self.breakers)
+        self._calls: dict[str, Deferred[Any]] = {}
+        self._cut: dict[str, str] = {}
+        self._wake_call: IDelayedCall | None = None
+        self._passing = False
+        self._again = False
+        registry.listeners.append(self.wake)
+
+    def now(self) -> float:
+        return round(self._clock.seconds(), 3)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
+
+    # Submission, reading, cancelling -------------------------------------------
+
+    async def submit(
+        self,
+        request: TaskRequest,
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        request_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> tuple[Task, bool]:
+        """Store a new task and wake the dispatcher; (task, created)."""
+        expected = TASK_TYPES.get(request.task_type)
+        if expected is None:
+            raise InvalidField(
+                "task_type", f"must be one of {', '.join(sorted(TASK_TYPES))}"
+            )
+        if request.agent_type != expected:
+            raise InvalidField(
+                "agent_type", f"{request.task_type} is done by {expected} agents"
+            )
+        now = self.now()
+        task = Task(
+            id=str(uuid.uuid4()),
+            task_type=request.task_type,
+            agent_type=request.agent_type,
+            parameters=request.parameters,
+            priority=request.priority,
+            timeout_seconds=request.timeout_seconds,
+            max_retries=request.max_retries,
+            metadata=request.metadata,
+            status=PENDING,
+            created_at=now,
+            deadline=now + request.timeout_seconds,
+            requested_agent=request.agent_id,
+            not_before=now,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            traceparent=traceparent,
+            request_id=request_id,
+        )
+        stored, created = await self.tasks.create_task(task)
+        if not created:
+            if stored.request_hash != request_hash:
+                raise Conflict(
+                    "Idempotency-Key was already used for another request",
+                    task_id=stored.id,
+                )
+            return stored, False
+        self._metrics.submitted.labels(task.task_type).inc()
+        _log.info(
+            "task submitted",
+            task_id=task.id,
+            task_type=task.task_type,
+            priority=task.priority,
+            request_id=request_id,
+        )
+        self.wake()
+        return stored, True
+
+    async def get(self, task_id: str) -> tuple[Task, list[TaskEvent]]:
+        found = await self.tasks.get_task(task_id)
+        if found is None:
+            raise NotFound("Task not found", task_id=task_id)
+        return found
+
+    async def list_tasks(self, query: TaskQuery) -> list[Task]:
+        return await self.tasks.list_tasks(query)
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancel for real: a waiting task never goes out, a call is aborted."""
+        now = self.now()
+        task = await self.tasks.change_task(
+            task_id,
+            (*WAITING, *IN_FLIGHT),
+            CANCELLED,
+            now,
+            detail="cancelled by request",
+            changes={"completed_at": now, "owner": None, "lease_until": None},
+        )
+        if task is None:
+            current, _ = await self.get(task_id)
+            raise Conflict(
+                f"task already {current.status}", task_id=task_id, status=current.status
+            )
+        self._ended(task, CANCELLED, None)
+        self._cut_short(task_id, _CANCELLED)
+        return task
+
+    # Dispatching --------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look for work soon (a task arrived, an agent appeared or freed up)."""
+        if self._wake_call is None or not self._wake_call.active():
+            self._wake_call = self._clock.callLater(0, self._run_pass)
+
+    def _run_pass(self) -> None:
+        if self._passing:
+            self._again = True
+            return
+        self._passing = True
+        passing = ensureDeferred(self.dispatch_pass())
+        passing.addErrback(
+            lambda failure: _log.error(
+                "dispatch pass failed", error=failure.getErrorMessage()
+            )
+        )
+        passing.addBoth(self._pass_done)
+
+    def _pass_done(self, _: object) -> None:
+        self._passing = False
+        if self._again:
+            self._again = False
+            self.wake()
+
+    async def dispatch_pass(self) -> None:
+        """Time out the late, recover the abandoned, send what can be sent."""
+        now = self.now()
+        for task in await self.tasks.expire_waiting(now):
+            self._ended(task, TIMEOUT, "the deadline passed before an agent took it")
+        for task in await self.tasks.recover_abandoned(now):
+            _log.warn("task recovered from a stopped orchestrator", task_id=task.id)
+        if self._draining():
+            return
+        due = await self.tasks.due_tasks(now, self.config.batch)
+        if not due:
+            return
+        agents = await self._registry.list(AgentQuery())
+        for task in due:
+            choice = self._choose(task, agents, now)
+            if isinstance(choice, str):
+                failed = await self.tasks.change_task(
+                    task.id,
+                    WAITING,
+                    FAILED,
+                    now,
+                    detail=choice,
+                    changes={"error": choice, "completed_at": now},
+                )
+                if failed is not None:
+                    self._ended(failed, FAILED, choice)
+                continue
+            if choice is None:
+                if task.status == PENDING:
+                    await self.tasks.change_task(
+                        task.id, (PENDING,), QUEUED, now, detail="no agent free"
+                    )
+                continue
+            claimed = await self.tasks.change_task(
+                task.id,
+                WAITING,
+                SENT,
+                now,
+                detail=f"sent to {choice.id}",
+                changes={
+                    "agent_id": choice.id,
+                    "owner": self.owner,
+                    "lease_until": now + self.config.lease,
+                    "started_at": task.started_at or now,
+                },
+            )
+            if claimed is None:
+                continue  # cancelled, or another replica took it
+            if task.started_at is None:
+                self._metrics.dispatch_latency.observe(max(0.0, now - task.created_at))
+            self._start(claimed, choice)
+
+    def _choose(
+        self, task: Task, agents: list[Agent], now: float
+    ) -> Agent | str | None:
+        """
+        The agent for C{task}; None when none is free now; a reason when the
+        task can never go where it was asked to.
+        """
+        silent = self._registry.config.unreachable_after
+        if task.requested_agent is not None:
+            agent = next((a for a in agents if a.id == task.requested_agent), None)
+            reason = _ineligible(task, agent, now, silent)
+            if reason is not None:
+                return reason
+            assert agent is not None  # noqa: S101 - _ineligible checked
+            candidates = [agent]
+        else:
+            candidates = [
+                a
+                for a in agents
+                if a.type == task.agent_type and task.task_type in a.capabilities
+            ]
+        status = {a.id: a.status_at(now, silent) for a in candidates}
+        healthy = [a for a in candidates if status[a.id] == "healthy"]
+        usable = healthy or [a for a in candidates if status[a.id] == "degraded"]
+        free = [
+            a
+            for a in usable
+            if self.breakers.allows(a.id)
+            and self.outstanding[a.id] < self.config.per_agent_limit
+        ]
+        if not free:
+            return None
+        untried = [a for a in free if a.id not in task.tried] or free
+        by_id: dict[str, Agent] = {a.id: a for a in untried}
+        return by_id[pick(tuple(by_id), self.outstanding, self._rng)]
+
+    def _start(self, task: Task, agent: Agent) -> None:
+        self.outstanding.started(agent.id)
+        self.breakers.sent(agent.id)
+        now = self.now()
+        seconds_left = task.deadline - now
+        budget = min(self.config.attempt_timeout, seconds_left)
+        why = _DEADLINE if budget >= seconds_left else _ATTEMPT
+        call: Deferred[Outcome] = Deferred.fromCoroutine(
+            self._dispatcher.send(agent, task, seconds_left)
+        )
+        self._calls[task.id] = call
+        timer = self._clock.callLater(budget, self._cut_short, task.id, why)
+        call.addBoth(self._answered, task, agent, timer, budget)
+
+    def _cut_short(self, task_id: str, why: str) -> None:
+        call = self._calls.get(task_id)
+        if call is not None:
+            self._cut[task_id] = why
+            call.cancel()
+
+    def _answered(
+        self,
+        outcome: Outcome | Failure,
+        task: Task,
+        agent: Agent,
+        timer: IDelayedCall,
+        budget: float,
+    ) -> Deferred[None]:
+        if timer.active():
+            timer.cancel()
+        self._calls.pop(task.id, None)
+        self.outstanding.finished(agent.id)
+        why = self._cut.pop(task.id, None)
+        settled = ensureDeferred(self._settle(task, agent, outcome, why, budget))
+        settled.addErrback(
+            lambda failure: _log.error(
+                "could not record a task's outcome",
+                task_id=task.id,
+                error=failure.getErrorMessage(),
+            )
+        )
+        settled.addBoth(lambda _: self.wake())
+        return settled
+
+    async def _settle(
+        self,
+        task: Task,
+        agent: Agent,
+        outcome: Outcome | Failure,
+        why: str | None,
+        budget: float,
+    ) -> None:
+        now = self.now()
+        if isinstance(outcome, Failure):
+            if not outcome.check(CancelledError):
+                outcome = Retryable(f"dispatch error: {outcome.getErrorMessage()}")
+            elif why == _DEADLINE:
+                self._metrics.attempts.labels("deadline").inc()
+                await self._finish(
+                    task,
+                    TIMEOUT,
+                    now,
+                    error=f"the deadline passed while {agent.id} worked",
+                )
+                return
+            elif why == _ATTEMPT:
+                outcome = Retryable(f"no answer from {agent.id} within {budget:g} s")
+            elif why == _DRAIN:
+                await self.tasks.change_task(
+                    task.id,
+                    IN_FLIGHT,
+                    RETRYING,
+                    now,
+                    owner=self.owner,
+                    detail="the orchestrator stopped; dispatching again",
+                    changes={"owner": None, "lease_until": None, "not_before": now},
+                )
+                return
+            else:
+                return  # cancelled by request: already recorded
+        if isinstance(outcome, Completed):
+            self.breakers.succeeded(agent.id)
+            self._metrics.attempts.labels("completed").inc()
+            await self._finish(task, COMPLETED, now, result=outcome.result)
+        elif isinstance(outcome, Failed):
+            self.breakers.succeeded(agent.id)  # it answered: healthy enough
+            self._metrics.attempts.labels("failed").inc()
+            await self._finish(task, FAILED, now, error=outcome.error)
+        else:
+            self._metrics.attempts.labels("retryable").inc()
+            if self.breakers.failed(agent.id):
+                _log.warn(
+                    "circuit opened", agent_id=agent.id, cooldown=self.breakers.cooldown
+                )
+            await self._retry_or_fail(task, agent, outcome.error, now)
+
+    async def _retry_or_fail(
+        self, task: Task, agent: Agent, error: str, now: float
+    ) -> None:
+        attempt = task.retry_count + 1
+        delay = (
+            self.config.retry_delay * 2 ** (attempt - 1) * self._rng.uniform(0.5, 1.5)
+        )
+        if task.retry_count >= task.max_retries or now + delay >= task.deadline:
+            why = (
+                "no retries left"
+                if task.retry_count >= task.max_retries
+                else ("no time left for a retry")
+            )
+            await self._finish(task, FAILED, now, error=f"{error}; {why}")
+            return
+        retried = await self.tasks.change_task(
+            task.id,
+            IN_FLIGHT,
+            RETRYING,
+            now,
+            owner=self.owner,
+            detail=f"{error}; retry {attempt} in {delay:.1f} s",
+            changes={
+                "retry_count": attempt,
+                "not_before": now + delay,
+                "owner": None,
+                "lease_until": None,
+                "error": error,
+                "tried": (*task.tried, agent.id),
+            },
+        )
+        if retried is not None:
+            _log.info(
+                "task will be retried",
+                task_id=task.id,
+                attempt=attempt,
+                delay_seconds=round(delay, 2),
+                error=error,
+            )
+            self._clock.callLater(delay, self.wake)
+
+    async def _finish(
+        self,
+        task: Task,
+        status: str,
+        now: float,
+        *,
+        result: Any = None,
+        error: str | None = None,
+    ) -> None:
+        finished = await self.tasks.change_task(
+            task.id,
+            IN_FLIGHT,
+            status,
+            now,
+            owner=self.owner,
+            detail=error,
+            changes={
+                "result": result,
+                "error": error,
+                "completed_at": now,
+                "owner": None,
+                "lease_until": None,
+            },
+        )
+        if finished is None:
+            _log.info("late answer discarded", task_id=task.id, status=status)
+            return
+        self._ended(finished, status, error)
+
+    def _ended(self, task: Task, status: str, error: str | None) -> None:
+        self._metrics.finished.labels(task.task_type, task.agent_id or "", status).inc()
+        log = _log.info if status == COMPLETED else _log.warn
+        log(
+            "task finished",
+            task_id=task.id,
+            status=status,
+            agent_id=task.agent_id,
+            retry_count=task.retry_count,
+            error=error,
+            request_id=task.request_id,
+        )
+
+    # Housekeeping ---------------------------------------------------------------
+
+    async def renew(self) -> None:
+        """Keep the leases of calls in flight; abort those no longer ours."""
+        if not self._calls:
+            return
+        ids = list(self._calls)
+        held = await self.tasks.renew_leases(
+            self.owner, ids, self.now() + self.config.lease
+        )
+        for task_id in ids:
+            if task_id not in held:
+                self._cut_short(task_id, _CANCELLED)
+
+    async def housekeeping(self) -> None:
+        """The periodic pass: purge old results, count the queue, dispatch."""
+        now = self.now()
+        purged = await self.tasks.purge_finished(now - self.config.result_ttl)
+        if purged:
+            _log.info("finished tasks purged", count=purged)
+        self._metrics.queue_depth.set(await self.tasks.count_waiting())
+        await self.renew()
+        self.wake()
+
+    async def drain(self, grace: float) -> None:
+        """Let calls in flight finish for C{grace} seconds, then hand them back."""
+        if not self._calls:
+            return
+        waiting = [call for call in self._calls.values()]
+        timer = self._clock.callLater(grace, self._hand_back)
+        for call in waiting:
+            try:
+                await call
+            except Exception:  # noqa: S112 - settled by _answered
+                continue
+        if timer.active():
+            timer.cancel()
+
+    def _hand_back(self) -> None:
+        for task_id in list(self._calls):
+            self._cut_short(task_id, _DRAIN)
+
+
+def _ineligible(
+    task: Task, agent: Agent | None, now: float, silent_after: float
+) -> str | None:
+    """Why the explicitly requested agent can never take C{task}, or None."""
+    if agent is None:
+        return f"agent {task.requested_agent} is not registered"
+    if agent.type != task.agent_type:
+        return f"agent {agent.id} is a {agent.type} agent, not {task.agent_type}"
+    if task.task_type not in agent.capabilities:
+        return f"agent {agent.id} does not offer {task.task_type}"
+    status = agent.status_at(now, silent_after)
+    if status not in ("healthy", "degraded"):
+        return f"agent {agent.id} is {status}"
+    return None

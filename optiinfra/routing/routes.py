@@ -1,0 +1,158 @@
+"""Tasks over HTTP: thin handlers over the L{Router}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.web.iweb import IRequest
+
+from optiinfra.auth import Permission
+from optiinfra.errors import InvalidField
+from optiinfra.routing.model import STATUSES, Task, TaskEvent, TaskQuery
+from optiinfra.routing.parse import (
+    IDEMPOTENCY_KEY,
+    TRACEPARENT,
+    parse_task,
+    request_hash,
+)
+from optiinfra.routing.router import Router
+from optiinfra.timefmt import rfc3339_ms
+from optiinfra.validation import TOKEN
+from optiinfra.web.app import route
+from optiinfra.web.body import read_json
+from optiinfra.web.guard import Guard
+from optiinfra.web.render import render_json
+
+MAX_PAGE = 500
+
+
+def _time(seconds: float | None) -> str | None:
+    return None if seconds is None else rfc3339_ms(seconds)
+
+
+def task_view(task: Task) -> dict[str, Any]:
+    """The contract's task record, with what an operator also wants to see."""
+    return {
+        "task_id": task.id,
+        "status": task.status,
+        "agent_id": task.agent_id,
+        "result": task.result,
+        "error": task.error,
+        "created_at": _time(task.created_at),
+        "started_at": _time(task.started_at),
+        "completed_at": _time(task.completed_at),
+        "retry_count": task.retry_count,
+        "task_type": task.task_type,
+        "agent_type": task.agent_type,
+        "priority": task.priority,
+        "timeout_seconds": task.timeout_seconds,
+        "deadline": _time(task.deadline),
+    }
+
+
+def _history(events: list[TaskEvent]) -> list[dict[str, Any]]:
+    return [
+        {"status": e.status, "at": rfc3339_ms(e.at), "detail": e.detail} for e in events
+    ]
+
+
+def _task_id(value: str) -> str:
+    if not TOKEN.fullmatch(value):
+        raise InvalidField("task_id", "is not a valid task id")
+    return value
+
+
+def _header(request: IRequest, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return None if value is None else value.decode("latin-1")
+
+
+def _query(request: IRequest) -> TaskQuery:
+    args = request.args or {}
+
+    def one(name: str) -> str | None:
+        values = args.get(name.encode())
+        return values[-1].decode("utf-8", "replace") if values else None
+
+    status = one("status")
+    if status is not None and status not in STATUSES:
+        raise InvalidField("status", f"must be one of {', '.join(STATUSES)}")
+
+    def number(name: str, default: int, maximum: int) -> int:
+        raw = one(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) > maximum:
+            raise InvalidField(name, f"must be a whole number up to {maximum}")
+        return int(raw)
+
+    return TaskQuery(
+        status=status,
+        agent_id=one("agent_id"),
+        agent_type=one("agent_type"),
+        task_type=one("task_type"),
+        limit=number("limit", 100, MAX_PAGE),
+        offset=number("offset", 0, 10**9),
+    )
+
+
+def mount(app: Klein, router: Router, guard: Guard) -> None:
+    @route(app, "/tasks", ("POST",))
+    async def submit(request: IRequest) -> bytes:
+        guard.check(request, Permission.OPERATE)
+        document = read_json(request)
+        task_request = parse_task(document, router.config)
+        key = _header(request, b"idempotency-key")
+        if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+            raise InvalidField("Idempotency-Key", "must be 1-255 visible characters")
+        traceparent = _header(request, b"traceparent")
+        if traceparent is not None and not TRACEPARENT.fullmatch(traceparent):
+            traceparent = None  # malformed trace context is dropped, per W3C
+        task, created = await router.submit(
+            task_request,
+            idempotency_key=key,
+            request_hash=request_hash(document) if key is not None else None,
+            request_id=getattr(request, "request_id", None),
+            traceparent=traceparent,
+        )
+        if not created:
+            request.setHeader(b"idempotent-replayed", b"true")
+        return render_json(
+            request,
+            {
+                "task_id": task.id,
+                "status": task.status,
+                "agent_id": task.agent_id or task.requested_agent,
+                "created_at": rfc3339_ms(task.created_at),
+                "status_url": f"/tasks/{task.id}",
+            },
+            201,
+        )
+
+    @route(app, "/tasks/{task_id}", ("GET",))
+    async def get(request: IRequest, task_id: str) -> bytes:
+        guard.check(request, Permission.READ)
+        task, events = await router.get(_task_id(task_id))
+        return render_json(request, {**task_view(task), "history": _history(events)})
+
+    @route(app, "/tasks", ("GET",))
+    async def list_tasks(request: IRequest) -> bytes:
+        guard.check(request, Permission.READ)
+        query = _query(request)
+        tasks = await router.list_tasks(query)
+        return render_json(
+            request,
+            {
+                "tasks": [task_view(task) for task in tasks],
+                "count": len(tasks),
+                "limit": query.limit,
+                "offset": query.offset,
+            },
+        )
+
+    @route(app, "/tasks/{task_id}", ("DELETE",))
+    async def cancel(request: IRequest, task_id: str) -> bytes:
+        guard.check(request, Permission.OPERATE)
+        task = await router.cancel(_task_id(task_id))
+        return render_json(request, task_view(task))

@@ -1,0 +1,323 @@
+"""
+The task half of the store, over any backend.
+
+Every change of a task's status is a compare-and-set: it names the statuses it
+expects the task to be in (and, for work in flight, the replica that owns it),
+so two replicas never both dispatch a task and a late answer never overwrites a
+cancellation.  Each change also appends to C{task_events}, the task's history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+import orjson
+from twisted.internet.defer import Deferred
+
+from optiinfra.routing.model import (
+    FINISHED,
+    IN_FLIGHT,
+    RETRYING,
+    TIMEOUT,
+    WAITING,
+    Task,
+    TaskEvent,
+    TaskQuery,
+)
+from optiinfra.store.interface import IBackend, Transaction
+
+_FIELDS: Final = (
+    "id",
+    "task_type",
+    "agent_type",
+    "parameters",
+    "priority",
+    "timeout_seconds",
+    "max_retries",
+    "metadata",
+    "status",
+    "created_at",
+    "deadline",
+    "requested_agent",
+    "agent_id",
+    "result",
+    "error",
+    "started_at",
+    "completed_at",
+    "retry_count",
+    "not_before",
+    "owner",
+    "lease_until",
+    "idempotency_key",
+    "request_hash",
+    "traceparent",
+    "request_id",
+    "tried",
+)
+_COLUMNS: Final = ", ".join(_FIELDS)
+#: Stored as JSON text.
+_JSON: Final = frozenset({"parameters", "metadata", "result", "tried"})
+#: What a status change may set besides the status.
+CHANGEABLE: Final = frozenset(
+    {
+        "agent_id",
+        "result",
+        "error",
+        "started_at",
+        "completed_at",
+        "retry_count",
+        "not_before",
+        "owner",
+        "lease_until",
+        "tried",
+    }
+)
+
+
+def _encode(field: str, value: Any) -> Any:
+    if field not in _JSON:
+        return value
+    if field == "result" and value is None:
+        return None
+    return orjson.dumps(list(value) if field == "tried" else value).decode()
+
+
+def _task(row: Sequence[Any]) -> Task:
+    values = dict(zip(_FIELDS, row, strict=True))
+    for field in _JSON:
+        raw = values[field]
+        values[field] = None if raw is None else orjson.loads(raw)
+    values["tried"] = tuple(values["tried"])
+    return Task(**values)
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" * len(values))
+
+
+class TaskStore:
+    """Tasks on a backend; used by L{optiinfra.store.sql.SQLStore}."""
+
+    def __init__(self, backend: IBackend) -> None:
+        self._backend = backend
+
+    def create_task(self, task: Task) -> Deferred[tuple[Task, bool]]:
+        """Insert C{task}; with an idempotency key already used, the old task."""
+
+        def create(tx: Transaction) -> tuple[Task, bool]:
+            if task.idempotency_key is not None:
+                rows = tx.execute(
+                    f"SELECT {_COLUMNS} FROM tasks WHERE idempotency_key = ?",
+                    (task.idempotency_key,),
+                )
+                if rows:
+                    return _task(rows[0]), False
+            tx.execute(
+                f"INSERT INTO tasks ({_COLUMNS}) VALUES ({_marks(_FIELDS)})",
+                [_encode(f, getattr(task, f)) for f in _FIELDS],
+            )
+            _event(tx, task.id, task.status, task.created_at, None)
+            return task, True
+
+        return self._backend.run(create)
+
+    def get_task(self, task_id: str) -> Deferred[tuple[Task, list[TaskEvent]] | None]:
+        def get(tx: Transaction) -> tuple[Task, list[TaskEvent]] | None:
+            rows = tx.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
+            if not rows:
+                return None
+            events = tx.execute(
+                "SELECT task_id, status, at, detail FROM task_events"
+                " WHERE task_id = ? ORDER BY at",
+                (task_id,),
+            )
+            return _task(rows[0]), [TaskEvent(*event) for event in events]
+
+        return self._backend.run(get, write=False)
+
+    def list_tasks(self, query: TaskQuery) -> Deferred[list[Task]]:
+        conditions, params = [], []
+        for field in ("status", "agent_id", "agent_type", "task_type"):
+            value = getattr(query, field)
+            if value is not None:
+                conditions.append(f"{field} = ?")
+                params.append(value)
+        where = " AND ".join(conditions) or "1 = 1"
+
+        def list_(tx: Transaction) -> list[Task]:
+            rows = tx.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE {where}"
+                " ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                (*params, query.limit, query.offset),
+            )
+            return [_task(row) for row in rows]
+
+        return self._backend.run(list_, write=False)
+
+    def due_tasks(self, now: float, limit: int) -> Deferred[list[Task]]:
+        """Waiting tasks whose back-off is over, most urgent first."""
+
+        def due(tx: Transaction) -> list[Task]:
+            rows = tx.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE status IN ({_marks(WAITING)})"
+                " AND not_before <= ? AND deadline > ?"
+                " ORDER BY priority DESC, created_at, id LIMIT ?",
+                (*WAITING, now, now, limit),
+            )
+            return [_task(row) for row in rows]
+
+        return self._backend.run(due, write=False)
+
+    def change_task(
+        self,
+        task_id: str,
+        expected: Iterable[str],
+        status: str,
+        at: float,
+        *,
+        owner: str | None = None,
+        detail: str | None = None,
+        changes: Mapping[str, Any] | None = None,
+    ) -> Deferred[Task | None]:
+        """
+        Set C{status} (and C{changes}) if the task is in one of C{expected}
+        (and owned by C{owner}, when given); the task after, or None.
+        """
+        changes = dict(changes or {})
+        unknown = set(changes) - CHANGEABLE
+        if unknown:
+            raise ValueError(f"cannot change {sorted(unknown)}")
+        expected = tuple(expected)
+        sets = ", ".join(["status = ?", *(f"{field} = ?" for field in changes)])
+        guard = f"id = ? AND status IN ({_marks(expected)})"
+        params: list[Any] = [
+            status,
+            *(_encode(f, v) for f, v in changes.items()),
+            task_id,
+            *expected,
+        ]
+        if owner is not None:
+            guard += " AND owner = ?"
+            params.append(owner)
+
+        def change(tx: Transaction) -> Task | None:
+            rows = tx.execute(
+                f"UPDATE tasks SET {sets} WHERE {guard} RETURNING {_COLUMNS}", params
+            )
+            if not rows:
+                return None
+            _event(tx, task_id, status, at, detail)
+            return _task(rows[0])
+
+        return self._backend.run(change)
+
+    def renew_leases(
+        self, owner: str, task_ids: Sequence[str], lease_until: float
+    ) -> Deferred[set[str]]:
+        """Extend the leases this owner still holds; the ids it still holds."""
+        condition, params = self._backend.in_list("id", task_ids)
+
+        def renew(tx: Transaction) -> set[str]:
+            rows = tx.execute(
+                f"UPDATE tasks SET lease_until = ? WHERE owner = ?"
+                f" AND status IN ({_marks(IN_FLIGHT)}) AND {condition} RETURNING id",
+                (lease_until, owner, *IN_FLIGHT, *params),
+            )
+            return {row[0] for row in rows}
+
+        return self._backend.run(renew)
+
+    def expire_waiting(self, now: float) -> Deferred[list[Task]]:
+        """Waiting tasks whose deadline passed end C{timeout}."""
+        return self._settle(
+            f"status IN ({_marks(WAITING)}) AND deadline <= ?",
+            (*WAITING, now),
+            now,
+            lambda task: (TIMEOUT, "the deadline passed before an agent took it"),
+        )
+
+    def recover_abandoned(self, now: float) -> Deferred[list[Task]]:
+        """
+        Tasks in flight whose owner stopped renewing its lease (it died or
+        restarted): back to waiting when their deadline allows, else failed.
+        """
+
+        def settle(task: Task) -> tuple[str, str]:
+            if task.deadline > now:
+                return RETRYING, "its orchestrator stopped; dispatching again"
+            return "failed", "its orchestrator stopped while it was in flight"
+
+        return self._settle(
+            f"status IN ({_marks(IN_FLIGHT)}) AND lease_until < ?",
+            (*IN_FLIGHT, now),
+            now,
+            settle,
+        )
+
+    def _settle(
+        self, where: str, params: Sequence[Any], now: float, decide: Any
+    ) -> Deferred[list[Task]]:
+        lock = self._backend.lock_suffix()
+
+        def settle(tx: Transaction) -> list[Task]:
+            settled = []
+            rows = tx.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE {where} ORDER BY id{lock}", params
+            )
+            for task in map(_task, rows):
+                status, detail = decide(task)
+                finished = status in FINISHED
+                tx.execute(
+                    "UPDATE tasks SET status = ?, error = ?, owner = NULL,"
+                    " lease_until = NULL, not_before = ?, completed_at = ?"
+                    " WHERE id = ?",
+                    (
+                        status,
+                        detail if finished else task.error,
+                        now,
+                        now if finished else None,
+                        task.id,
+                    ),
+                )
+                _event(tx, task.id, status, now, detail)
+                settled.append(task)
+            return settled
+
+        return self._backend.run(settle)
+
+    def purge_finished(self, before: float) -> Deferred[int]:
+        def purge(tx: Transaction) -> int:
+            finished = (*FINISHED, before)
+            tx.execute(
+                "DELETE FROM task_events WHERE task_id IN (SELECT id FROM tasks"
+                f" WHERE status IN ({_marks(FINISHED)}) AND completed_at < ?)",
+                finished,
+            )
+            rows = tx.execute(
+                f"DELETE FROM tasks WHERE status IN ({_marks(FINISHED)})"
+                " AND completed_at < ? RETURNING id",
+                finished,
+            )
+            return len(rows)
+
+        return self._backend.run(purge)
+
+    def count_waiting(self) -> Deferred[int]:
+        def count(tx: Transaction) -> int:
+            [(n,)] = tx.execute(
+                f"SELECT COUNT(*) FROM tasks WHERE status IN ({_marks(WAITING)})",
+                WAITING,
+            )
+            return int(n)
+
+        return self._backend.run(count, write=False)
+
+
+def _event(
+    tx: Transaction, task_id: str, status: str, at: float, detail: str | None
+) -> None:
+    tx.execute(
+        "INSERT INTO task_events (task_id, status, at, detail) VALUES (?, ?, ?, ?)",
+        (task_id, status, at, detail),
+    )
