@@ -288,3 +288,35 @@ async def test_agent_documents_render_and_filter(store: IStore) -> None:
     assert await ids(AgentQuery(status="healthy", type="cost")) == ["agent-1"]
     assert await ids(AgentQuery(), "agent-2") == ["agent-2"]
     assert await store.agent_documents(AgentQuery(), 0.0, "nope") == (0, b"[]")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_unit_of_work_spoils_no_other(store: IStore) -> None:
+    def insert(number: int) -> Any:
+        def work(tx: Any) -> int:
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at)"
+                " VALUES (?, ?, ?)",
+                (100 + number, f"unit {number}", 0.0),
+            )
+            if number == 2:
+                raise ValueError("this unit fails after writing")
+            return number
+
+        return work
+
+    # Issued together, so the embedded backend commits them as one batch.
+    runs = [store.backend.run(insert(n)) for n in range(4)]
+    outcomes = []
+    for run in runs:
+        try:
+            outcomes.append(await run)
+        except ValueError:
+            outcomes.append("failed")
+    assert outcomes == [0, 1, "failed", 3]
+    rows = await store.backend.run(
+        lambda tx: tx.execute(
+            "SELECT version FROM schema_migrations WHERE version >= 100 ORDER BY 1"
+        )
+    )
+    assert [row[0] for row in rows] == [100, 101, 103]
