@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 
 from optiinfra.registry.model import UNREACHABLE, Agent, AgentQuery, Heartbeat
+from optiinfra.routing.model import Task
 from optiinfra.store.interface import IBackend, IStore, StoreError
 from optiinfra.store.postgres import PostgresBackend
 from optiinfra.store.schema import LATEST
@@ -320,3 +321,74 @@ async def test_a_failing_unit_of_work_spoils_no_other(store: IStore) -> None:
         )
     )
     assert [row[0] for row in rows] == [100, 101, 103]
+
+
+def a_task(number: int, **changes: Any) -> Task:
+    fields: dict[str, Any] = {
+        "id": f"task-{number}",
+        "task_type": "analyze_cost",
+        "agent_type": "cost",
+        "parameters": {},
+        "priority": 5,
+        "timeout_seconds": 30.0,
+        "max_retries": 3,
+        "metadata": {},
+        "status": "pending",
+        "created_at": 100.0,
+        "deadline": 130.0,
+    }
+    fields.update(changes)
+    return Task(**fields)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tasks_abandoned_by_a_stopped_replica_are_recovered(
+    store: IStore,
+) -> None:
+    tasks = store.tasks
+    await tasks.create_task(a_task(1, status="sent", owner="dead", lease_until=110.0))
+    await tasks.create_task(
+        a_task(2, status="running", owner="dead", lease_until=110.0, deadline=115.0)
+    )
+    await tasks.create_task(a_task(3, status="sent", owner="alive", lease_until=150.0))
+    recovered = await tasks.recover_abandoned(120.0)
+    assert sorted(t.id for t in recovered) == ["task-1", "task-2"]
+    found = await tasks.get_task("task-1")
+    assert found is not None
+    first, history = found
+    assert (first.status, first.owner) == ("retrying", None)
+    assert "dispatching again" in str(history[-1].detail)
+    found = await tasks.get_task("task-2")
+    assert found is not None
+    assert found[0].status == "failed"
+    assert found[0].completed_at == 120.0
+    assert await tasks.recover_abandoned(120.0) == []  # once
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_tasks_past_their_deadline_time_out(store: IStore) -> None:
+    tasks = store.tasks
+    await tasks.create_task(a_task(1, status="queued", deadline=110.0))
+    await tasks.create_task(a_task(2, status="queued", deadline=200.0))
+    expired = await tasks.expire_waiting(120.0)
+    assert [t.id for t in expired] == ["task-1"]
+    assert [t.id for t in await tasks.due_tasks(120.0, 10)] == ["task-2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_changes_only_from_what_the_caller_expects(store: IStore) -> None:
+    tasks = store.tasks
+    await tasks.create_task(a_task(1))
+    claimed = await tasks.change_task(
+        "task-1", ("pending",), "sent", 101.0, changes={"owner": "me"}
+    )
+    assert claimed is not None
+    assert claimed.owner == "me"
+    # a second claim, or an answer recorded by another owner, does nothing
+    assert await tasks.change_task("task-1", ("pending",), "sent", 102.0) is None
+    assert (
+        await tasks.change_task("task-1", ("sent",), "completed", 103.0, owner="you")
+        is None
+    )
+    with pytest.raises(ValueError, match="cannot change"):
+        tasks.change_task("task-1", ("sent",), "completed", 1.0, changes={"id": "x"})
