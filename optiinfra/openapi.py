@@ -18,6 +18,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from optiinfra import __version__
+from optiinfra.auth import Permission
 from optiinfra.registry.model import (
     AGENT_TYPES,
     REPORTED_STATUSES,
@@ -25,6 +26,11 @@ from optiinfra.registry.model import (
     STATUSES,
 )
 from optiinfra.registry.routes import MAX_QUERY_CAPABILITIES
+from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPES, TaskQuery
+from optiinfra.routing.model import STATUSES as TASK_STATUSES
+from optiinfra.routing.parse import IDEMPOTENCY_KEY, TRACEPARENT
+from optiinfra.routing.router import RouterConfig
+from optiinfra.routing.routes import MAX_PAGE
 from optiinfra.validation import HOST, MAX_DOCUMENT, MAX_LIST, NAME, TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.health import SERVICE_NAME
@@ -103,7 +109,11 @@ def _answer(
     return response
 
 
-def _errors(*codes: str) -> dict[str, Any]:
+def _errors(*codes: str, specific: dict[str, str] | None = None) -> dict[str, Any]:
+    """
+    The shared error responses for C{codes}; C{specific} names the response of a
+    code that has no shared one (404 of a task, 409) or overrides it.
+    """
     names = {
         "400": "BadRequest",
         "401": "Unauthorized",
@@ -112,6 +122,7 @@ def _errors(*codes: str) -> dict[str, Any]:
         "413": "PayloadTooLarge",
         "415": "UnsupportedMediaType",
         "503": "StoreUnavailable",
+        **(specific or {}),
     }
     responses = {code: _ref("responses", names[code]) for code in sorted(codes)}
     responses["default"] = _ref("responses", "Error")
@@ -147,8 +158,8 @@ def _guarded(
     body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
-    A registry operation: needs a key whose role grants C{permission} (when the
-    service has keys), talks to the store (503 when it is down).
+    A registry or task operation: needs a key whose role grants C{permission}
+    (when the service has keys), talks to the store (503 when it is down).
     """
     operation: dict[str, Any] = {
         "tags": [tag],
@@ -514,7 +525,7 @@ def _schemas() -> dict[str, Any]:
                     "description": (
                         "The request field at fault (`body`, `content-type`, a "
                         "body field such as `port` or `capabilities[2]`, a path "
-                        "or query parameter)."
+                        "or query parameter, a header such as `Idempotency-Key`)."
                     ),
                 },
                 "detail": {"type": "string", "description": "What is wrong with it."},
@@ -525,6 +536,18 @@ def _schemas() -> dict[str, Any]:
                 "agent_id": {
                     "type": "string",
                     "description": "The agent that was not found (404).",
+                },
+                "task_id": {
+                    "type": "string",
+                    "description": (
+                        "The task that was not found (404), that the "
+                        "Idempotency-Key already created (409), or that has "
+                        "already finished (409)."
+                    ),
+                },
+                "status": {
+                    **_schema("TaskStatus"),
+                    "description": "The finished task's status (409).",
                 },
                 "action": {
                     "const": "register",
@@ -539,13 +562,272 @@ def _schemas() -> dict[str, Any]:
     }
 
 
+#: The router's defaults, which the body of C{POST /tasks} falls back on.
+_ROUTER: Final = RouterConfig()
+#: A page of C{GET /tasks} when the query names none.
+_PAGE: Final = TaskQuery()
+
+
+def _task_schemas() -> dict[str, Any]:
+    lowest, highest = min(PRIORITIES.values()), max(PRIORITIES.values())
+    by_agent: dict[str, list[str]] = {}
+    for task_type, agent_type in TASK_TYPES.items():
+        by_agent.setdefault(agent_type, []).append(task_type)
+    document: dict[str, Any] = {
+        "type": "object",
+        "default": {},
+        "description": (
+            f"Any JSON object, at most {MAX_DOCUMENT} bytes serialised; passed "
+            "to the agent as is."
+        ),
+    }
+    time_or_null = {
+        "type": ["string", "null"],
+        "format": "date-time",
+        "examples": ["2025-10-16T10:00:00.250Z"],
+    }
+    task: dict[str, Any] = {
+        "type": "object",
+        "required": [
+            "task_id",
+            "status",
+            "agent_id",
+            "result",
+            "error",
+            "created_at",
+            "started_at",
+            "completed_at",
+            "retry_count",
+            "task_type",
+            "agent_type",
+            "priority",
+            "timeout_seconds",
+            "deadline",
+        ],
+        "properties": {
+            "task_id": _schema("TaskId"),
+            "status": _schema("TaskStatus"),
+            "agent_id": {
+                "type": ["string", "null"],
+                "description": (
+                    "The agent it was last sent to; null until it is sent."
+                ),
+            },
+            "result": {
+                "description": (
+                    "The `result` of the agent's answer (any JSON); null until "
+                    "the task is completed."
+                ),
+            },
+            "error": {
+                "type": ["string", "null"],
+                "description": (
+                    "Why it failed or timed out, or why the last attempt is "
+                    "being retried; otherwise null."
+                ),
+            },
+            "created_at": _TIME_MS,
+            "started_at": {
+                **time_or_null,
+                "description": "When it was first sent; null before that.",
+            },
+            "completed_at": {
+                **time_or_null,
+                "description": "When it reached a final status; null before that.",
+            },
+            "retry_count": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Attempts made after the first.",
+            },
+            "task_type": _schema("TaskType"),
+            "agent_type": _schema("AgentType"),
+            "priority": {"type": "integer", "minimum": lowest, "maximum": highest},
+            "timeout_seconds": {
+                "type": "number",
+                "minimum": 0.001,
+                "maximum": _ROUTER.max_timeout,
+            },
+            "deadline": {
+                **_TIME_MS,
+                "description": "`created_at` plus `timeout_seconds`.",
+            },
+        },
+    }
+    task_detail = {
+        **task,
+        "required": [*task["required"], "history"],
+        "properties": {
+            **task["properties"],
+            "history": {
+                "type": "array",
+                "items": _schema("TaskEvent"),
+                "description": "Every status it has had, oldest first.",
+            },
+        },
+    }
+    return {
+        "TaskType": {
+            "type": "string",
+            "enum": sorted(TASK_TYPES),
+            "description": "What to do; each is done by one type of agent: "
+            + ", ".join(f"{t} ({a})" for t, a in sorted(TASK_TYPES.items()))
+            + ".",
+        },
+        "TaskStatus": {
+            "type": "string",
+            "enum": list(TASK_STATUSES),
+            "description": (
+                "pending: accepted; queued: waiting for a free agent; sent: out "
+                "at an agent; running: in the contract, not set by this version; "
+                "retrying: waiting to be sent again after an attempt got no "
+                "usable answer; completed, failed, timeout (the deadline passed), "
+                "cancelled: final (" + ", ".join(FINISHED) + ")."
+            ),
+        },
+        "TaskId": {
+            "type": "string",
+            "description": "A UUID, given by the service.",
+            "examples": ["0b9c3f5e-8d4a-4c1e-9f55-2a7e6b1d3c40"],
+        },
+        "TaskRequest": {
+            "type": "object",
+            "description": (
+                "A task for an agent of `agent_type`, which must be the type "
+                "that does `task_type` (otherwise a 400 naming `agent_type`). "
+                "Optional fields sent as null are read as absent. Other fields "
+                "are ignored."
+            ),
+            "required": ["task_type", "agent_type"],
+            "properties": {
+                "task_type": _schema("TaskType"),
+                "agent_type": _schema("AgentType"),
+                "agent_id": {
+                    **_nullable(_schema("AgentId")),
+                    "description": (
+                        "Send it to this agent only. The task fails if that "
+                        "agent is not registered, is not of `agent_type`, does "
+                        "not list `task_type` among its capabilities, or is "
+                        "neither healthy nor degraded. Absent: any agent of "
+                        "`agent_type` listing `task_type`."
+                    ),
+                },
+                "parameters": _nullable(document),
+                "metadata": _nullable(document),
+                "priority": {
+                    "anyOf": [
+                        {"type": "integer", "minimum": lowest, "maximum": highest},
+                        {"type": "string", "enum": list(PRIORITIES)},
+                        {"type": "null"},
+                    ],
+                    "default": PRIORITIES["normal"],
+                    "description": (
+                        "Higher is sent first: a whole number from "
+                        f"{lowest} to {highest}, or a name ("
+                        + ", ".join(f"{n} = {v}" for n, v in PRIORITIES.items())
+                        + "). Absent: normal."
+                    ),
+                    "examples": ["high", 12],
+                },
+                "timeout_seconds": _nullable(
+                    {
+                        "type": "number",
+                        "minimum": 0.001,
+                        "maximum": _ROUTER.max_timeout,
+                        "default": _ROUTER.default_timeout,
+                        "description": (
+                            "The deadline, counted from submission: a task not "
+                            "finished by then is `timeout`, and a call still out "
+                            "at an agent is cut off."
+                        ),
+                    }
+                ),
+                "max_retries": _nullable(
+                    {
+                        "type": "integer",
+                        "minimum": 0,
+                        "maximum": 10,
+                        "default": _ROUTER.default_retries,
+                        "description": (
+                            "Attempts after the first when one gets no usable "
+                            "answer (a 5xx, connection trouble, no answer within "
+                            "ATTEMPT_TIMEOUT); an agent's own failure or a 4xx "
+                            "is final."
+                        ),
+                    }
+                ),
+            },
+            "anyOf": [
+                {
+                    "properties": {
+                        "agent_type": {"const": agent_type},
+                        "task_type": {"enum": sorted(by_agent[agent_type])},
+                    }
+                }
+                for agent_type in AGENT_TYPES
+                if agent_type in by_agent
+            ],
+        },
+        "TaskAccepted": {
+            "type": "object",
+            "required": ["task_id", "status", "agent_id", "created_at", "status_url"],
+            "properties": {
+                "task_id": _schema("TaskId"),
+                "status": _schema("TaskStatus"),
+                "agent_id": {
+                    "type": ["string", "null"],
+                    "description": (
+                        "The agent it was sent to, else the one asked for, else "
+                        "null (the router picks one)."
+                    ),
+                },
+                "created_at": _TIME_MS,
+                "status_url": {
+                    "type": "string",
+                    "description": "Where to follow it: `/tasks/{task_id}`.",
+                    "examples": ["/tasks/0b9c3f5e-8d4a-4c1e-9f55-2a7e6b1d3c40"],
+                },
+            },
+        },
+        "Task": task,
+        "TaskDetail": task_detail,
+        "TaskEvent": {
+            "type": "object",
+            "required": ["status", "at", "detail"],
+            "properties": {
+                "status": _schema("TaskStatus"),
+                "at": _TIME_MS,
+                "detail": {
+                    "type": ["string", "null"],
+                    "description": "Why, when there is something to say.",
+                    "examples": ["sent to cost-agent-1"],
+                },
+            },
+        },
+        "TaskList": {
+            "type": "object",
+            "required": ["tasks", "count", "limit", "offset"],
+            "properties": {
+                "tasks": {"type": "array", "items": _schema("Task")},
+                "count": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "How many tasks this page holds.",
+                },
+                "limit": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE},
+                "offset": {"type": "integer", "minimum": 0},
+            },
+        },
+    }
+
+
 # Components shared by operations --------------------------------------------------
 
 
 def _components() -> dict[str, Any]:
     error = _schema("Error")
     return {
-        "schemas": _schemas(),
+        "schemas": {**_schemas(), **_task_schemas()},
         "securitySchemes": {
             "bearerAuth": {
                 "type": "http",
@@ -620,6 +902,118 @@ def _components() -> dict[str, Any]:
                     "maxItems": MAX_QUERY_CAPABILITIES,
                 },
             },
+            "TaskId": {
+                "name": "task_id",
+                "in": "path",
+                "required": True,
+                "description": (
+                    "As answered by `POST /tasks`. An id that is not a token of "
+                    "up to 128 letters, digits and `. _ : @ -` is a 400 naming "
+                    "`task_id`."
+                ),
+                "schema": {
+                    "type": "string",
+                    "pattern": _whole(TOKEN),
+                    "maxLength": 128,
+                },
+            },
+            "TaskStatusQuery": {
+                "name": "status",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "Only tasks with this status (the last one if repeated); "
+                    "another value is a 400 naming `status`."
+                ),
+                "schema": _schema("TaskStatus"),
+            },
+            "TaskAgentIdQuery": {
+                "name": "agent_id",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "Only tasks sent to this agent (the last one if repeated)."
+                ),
+                "schema": {"type": "string"},
+            },
+            "TaskAgentTypeQuery": {
+                "name": "agent_type",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "Only tasks for this type of agent (the last one if "
+                    "repeated); a value that is not an agent type matches nothing."
+                ),
+                "schema": {"type": "string", "examples": ["cost"]},
+            },
+            "TaskTypeQuery": {
+                "name": "task_type",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "Only tasks of this type (the last one if repeated); a value "
+                    "that is not a task type matches nothing."
+                ),
+                "schema": {"type": "string", "examples": ["analyze_cost"]},
+            },
+            "LimitQuery": {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "description": (
+                    f"At most this many tasks; anything but a whole number up to "
+                    f"{MAX_PAGE} is a 400 naming `limit`."
+                ),
+                "schema": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": MAX_PAGE,
+                    "default": _PAGE.limit,
+                },
+            },
+            "OffsetQuery": {
+                "name": "offset",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "Skip this many matching tasks; anything but a whole number "
+                    "is a 400 naming `offset`."
+                ),
+                "schema": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": 10**9,
+                    "default": _PAGE.offset,
+                },
+            },
+            "IdempotencyKey": {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": (
+                    "Makes the submission safe to repeat: the same key with the "
+                    "same body answers with the task it first created (201, "
+                    "`Idempotent-Replayed: true`) for as long as that task is "
+                    "kept; the same key with another body is a 409. 1 to 255 "
+                    "visible ASCII characters; another value is a 400 naming "
+                    "`Idempotency-Key`."
+                ),
+                "schema": {
+                    "type": "string",
+                    "pattern": _whole(IDEMPOTENCY_KEY),
+                    "examples": ["order-2025-10-16-0001"],
+                },
+            },
+            "Traceparent": {
+                "name": "traceparent",
+                "in": "header",
+                "required": False,
+                "description": (
+                    "W3C trace context, passed on to the agent with the task; a "
+                    "malformed value is ignored."
+                ),
+                "schema": {"type": "string", "pattern": _whole(TRACEPARENT)},
+            },
         },
         "headers": {
             "XRequestId": {
@@ -642,6 +1036,14 @@ def _components() -> dict[str, Any]:
                 "required": True,
                 "schema": {"type": "string"},
             },
+            "IdempotentReplayed": {
+                "description": (
+                    "Present, as `true`, when the answer is the task an earlier "
+                    "request with the same Idempotency-Key and body created."
+                ),
+                "required": False,
+                "schema": {"type": "string", "enum": ["true"]},
+            },
         },
         "responses": {
             "BadRequest": _answer(
@@ -660,6 +1062,25 @@ def _components() -> dict[str, Any]:
                 '"Agent not found: register again at /agents/register" with '
                 '`action`: "register"), `agent_id` names it.',
                 error,
+            ),
+            "TaskNotFound": _answer(
+                'No such task: `error` is "Task not found", `task_id` names it. '
+                "Finished tasks are kept for RESULT_TTL (default an hour).",
+                {**error, "required": ["task_id"]},
+            ),
+            "IdempotencyConflict": _answer(
+                "The Idempotency-Key was already used with another body; "
+                "`task_id` names the task it created.",
+                {**error, "required": ["task_id"]},
+            ),
+            "TaskFinished": _answer(
+                'The task has already finished: `error` is "task already '
+                '<status>", `status` is that status and `task_id` names the task.',
+                {
+                    **error,
+                    "required": ["task_id", "status"],
+                    "properties": {"status": {"enum": list(FINISHED)}},
+                },
             ),
             "MethodNotAllowed": _answer(
                 "The path exists but does not serve this method.",
@@ -771,8 +1192,8 @@ def _registry_paths() -> dict[str, Any]:
     heartbeat_body = _body(
         "Heartbeat", "The agent's status and metadata; may be empty.", required=False
     )
-    write = "agent-write"
-    read = "read-agents"
+    write = Permission.AGENT_WRITE.value
+    read = Permission.READ_AGENTS.value
     body_errors = ("400", "401", "403", "413", "415", "503")
     return {
         # The contract's root paths.
@@ -920,9 +1341,128 @@ def _registry_paths() -> dict[str, Any]:
     }
 
 
+def _task_paths() -> dict[str, Any]:
+    task_id = _ref("parameters", "TaskId")
+    operate = Permission.OPERATE.value
+    read = Permission.READ.value
+    one_task = ("400", "401", "403", "404", "503")
+    task_not_found = {"404": "TaskNotFound"}
+    return {
+        "/tasks": {
+            "post": _guarded(
+                "tasks",
+                "submitTask",
+                "Submit a task",
+                operate,
+                {
+                    "201": _answer(
+                        "Accepted: the task is stored and will be sent to an "
+                        "agent; follow it at `status_url`. A repeated request "
+                        "(same Idempotency-Key and body) answers with the task "
+                        "the first one created.",
+                        _schema("TaskAccepted"),
+                        headers={
+                            "Idempotent-Replayed": _ref("headers", "IdempotentReplayed")
+                        },
+                    ),
+                    **_errors(
+                        "400",
+                        "401",
+                        "403",
+                        "409",
+                        "413",
+                        "415",
+                        "503",
+                        specific={"409": "IdempotencyConflict"},
+                    ),
+                },
+                description=(
+                    "The router sends the task with `POST /task` to an agent of "
+                    "`agent_type` that lists `task_type` among its capabilities "
+                    "(or to `agent_id`): healthy agents before degraded ones, the "
+                    "one with the fewest calls outstanding (at most "
+                    "AGENT_CONCURRENCY each), skipping agents whose circuit is "
+                    "open after BREAKER_THRESHOLD failures in a row. Higher "
+                    "`priority` goes first, then older tasks; a task waits "
+                    "(`queued`) while no agent is free. An attempt that gets no "
+                    "usable answer is retried, on another agent when there is "
+                    "one, backing off from RETRY_DELAY, up to `max_retries` "
+                    "times and within the deadline."
+                ),
+                parameters=[
+                    _ref("parameters", "IdempotencyKey"),
+                    _ref("parameters", "Traceparent"),
+                ],
+                body=_body("TaskRequest", "The task.", required=True),
+            ),
+            "get": _guarded(
+                "tasks",
+                "listTasks",
+                "List tasks",
+                read,
+                {
+                    "200": _answer("The matching tasks.", _schema("TaskList")),
+                    **_errors("400", "401", "403", "503"),
+                },
+                description="Newest first. Filters combine.",
+                parameters=[
+                    _ref("parameters", name)
+                    for name in (
+                        "TaskStatusQuery",
+                        "TaskAgentIdQuery",
+                        "TaskAgentTypeQuery",
+                        "TaskTypeQuery",
+                        "LimitQuery",
+                        "OffsetQuery",
+                    )
+                ],
+            ),
+        },
+        "/tasks/{task_id}": {
+            "parameters": [task_id],
+            "get": _guarded(
+                "tasks",
+                "getTask",
+                "One task and its history",
+                read,
+                {
+                    "200": _answer(
+                        "The task as it is now, and every status it has had.",
+                        _schema("TaskDetail"),
+                    ),
+                    **_errors(*one_task, specific=task_not_found),
+                },
+            ),
+            "delete": _guarded(
+                "tasks",
+                "cancelTask",
+                "Cancel a task",
+                operate,
+                {
+                    "200": _answer(
+                        "Cancelled: the task as it is now.", _schema("Task")
+                    ),
+                    **_errors(
+                        *one_task,
+                        "409",
+                        specific={**task_not_found, "409": "TaskFinished"},
+                    ),
+                },
+                description=(
+                    "A waiting task (pending, queued, retrying) is never sent; a "
+                    "call out at an agent (sent, running) is aborted and a late "
+                    "answer discarded. A finished task is a 409."
+                ),
+            ),
+        },
+    }
+
+
 _DESCRIPTION: Final = """\
 The control plane between OptiInfra's agents (cost, performance, resource,
-application): agents register and heartbeat, and their records can be listed.
+application): agents register and heartbeat, and their records can be listed;
+tasks are submitted, routed to a capable agent, retried, timed out or cancelled,
+and followed until they finish.
 
 The registry is served twice: at the root paths of the original contract
 (`/agents/...`, registration answers 201) and at the `/api/v1` paths the agents
@@ -934,10 +1474,11 @@ does not exist is a 404, a method a path does not serve a 405 with `Allow`, a bo
 larger than MAX_BODY_BYTES a 413. HEAD is served wherever GET is, and a trailing
 slash is accepted on every path.
 
-Registry routes need an API key (`Authorization: Bearer` or `X-API-Key`) whose
-role grants the operation's `x-permission`: `agent` keys may write agents and read
-them, `viewer` keys may read, `operator` keys may do everything. A service running
-without API_KEYS_FILE needs no key.
+Registry and task routes need an API key (`Authorization: Bearer` or
+`X-API-Key`) whose role grants the operation's `x-permission`: `agent` keys may
+write agents and read them (`agent-write`, `read-agents`), `viewer` keys may read
+agents and tasks (`read-agents`, `read`), `operator` keys may do everything
+(`operate` too). A service running without API_KEYS_FILE needs no key.
 """
 
 
@@ -948,16 +1489,20 @@ def build_document() -> dict[str, Any]:
         "info": {
             "title": SERVICE_NAME,
             "version": __version__,
-            "summary": "Agent registry and control plane of the OptiInfra platform.",
+            "summary": (
+                "Agent registry, task routing and control plane of the OptiInfra "
+                "platform."
+            ),
             "description": _DESCRIPTION,
         },
         "tags": [
             {"name": "service", "description": "Probes, metrics and this document."},
             {"name": "registry", "description": "Agents, at the contract's paths."},
             {"name": "registry-v1", "description": "Agents, at the agents' paths."},
+            {"name": "tasks", "description": "Tasks, routed to the agents."},
         ],
         "security": _key_required(),
-        "paths": {**_service_paths(), **_registry_paths()},
+        "paths": {**_service_paths(), **_registry_paths(), **_task_paths()},
         "components": _components(),
     }
 

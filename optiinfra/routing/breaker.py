@@ -58,6 +58,12 @@ class Breakers:
         if self.state(agent_id) == HALF_OPEN:
             self._circuits[agent_id].trial_out = True
 
+    def released(self, agent_id: str) -> None:
+        """A reserved trial did not go out after all."""
+        circuit = self._circuits.get(agent_id)
+        if circuit is not None:
+            circuit.trial_out = False
+
     def succeeded(self, agent_id: str) -> None:
         self._circuits.pop(agent_id, None)
 

@@ -19,7 +19,12 @@ import attrs
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    ensureDeferred,
+    gatherResults,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -306,44 +311,63 @@ class Router:
         if not due:
             return
         agents = await self._registry.list(AgentQuery())
+        # Every change is issued at once and awaited together, so the store
+        # commits them as one batch; an agent's slot is reserved as it is chosen.
+        changes: list[Deferred[None]] = []
         for task in due:
             choice = self._choose(task, agents, now)
             if isinstance(choice, str):
-                failed = await self.tasks.change_task(
-                    task.id,
-                    WAITING,
-                    FAILED,
-                    now,
-                    detail=choice,
-                    changes={"error": choice, "completed_at": now},
-                )
-                if failed is not None:
-                    self._ended(failed, FAILED, choice)
-                continue
-            if choice is None:
+                changes.append(ensureDeferred(self._refuse(task, choice, now)))
+            elif choice is None:
                 if task.status == PENDING:
-                    await self.tasks.change_task(
-                        task.id, (PENDING,), QUEUED, now, detail="no agent free"
-                    )
-                continue
+                    changes.append(ensureDeferred(self._queue(task, now)))
+            else:
+                self.outstanding.started(choice.id)
+                self.breakers.sent(choice.id)
+                changes.append(ensureDeferred(self._claim(task, choice, now)))
+        await gatherResults(changes, consumeErrors=True)
+
+    async def _refuse(self, task: Task, reason: str, now: float) -> None:
+        failed = await self.tasks.change_task(
+            task.id,
+            WAITING,
+            FAILED,
+            now,
+            detail=reason,
+            changes={"error": reason, "completed_at": now},
+        )
+        if failed is not None:
+            self._ended(failed, FAILED, reason)
+
+    async def _queue(self, task: Task, now: float) -> None:
+        await self.tasks.change_task(
+            task.id, (PENDING,), QUEUED, now, detail="no agent free"
+        )
+
+    async def _claim(self, task: Task, agent: Agent, now: float) -> None:
+        try:
             claimed = await self.tasks.change_task(
                 task.id,
                 WAITING,
                 SENT,
                 now,
-                detail=f"sent to {choice.id}",
+                detail=f"sent to {agent.id}",
                 changes={
-                    "agent_id": choice.id,
+                    "agent_id": agent.id,
                     "owner": self.owner,
                     "lease_until": now + self.config.lease,
                     "started_at": task.started_at or now,
                 },
             )
-            if claimed is None:
-                continue  # cancelled, or another replica took it
-            if task.started_at is None:
-                self._metrics.dispatch_latency.observe(max(0.0, now - task.created_at))
-            self._start(claimed, choice)
+        except Exception:
+            self._unreserve(agent)
+            raise
+        if claimed is None:  # cancelled, or another replica took it
+            self._unreserve(agent)
+            return
+        if task.started_at is None:
+            self._metrics.dispatch_latency.observe(max(0.0, now - task.created_at))
+        self._start(claimed, agent)
 
     def _choose(
         self, task: Task, agents: list[Agent], now: float
@@ -381,9 +405,12 @@ class Router:
         by_id: dict[str, Agent] = {a.id: a for a in untried}
         return by_id[pick(tuple(by_id), self.outstanding, self._rng)]
 
+    def _unreserve(self, agent: Agent) -> None:
+        self.outstanding.finished(agent.id)
+        self.breakers.released(agent.id)
+
     def _start(self, task: Task, agent: Agent) -> None:
-        self.outstanding.started(agent.id)
-        self.breakers.sent(agent.id)
+        """Call C{agent}; its slot and any breaker trial are already reserved."""
         now = self.now()
         seconds_left = task.deadline - now
         budget = min(self.config.attempt_timeout, seconds_left)
