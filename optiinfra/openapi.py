@@ -622,8 +622,8 @@ def _task_schemas() -> dict[str, Any]:
             "error": {
                 "type": ["string", "null"],
                 "description": (
-                    "Why it failed or timed out, or why the last attempt is "
-                    "being retried; otherwise null."
+                    "Why it failed or timed out, or why its last attempt was "
+                    "retried; null when it completed or no attempt went wrong."
                 ),
             },
             "created_at": _TIME_MS,
@@ -941,20 +941,16 @@ def _components() -> dict[str, Any]:
                 "in": "query",
                 "required": False,
                 "description": (
-                    "Only tasks for this type of agent (the last one if "
-                    "repeated); a value that is not an agent type matches nothing."
+                    "Only tasks for this type of agent (the last one if repeated)."
                 ),
-                "schema": {"type": "string", "examples": ["cost"]},
+                "schema": _schema("AgentType"),
             },
             "TaskTypeQuery": {
                 "name": "task_type",
                 "in": "query",
                 "required": False,
-                "description": (
-                    "Only tasks of this type (the last one if repeated); a value "
-                    "that is not a task type matches nothing."
-                ),
-                "schema": {"type": "string", "examples": ["analyze_cost"]},
+                "description": "Only tasks of this type (the last one if repeated).",
+                "schema": _schema("TaskType"),
             },
             "LimitQuery": {
                 "name": "limit",
@@ -1379,10 +1375,11 @@ def _task_paths() -> dict[str, Any]:
                 description=(
                     "The router sends the task with `POST /task` to an agent of "
                     "`agent_type` that lists `task_type` among its capabilities "
-                    "(or to `agent_id`): healthy agents before degraded ones, the "
-                    "one with the fewest calls outstanding (at most "
-                    "AGENT_CONCURRENCY each), skipping agents whose circuit is "
-                    "open after BREAKER_THRESHOLD failures in a row. Higher "
+                    "(or to `agent_id`): a healthy one, or a degraded one when no "
+                    "healthy one is left; of two picked at random, the one with "
+                    "fewer calls in flight (at most AGENT_CONCURRENCY each); none "
+                    "whose circuit is open after BREAKER_THRESHOLD failures in a "
+                    "row, until one trial after BREAKER_COOLDOWN. Higher "
                     "`priority` goes first, then older tasks; a task waits "
                     "(`queued`) while no agent is free. An attempt that gets no "
                     "usable answer is retried, on another agent when there is "

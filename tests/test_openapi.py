@@ -20,15 +20,20 @@ import orjson
 import pytest
 import pytest_twisted
 from klein import Klein
+from twisted.internet.address import IPv4Address
 from twisted.internet.threads import deferToThread
 
 from optiinfra import __version__
-from optiinfra.auth import Role, generate
+from optiinfra.auth import Permission, Role, generate
 from optiinfra.openapi import DOCUMENT, build_document, mount
+from optiinfra.routing.model import FINISHED, TASK_TYPES
+from optiinfra.routing.routes import MAX_PAGE
 from optiinfra.web.health import PROBE_PATHS
 
+from .agents import COMPLETE, HANG, FakeAgent, StartAgent, settle
 from .conftest import RunningService, StartService
 
+JSON = "application/json"
 HTTP_METHODS = frozenset(
     {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 )
@@ -293,7 +298,7 @@ def test_guarded_operations_name_their_permission() -> None:
             assert "x-permission" not in operation, (method, path)
             continue
         assert operation["security"] == DOCUMENT["security"], (method, path)
-        assert operation["x-permission"] in {"agent-write", "read-agents"}
+        assert operation["x-permission"] in {p.value for p in Permission}
         assert {"401", "403", "503"} <= set(operation["responses"]), (method, path)
 
 
@@ -398,6 +403,7 @@ async def test_served_without_a_key(
     assert body["openapi"] == "3.1.0"
     assert body["info"]["version"] == __version__
     assert "/agents/{agent_id}/heartbeat" in body["paths"]
+    assert "/tasks/{task_id}" in body["paths"]
     assert set(body["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyAuth"}
     head = await service.request("HEAD", "/openapi.json")
     assert (head.code, await head.content()) == (200, b"")
@@ -422,15 +428,15 @@ async def test_security_is_as_documented(
             await response.content()
             codes[who] = response.code
         permission = operation.get("x-permission")
-        expected_denials = {
-            "nobody": 401 if permission else None,
-            "viewer": 403 if permission == "agent-write" else None,
-            "agent": None,
-            "operator": None,
-        }
         for who, code in codes.items():
+            expected = None
+            if permission is not None and who == "nobody":
+                expected = 401
+            elif permission is not None:
+                allowed = Role(who).allows(Permission(permission))
+                expected = None if allowed else 403
             denied = code if code in (401, 403) else None
-            if denied != expected_denials[who]:
+            if denied != expected:
                 wrong.append((method, path, who, code))
     assert not wrong
 
@@ -672,6 +678,238 @@ async def test_answers_match_the_document(
     assert (await call(service, "GET", "/readyz"))[0] == 503
 
 
+TASK = {"task_type": "analyze_cost", "agent_type": "cost"}
+ONE_TASK = "/tasks/{task_id}"
+
+
+async def register_worker(
+    service: RunningService,
+    worker: FakeAgent,
+    kind: str,
+    capability: str,
+    headers: dict[str, str],
+) -> str:
+    assert worker.port is not None
+    address = worker.port.getHost()
+    assert isinstance(address, IPv4Address)
+    code, registered = await call(
+        service,
+        "POST",
+        "/agents/register",
+        json={
+            "name": worker.name,
+            "type": kind,
+            "host": "127.0.0.1",
+            "port": address.port,
+            "capabilities": [capability],
+        },
+        headers=headers,
+    )
+    assert code == 201
+    return str(registered["agent_id"])
+
+
+async def follow(
+    service: RunningService,
+    task_id: str,
+    statuses: tuple[str, ...],
+    headers: dict[str, str],
+) -> dict[str, Any]:
+    """C{GET /tasks/{task_id}}, checked each time, until it has one of C{statuses}."""
+    for _ in range(300):
+        code, task = await call(
+            service, "GET", f"/tasks/{task_id}", ONE_TASK, headers=headers
+        )
+        assert code == 200
+        if task["status"] in statuses:
+            assert isinstance(task, dict)
+            return task
+        await settle(0.02)
+    raise AssertionError(f"task {task_id} stayed {task['status']}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_task_answers_match_the_document(
+    start_service: StartService, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    keys = key_file(tmp_path / "keys")
+    service = await start_service(
+        mounts=[mount_once],
+        api_keys_file=tmp_path / "keys",
+        max_body_bytes=8192,
+        retry_delay=0.05,
+    )
+    operator, viewer, agent = keys["operator"], keys["viewer"], keys["agent"]
+    worker = await register_worker(
+        service, await start_agent(COMPLETE), "cost", "analyze_cost", agent
+    )
+
+    # Submitting, with every optional field and header; a replay; a conflict.
+    full = {
+        **TASK,
+        "parameters": {"x": 1},
+        "metadata": {"by": "test"},
+        "priority": "high",
+        "timeout_seconds": 5,
+        "max_retries": 1,
+    }
+    assert not problems(request_schema("/tasks", "post"), full)
+    once = {
+        **operator,
+        "Idempotency-Key": "order-1",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    }
+    code, accepted = await call(service, "POST", "/tasks", json=full, headers=once)
+    assert (code, accepted["status"]) == (201, "pending")
+    task_id = accepted["task_id"]
+    assert accepted["status_url"] == f"/tasks/{task_id}"
+    replay = await service.request("POST", "/tasks", json=full, headers=once)
+    content = await replay.content()
+    spec = response_spec("/tasks", "post", replay.code)
+    assert not nonconformance(spec, replay, content)
+    assert (replay.code, orjson.loads(content)["task_id"]) == (201, task_id)
+    [replayed] = replay.headers.getRawHeaders("idempotent-replayed")
+    header = deref(spec["headers"]["Idempotent-Replayed"])
+    assert not problems(header["schema"], replayed)
+    code, error = await call(
+        service, "POST", "/tasks", json={**full, "priority": 15}, headers=once
+    )
+    assert (code, error["task_id"]) == (409, task_id)
+
+    # Completed, with its history.
+    task = await follow(service, task_id, FINISHED, viewer)
+    assert (task["status"], task["agent_id"]) == ("completed", worker)
+    assert task["history"][-1]["status"] == "completed"
+
+    # Failed: the agent asked for is not registered.
+    code, ghost = await call(
+        service, "POST", "/tasks", json={**TASK, "agent_id": "ghost"}, headers=operator
+    )
+    assert (code, ghost["agent_id"]) == (201, "ghost")
+    failed = await follow(service, ghost["task_id"], FINISHED, viewer)
+    assert failed["status"] == "failed"
+
+    # Cancelled while it waits for an agent (there is no resource agent).
+    code, waiting = await call(
+        service,
+        "POST",
+        "/tasks",
+        json={"task_type": "balance_load", "agent_type": "resource", "priority": 1},
+        headers=operator,
+    )
+    await follow(service, waiting["task_id"], ("queued",), viewer)
+    code, cancelled = await call(
+        service, "DELETE", f"/tasks/{waiting['task_id']}", ONE_TASK, headers=operator
+    )
+    assert (code, cancelled["status"]) == (200, "cancelled")
+
+    # Cancelled while out at an agent that does not answer.
+    await register_worker(
+        service, await start_agent(HANG), "performance", "tune_inference", agent
+    )
+    code, out = await call(
+        service,
+        "POST",
+        "/tasks",
+        json={"task_type": "tune_inference", "agent_type": "performance"},
+        headers=operator,
+    )
+    await follow(service, out["task_id"], ("sent", "running"), viewer)
+    code, cancelled = await call(
+        service, "DELETE", f"/tasks/{out['task_id']}", ONE_TASK, headers=operator
+    )
+    assert (code, cancelled["status"]) == (200, "cancelled")
+    assert cancelled["started_at"]
+
+    # Listing, with the documented defaults and every filter.
+    query = {
+        deref(p)["name"]: deref(p)["schema"]
+        for p in DOCUMENT["paths"]["/tasks"]["get"]["parameters"]
+    }
+    code, listing = await call(service, "GET", "/tasks", headers=viewer)
+    assert (code, listing["count"]) == (200, 4)
+    assert listing["limit"] == query["limit"]["default"]
+    assert listing["offset"] == query["offset"]["default"]
+    assert query["limit"]["maximum"] == MAX_PAGE
+    for target, count in (
+        (
+            f"/tasks?status=completed&agent_id={worker}&agent_type=cost"
+            "&task_type=analyze_cost&limit=1&offset=0",
+            1,
+        ),
+        (f"/tasks?status=cancelled&limit={MAX_PAGE}&offset=1", 1),
+    ):
+        code, listing = await call(service, "GET", target, headers=viewer)
+        assert (code, listing["count"]) == (200, count), target
+
+    # Errors.
+    for target, field in (
+        ("/tasks?status=sleeping", "status"),
+        (f"/tasks?limit={MAX_PAGE + 1}", "limit"),
+        ("/tasks?offset=-1", "offset"),
+        ("/tasks?agent_type=gpu", "agent_type"),
+        ("/tasks?task_type=dance", "task_type"),
+    ):
+        code, error = await call(service, "GET", target, headers=viewer)
+        assert (code, error["field"]) == (400, field), target
+    for method, headers in (("GET", viewer), ("DELETE", operator)):
+        code, error = await call(
+            service, method, "/tasks/bad%20id", ONE_TASK, headers=headers
+        )
+        assert (code, error["field"]) == (400, "task_id")
+        code, error = await call(
+            service, method, "/tasks/no-such-task", ONE_TASK, headers=headers
+        )
+        assert (code, error["task_id"]) == (404, "no-such-task")
+    code, error = await call(
+        service, "DELETE", f"/tasks/{task_id}", ONE_TASK, headers=operator
+    )
+    assert (code, error["status"], error["task_id"]) == (409, "completed", task_id)
+    for body, field in (
+        ({**TASK, "task_type": "dance"}, "task_type"),
+        ({**TASK, "agent_type": "resource"}, "agent_type"),
+        ({**TASK, "priority": 16}, "priority"),
+    ):
+        code, error = await call(service, "POST", "/tasks", json=body, headers=operator)
+        assert (code, error["field"]) == (400, field)
+    code, error = await call(
+        service,
+        "POST",
+        "/tasks",
+        json=TASK,
+        headers={**operator, "Idempotency-Key": "two words"},
+    )
+    assert (code, error["field"]) == (400, "Idempotency-Key")
+    code, error = await call(
+        service,
+        "POST",
+        "/tasks",
+        data=b"task_type=x",
+        headers={**operator, "Content-Type": "text/plain"},
+    )
+    assert (code, error["field"]) == (415, "content-type")
+    port = int(service.url.rsplit(":", 1)[1])
+    authorization = operator["Authorization"].encode()
+    answer = await deferToThread(
+        raw_http,
+        port,
+        b"POST /tasks HTTP/1.1\r\nHost: x\r\nAuthorization: " + authorization + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 9000\r\n\r\n{",
+    )
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    error_schema = response_spec("/tasks", "post", 413)["content"][JSON]["schema"]
+    assert not problems(error_schema, orjson.loads(content), closed=True)
+    assert (await call(service, "GET", "/tasks"))[0] == 401
+    assert (await call(service, "GET", "/tasks", headers=agent))[0] == 403
+    code, _ = await call(service, "POST", "/tasks", json=TASK, headers=viewer)
+    assert code == 403
+    code, _ = await call(
+        service, "DELETE", f"/tasks/{task_id}", ONE_TASK, headers=viewer
+    )
+    assert code == 403
+
+
 #: Bodies sent to each endpoint; the document and the service must agree on
 #: which are acceptable.
 ROOT_REGISTRATION = {"name": "perf-1", "type": "performance", "host": "h", "port": 1}
@@ -754,6 +992,55 @@ BODIES: list[tuple[str, str, Any]] = [
     ("/api/v1/agents/heartbeat", "", {"status": "healthy"}),
     ("/api/v1/agents/heartbeat", "", {"agent_id": "{id}", "status": "unhealthy"}),
     ("/api/v1/agents/heartbeat", "", {"agent_id": "{id}", "status": "ok"}),
+    ("/tasks", "", TASK),
+    *[
+        ("/tasks", "", {"task_type": task_type, "agent_type": agent_type})
+        for task_type, agent_type in TASK_TYPES.items()
+    ],
+    ("/tasks", "", {**TASK, "agent_type": "resource"}),
+    ("/tasks", "", {"task_type": "validate_quality", "agent_type": "cost"}),
+    ("/tasks", "", {**TASK, "task_type": "dance"}),
+    ("/tasks", "", {**TASK, "task_type": "Analyze_Cost"}),
+    ("/tasks", "", {**TASK, "task_type": None}),
+    ("/tasks", "", {**TASK, "agent_type": "gpu"}),
+    ("/tasks", "", {"agent_type": "cost"}),
+    ("/tasks", "", {"task_type": "analyze_cost"}),
+    ("/tasks", "", {**TASK, "agent_id": "{id}"}),
+    ("/tasks", "", {**TASK, "agent_id": None}),
+    ("/tasks", "", {**TASK, "agent_id": "bad id"}),
+    ("/tasks", "", {**TASK, "agent_id": ""}),
+    ("/tasks", "", {**TASK, "agent_id": "a" * 128}),
+    ("/tasks", "", {**TASK, "agent_id": "a" * 129}),
+    ("/tasks", "", {**TASK, "agent_id": 5}),
+    ("/tasks", "", {**TASK, "parameters": {"x": [1]}, "metadata": {}}),
+    ("/tasks", "", {**TASK, "parameters": None, "metadata": None}),
+    ("/tasks", "", {**TASK, "parameters": [1]}),
+    ("/tasks", "", {**TASK, "parameters": "x"}),
+    ("/tasks", "", {**TASK, "metadata": 5}),
+    *[
+        ("/tasks", "", {**TASK, "priority": priority})
+        for priority in (1, 15, "low", "normal", "high", "critical", None)
+    ],
+    *[
+        ("/tasks", "", {**TASK, "priority": priority})
+        for priority in (0, 16, -1, "urgent", "High", "5", True, 5.5, [5])
+    ],
+    *[
+        ("/tasks", "", {**TASK, "timeout_seconds": timeout})
+        for timeout in (0.001, 12.5, 30, 300, None)
+    ],
+    *[
+        ("/tasks", "", {**TASK, "timeout_seconds": timeout})
+        for timeout in (0, 0.0005, -1, 300.5, 301, "30", True)
+    ],
+    *[("/tasks", "", {**TASK, "max_retries": retries}) for retries in (0, 3, 10, None)],
+    *[
+        ("/tasks", "", {**TASK, "max_retries": retries})
+        for retries in (-1, 11, 1.5, "3", False)
+    ],
+    ("/tasks", "", {**TASK, "unknown": 1}),
+    ("/tasks", "", ["not", "an", "object"]),
+    ("/tasks", "", {}),
 ]
 
 

@@ -395,8 +395,15 @@ async def test_listing_filters_and_pages(
     assert app["count"] == 1
     code, body = await call(service, "GET", "/tasks?status=sleeping")
     assert (code, body["field"]) == (400, "status")
-    code, body = await call(service, "GET", "/tasks?limit=100000")
-    assert (code, body["field"]) == (400, "limit")
+    for query, field in (
+        ("limit=100000", "limit"),
+        ("limit=%C2%B2", "limit"),
+        ("offset=-1", "offset"),
+        ("agent_type=robot", "agent_type"),
+        ("task_type=dance", "task_type"),
+    ):
+        code, body = await call(service, "GET", f"/tasks?{query}")
+        assert (code, body["field"]) == (400, field), query
 
 
 @pytest_twisted.ensureDeferred

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from klein import Klein
@@ -9,7 +10,8 @@ from twisted.web.iweb import IRequest
 
 from optiinfra.auth import Permission
 from optiinfra.errors import InvalidField
-from optiinfra.routing.model import STATUSES, Task, TaskEvent, TaskQuery
+from optiinfra.registry.model import AGENT_TYPES
+from optiinfra.routing.model import STATUSES, TASK_TYPES, Task, TaskEvent, TaskQuery
 from optiinfra.routing.parse import (
     IDEMPOTENCY_KEY,
     TRACEPARENT,
@@ -25,6 +27,7 @@ from optiinfra.web.guard import Guard
 from optiinfra.web.render import render_json
 
 MAX_PAGE = 500
+_DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 def _time(seconds: float | None) -> str | None:
@@ -83,15 +86,21 @@ def _query(request: IRequest) -> TaskQuery:
         raw = one(name)
         if raw is None:
             return default
-        if not raw.isdigit() or int(raw) > maximum:
+        if not _DIGITS.fullmatch(raw) or int(raw) > maximum:
             raise InvalidField(name, f"must be a whole number up to {maximum}")
         return int(raw)
 
+    agent_type = one("agent_type")
+    if agent_type is not None and agent_type not in AGENT_TYPES:
+        raise InvalidField("agent_type", f"must be one of {', '.join(AGENT_TYPES)}")
+    task_type = one("task_type")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise InvalidField("task_type", f"must be one of {', '.join(TASK_TYPES)}")
     return TaskQuery(
         status=status,
         agent_id=one("agent_id"),
-        agent_type=one("agent_type"),
-        task_type=one("task_type"),
+        agent_type=agent_type,
+        task_type=task_type,
         limit=number("limit", 100, MAX_PAGE),
         offset=number("offset", 0, 10**9),
     )
