@@ -23,6 +23,9 @@ NAME: Final = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
 #: Host names and IP addresses (v4, or v6 without brackets).
 HOST: Final = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
+#: No database stores NUL in text, and no field here needs control characters.
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+
 MAX_TEXT: Final = 1024
 MAX_LIST: Final = 256
 MAX_DOCUMENT: Final = 64 * 1024
@@ -72,6 +75,8 @@ class Fields:
             raise InvalidField(self.name(key), "must be a string")
         if not value.strip():
             raise InvalidField(self.name(key), "must not be empty")
+        if _CONTROL.search(value):
+            raise InvalidField(self.name(key), "must not contain control characters")
         if len(value) > max_length:
             raise InvalidField(
                 self.name(key), f"must be at most {max_length} characters"

@@ -67,6 +67,17 @@ class Probes:
 PROBE_PATHS = ("/health", "/livez", "/readyz")
 
 
+def _utf8(request: IRequest) -> bool:
+    """Klein (Werkzeug) routes text: refuse what would not decode, in JSON."""
+    try:
+        for segment in request.postpath:
+            segment.decode("utf-8")
+        request.getRequestHostname().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class FrontResource(Resource):
     """The site's root: the probes directly, everything else through Klein."""
 
@@ -81,6 +92,14 @@ class FrontResource(Resource):
         path = request.path
         probe = self._probes.get(path)
         if probe is None:
+            if not _utf8(request):
+                return render_error(
+                    request,
+                    400,
+                    "invalid request",
+                    field="path",
+                    detail="the path and host must be UTF-8",
+                )
             return self._app.render(request)
         request.route = path.decode()  # type: ignore[attr-defined]
         if request.method not in _PROBE_METHODS:
