@@ -23,7 +23,7 @@ setup(
     # twisted.plugins is a namespace-style drop-in directory (no __init__.py, on
     # purpose: shipping one would shadow Twisted's own), so find_packages cannot
     # see it and it is listed by hand.
-    packages=find_packages(include=["optiinfra", "optiinfra.*"]) + ["twisted.plugins"],
+    packages=[*find_packages(include=["optiinfra", "optiinfra.*"]), "twisted.plugins"],
     package_data={"optiinfra": ["py.typed", "store/migrations/*/*.sql"]},
     exclude_package_data={"twisted.plugins": ["dropin.cache", "*.pyc"]},
     install_requires=[

@@ -5,6 +5,6 @@ from twisted.application.service import ServiceMaker
 OptiInfra = ServiceMaker(
     "OptiInfra Orchestrator",
     "optiinfra.tap",
-    "The OptiInfra control plane for cost, performance, resource and application agents.",
+    "Control plane for the cost, performance, resource and application agents.",
     "optiinfra",
 )
