@@ -51,7 +51,8 @@ from optiinfra.store.sql import SQLStore
 from optiinfra.store.sqlite import SQLiteBackend
 from optiinfra.systemd import SystemdNotifier
 from optiinfra.web import health
-from optiinfra.web.app import new_app
+from optiinfra.web.app import new_app, render_failure
+from optiinfra.web.front import FastRoutes, FrontResource
 from optiinfra.web.guard import Guard
 from optiinfra.web.service import HTTPService
 from optiinfra.web.site import AccessSink, OrchestratorSite
@@ -227,7 +228,9 @@ def build_service(
     )
     app = new_app()
     health.mount(app, registry=metrics)
-    registry_routes.mount(app, registry, guard)
+    fast = FastRoutes()
+    health.mount_probes(fast, health.Probes(reactor, readiness))
+    registry_routes.mount(app, registry, guard, fast)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = settings.agent_concurrency
     router = Router(
@@ -251,7 +254,7 @@ def build_service(
     for mount in mounts:
         mount(app)
     site = OrchestratorSite(
-        health.FrontResource(health.Probes(reactor, readiness), app.resource()),
+        FrontResource(fast, app.resource(), render_failure),
         clock=reactor,
         metrics=HttpMetrics(metrics),
         access_log=access_log or AccessLog(real_stdout(), LEVELS[settings.log_level]),

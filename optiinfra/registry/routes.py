@@ -28,6 +28,7 @@ from optiinfra.timefmt import rfc3339, rfc3339_ms
 from optiinfra.validation import TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.body import read_json
+from optiinfra.web.front import FastRoutes
 from optiinfra.web.guard import Guard
 from optiinfra.web.render import render_json
 
@@ -62,8 +63,13 @@ def _query(request: IRequest, kind: str | None = None) -> AgentQuery:
     return AgentQuery(type=kind, status=status, capabilities=wanted)
 
 
-def mount(app: Klein, registry: Registry, guard: Guard) -> None:
-    """Add the registry's routes to C{app}."""
+def mount(
+    app: Klein, registry: Registry, guard: Guard, fast: FastRoutes | None = None
+) -> None:
+    """
+    Add the registry's routes to C{app}; heartbeats, thousands a second, also
+    to the C{fast} routes.
+    """
     interval = int(registry.config.heartbeat_interval)
 
     async def listing(query: AgentQuery) -> dict[str, Any]:
@@ -94,7 +100,7 @@ def mount(app: Klein, registry: Registry, guard: Guard) -> None:
             201,
         )
 
-    @route(app, "/agents/{agent_id}/heartbeat", ("POST",))
+    @route(app, "/agents/{agent_id}/heartbeat", ("POST",), fast)
     async def heartbeat(request: IRequest, agent_id: str) -> bytes:
         guard.check(request, Permission.AGENT_WRITE)
         beat = parse_beat(read_json(request, optional=True))
@@ -151,7 +157,7 @@ def mount(app: Klein, registry: Registry, guard: Guard) -> None:
 
     # The same handlers answer the root paths and these.
 
-    @route(app, "/api/v1/agents/{agent_id}/heartbeat", ("POST",))
+    @route(app, "/api/v1/agents/{agent_id}/heartbeat", ("POST",), fast)
     async def heartbeat_v1_path(request: IRequest, agent_id: str) -> bytes:
         return await heartbeat(request, agent_id)
 

@@ -1,15 +1,13 @@
 """
 C{/health}, C{/livez}, C{/readyz}, C{/} and C{/metrics}.
 
-The three probes are answered by L{FrontResource} before Klein sees the request:
-load balancers, kubelets and monitors call them far more often than anything
-else, and Werkzeug's routing would double their cost.  They still go through
-the site, so each is request-id'd, access-logged and counted like any route.
+The three probes are answered on the fast routes, in front of Klein: load
+balancers, kubelets and monitors call them far more often than anything else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
@@ -17,21 +15,18 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, Resource
 
 from optiinfra import __version__
 from optiinfra.readiness import Readiness
 from optiinfra.timefmt import go_duration, rfc3339
 from optiinfra.web.app import route
-from optiinfra.web.render import render_error, render_json
+from optiinfra.web.front import FastRoutes
+from optiinfra.web.render import render_json
 
 SERVICE_NAME = "OptiInfra Orchestrator"
 
 #: A probe's answer: status code and JSON body.
 Answer = tuple[int, dict[str, Any]]
-
-_PROBE_METHODS = (b"GET", b"HEAD")
-_ALLOW = b"GET, HEAD"
 
 
 class Probes:
@@ -59,54 +54,25 @@ class Probes:
             return 200, {"status": "ready"}
         return 503, {"status": "not ready", "reasons": self._readiness.reasons()}
 
-    def by_path(self) -> Mapping[bytes, Callable[[], Answer]]:
-        return {b"/health": self.health, b"/livez": self.live, b"/readyz": self.ready}
 
-
-#: The paths L{FrontResource} answers itself (GET and HEAD).
+#: The paths answered in front of Klein.
 PROBE_PATHS = ("/health", "/livez", "/readyz")
 
 
-def _utf8(request: IRequest) -> bool:
-    """Klein (Werkzeug) routes text: refuse what would not decode, in JSON."""
-    try:
-        for segment in request.postpath:
-            segment.decode("utf-8")
-        request.getRequestHostname().decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+def mount_probes(routes: FastRoutes, probes: Probes) -> None:
+    """The probes, on the fast routes."""
 
+    def answer(probe: Callable[[], Answer]) -> Callable[[IRequest], bytes]:
+        def render(request: IRequest) -> bytes:
+            status, payload = probe()
+            return render_json(request, payload, status)
 
-class FrontResource(Resource):
-    """The site's root: the probes directly, everything else through Klein."""
+        return render
 
-    isLeaf = True
-
-    def __init__(self, probes: Probes, app: IResource) -> None:
-        super().__init__()
-        self._probes = probes.by_path()
-        self._app = app
-
-    def render(self, request: IRequest) -> Any:
-        path = request.path
-        probe = self._probes.get(path)
-        if probe is None:
-            if not _utf8(request):
-                return render_error(
-                    request,
-                    400,
-                    "invalid request",
-                    field="path",
-                    detail="the path and host must be UTF-8",
-                )
-            return self._app.render(request)
-        request.route = path.decode()  # type: ignore[attr-defined]
-        if request.method not in _PROBE_METHODS:
-            request.setHeader(b"allow", _ALLOW)
-            return render_error(request, 405, "method not allowed")
-        status, payload = probe()
-        return render_json(request, payload, status)
+    for path, probe in zip(
+        PROBE_PATHS, (probes.health, probes.live, probes.ready), strict=True
+    ):
+        routes.add(path, ("GET",), answer(probe))
 
 
 def mount(app: Klein, *, registry: CollectorRegistry) -> None:
