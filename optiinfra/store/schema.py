@@ -97,6 +97,17 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX task_events_task ON task_events (task_id, at)",
         ),
     ),
+    # Listing 10,000 agents formatted two timestamps per row on every read;
+    # written once with each change instead.  Rows from before keep NULL here
+    # and are formatted on read until they next change.
+    Migration(
+        3,
+        "agents: timestamps as text",
+        (
+            "ALTER TABLE agents ADD COLUMN registered_at_text TEXT",
+            "ALTER TABLE agents ADD COLUMN last_seen_text TEXT",
+        ),
+    ),
 )
 
 LATEST: Final = MIGRATIONS[-1].version

@@ -29,6 +29,7 @@ from optiinfra.registry.model import (
 )
 from optiinfra.store.interface import IBackend, IStore, Transaction
 from optiinfra.store.tasks import TaskStore
+from optiinfra.timefmt import rfc3339_ms
 
 T = TypeVar("T")
 
@@ -84,14 +85,14 @@ def new_agent_id() -> str:
 _UPSERT_SET: Final = (
     "name = ?, type = ?, host = ?, port = ?, capabilities = ?, status = ?,"
     " version = ?, last_seen = ?, metadata = ?, endpoint = ?,"
-    " health_check_endpoint = ?"
+    " health_check_endpoint = ?, last_seen_text = ?"
 )
 
 
 def _refresh_values(agent: Agent) -> tuple[Any, ...]:
     values = _values(agent)
     # everything but id and registered_at, in _UPSERT_SET's order
-    return values[1:8] + values[9:]
+    return (*values[1:8], *values[9:], rfc3339_ms(agent.last_seen))
 
 
 @implementer(IStore)
@@ -145,8 +146,13 @@ class SQLStore:
                 )
                 return stored, False
             tx.execute(
-                f"INSERT INTO agents ({_COLUMNS}) VALUES ({', '.join('?' * 13)})",
-                _values(agent),
+                f"INSERT INTO agents ({_COLUMNS}, registered_at_text,"
+                f" last_seen_text) VALUES ({', '.join('?' * 15)})",
+                (
+                    *_values(agent),
+                    rfc3339_ms(agent.registered_at),
+                    rfc3339_ms(agent.last_seen),
+                ),
             )
             return agent, True
 
@@ -217,9 +223,16 @@ class SQLStore:
                 merged = {**orjson.loads(metadata[before.id]), **beat.metadata}
                 metadata[before.id] = orjson.dumps(merged).decode()
         tx.executemany(
-            "UPDATE agents SET status = ?, last_seen = ?, metadata = ? WHERE id = ?",
+            "UPDATE agents SET status = ?, last_seen = ?, last_seen_text = ?,"
+            " metadata = ? WHERE id = ?",
             [
-                (state.status, state.last_seen, metadata[state.id], state.id)
+                (
+                    state.status,
+                    state.last_seen,
+                    rfc3339_ms(state.last_seen),
+                    metadata[state.id],
+                    state.id,
+                )
                 for state in states.values()
             ],
         )

@@ -392,3 +392,19 @@ async def test_a_task_changes_only_from_what_the_caller_expects(store: IStore) -
     )
     with pytest.raises(ValueError, match="cannot change"):
         tasks.change_task("task-1", ("sent",), "completed", 1.0, changes={"id": "x"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_from_before_the_text_timestamps_still_render(
+    store: IStore,
+) -> None:
+    await store.register_agent(agent(1, registered_at=999.5, last_seen=1000.25), True)
+    await store.backend.run(
+        lambda tx: tx.execute(
+            "UPDATE agents SET registered_at_text = NULL, last_seen_text = NULL"
+        )
+    )
+    _, raw = await store.agent_documents(AgentQuery(), silent_since=0.0)
+    [document] = orjson.loads(raw)
+    assert document["registered_at"] == "1970-01-01T00:16:39.500Z"
+    assert document["last_seen"] == "1970-01-01T00:16:40.250Z"
