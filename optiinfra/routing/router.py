@@ -61,6 +61,11 @@ _ATTEMPT: Final = "attempt"
 _CANCELLED: Final = "cancelled"
 _DRAIN: Final = "drain"
 
+#: Seconds between looks for late or abandoned tasks during dispatch passes.
+_SETTLE_EVERY: Final = 0.25
+#: Seconds a pass may reuse the agents read by an earlier one.
+_AGENTS_FOR: Final = 1.0
+
 
 @attrs.frozen
 class RouterConfig:
@@ -174,7 +179,9 @@ class Router:
         self._wake_call: IDelayedCall | None = None
         self._passing = False
         self._again = False
-        registry.listeners.append(self.wake)
+        self._agent_cache: tuple[float, dict[str, list[Agent]]] | None = None
+        self._last_settled = float("-inf")
+        registry.listeners.append(self._agents_changed)
 
     def now(self) -> float:
         return round(self._clock.seconds(), 3)
@@ -301,16 +308,27 @@ class Router:
     async def dispatch_pass(self) -> None:
         """Time out the late, recover the abandoned, send what can be sent."""
         now = self.now()
-        for task in await self.tasks.expire_waiting(now):
-            self._ended(task, TIMEOUT, "the deadline passed before an agent took it")
-        for task in await self.tasks.recover_abandoned(now):
-            _log.warn("task recovered from a stopped orchestrator", task_id=task.id)
+        if now - self._last_settled >= _SETTLE_EVERY:
+            self._last_settled = now
+            for task in await self.tasks.expire_waiting(now):
+                self._ended(
+                    task, TIMEOUT, "the deadline passed before an agent took it"
+                )
+            for task in await self.tasks.recover_abandoned(now):
+                _log.warn("task recovered from a stopped orchestrator", task_id=task.id)
         if self._draining():
             return
         due = await self.tasks.due_tasks(now, self.config.batch)
         if not due:
             return
-        agents = await self._registry.list(AgentQuery())
+        agents = await self._agents(now, {task.agent_type for task in due})
+        known = {agent.id for agent in agents}
+        asked = {t.requested_agent for t in due if t.requested_agent is not None}
+        for requested in asked - known:
+            # Asked for by id but not of the right type: found to say so.
+            found = await self._registry.store.get_agent(requested)
+            if found is not None:
+                agents.append(found)
         # Every change is issued at once and awaited together, so the store
         # commits them as one batch; an agent's slot is reserved as it is chosen.
         changes: list[Deferred[None]] = []
@@ -368,6 +386,23 @@ class Router:
         if task.started_at is None:
             self._metrics.dispatch_latency.observe(max(0.0, now - task.created_at))
         self._start(claimed, agent)
+
+    async def _agents(self, now: float, kinds: set[str]) -> list[Agent]:
+        """
+        The agents of C{kinds}, read at most once a second: a pass runs for every
+        burst of work, and re-reading thousands of agents each time would cost
+        more than the dispatching.  A registration or recovery clears the cache.
+        """
+        if self._agent_cache is None or now - self._agent_cache[0] >= _AGENTS_FOR:
+            self._agent_cache = (now, {})
+        cache = self._agent_cache[1]
+        for kind in kinds - cache.keys():
+            cache[kind] = await self._registry.list(AgentQuery(type=kind))
+        return [agent for kind in kinds for agent in cache[kind]]
+
+    def _agents_changed(self) -> None:
+        self._agent_cache = None
+        self.wake()
 
     def _choose(
         self, task: Task, agents: list[Agent], now: float
