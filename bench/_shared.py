@@ -9,9 +9,10 @@ in what surrounds the handler: routing, request ids, metrics and the access log.
 Deliberately a copy, not an import of C{optiinfra.web.health}: the baselines must
 not change when the service does.
 
-Harness (bench/health.py, bench/registry.py): wrk (installed if missing, run,
-parsed), CPU pinning, the noise check, servers as child processes, the
-machine's description and the exit-status convention.
+Harness (bench/health.py, bench/registry.py, bench/tasks.py): wrk (installed
+if missing, run, parsed), CPU pinning, the noise check (L{CpuWindow}), servers
+as child processes, plain HTTP requests, the machine's description and the
+exit-status convention.
 """
 
 from __future__ import annotations
@@ -337,6 +338,31 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         connection.close()
 
 
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    timeout: float = 10.0,
+    connection: http.client.HTTPConnection | None = None,
+) -> tuple[int, bytes]:
+    """
+    One request to 127.0.0.1:C{port}, a JSON body when C{body} is given; on
+    C{connection} (kept open, for many requests in a row) or a fresh one.
+    """
+    own = connection is None
+    if connection is None:
+        connection = http.client.HTTPConnection(INTERFACE, port, timeout=timeout)
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        if own:
+            connection.close()
+
+
 def clock_ticks() -> int:
     return os.sysconf("SC_CLK_TCK")
 
@@ -485,6 +511,70 @@ def metric_samples(
 # Measuring ----------------------------------------------------------------
 
 
+@dataclass
+class CpuWindow:
+    """
+    CPU use over a stretch of a run, on the two benchmark CPUs: the share the
+    servers (on the server CPU) used, and what anything else used on each CPU
+    beyond our own processes -- other processes, the hypervisor's steal.  Our
+    own processes on the load CPU are C{load} (long-running, like an agent) and
+    every child reaped meanwhile (a wrk run).
+
+        window = CpuWindow(pinning, [server]); window.start()
+        ...
+        usage = window.stop()   # server_cpu, other_on_server_cpu, noisy ...
+    """
+
+    pinning: Pinning
+    servers: Sequence[Server]
+    load: Sequence[Server] = ()
+    _ticks: dict[int, int] = field(default_factory=dict, repr=False)
+    _children: Any = field(default=None, repr=False)
+    _server_cpu: float = field(default=0.0, repr=False)
+    _load_cpu: float = field(default=0.0, repr=False)
+    _wall: float = field(default=0.0, repr=False)
+
+    def start(self) -> None:
+        self._ticks = busy_ticks()
+        self._children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._server_cpu = sum(server.cpu_seconds() for server in self.servers)
+        self._load_cpu = sum(process.cpu_seconds() for process in self.load)
+        self._wall = time.monotonic()
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.monotonic() - self._wall
+        cpu = sum(server.cpu_seconds() for server in self.servers) - self._server_cpu
+        load_cpu = sum(process.cpu_seconds() for process in self.load) - self._load_cpu
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ticks = busy_ticks()
+        before = self._children
+        reaped = (
+            children.ru_utime + children.ru_stime - before.ru_utime - before.ru_stime
+        )
+
+        def other(cpu_id: int | None, own: float) -> float | None:
+            if cpu_id is None or cpu_id not in self._ticks or not wall:
+                return None
+            used = (ticks[cpu_id] - self._ticks[cpu_id]) / clock_ticks()
+            return max(0.0, (used - own) / wall)
+
+        usage: dict[str, Any] = {
+            "wall_s": wall,
+            "server_cpu_s": cpu,
+            "server_cpu": cpu / wall if wall else float("nan"),
+            "load_cpu_s": load_cpu + reaped,
+            # What else ran on the two CPUs (other processes, the hypervisor's
+            # steal):
+            "other_on_server_cpu": other(self.pinning.server_cpu, cpu),
+            "other_on_load_cpu": other(self.pinning.load_cpu, load_cpu + reaped),
+        }
+        usage["noisy"] = any(
+            share is not None and share > NOISE_LIMIT
+            for share in (usage["other_on_server_cpu"], usage["other_on_load_cpu"])
+        )
+        return usage
+
+
 def run_wrk(
     wrk: str,
     pinning: Pinning,
@@ -494,10 +584,12 @@ def run_wrk(
     path: str = "/health",
     script: Path | None = None,
     script_args: Sequence[str] = (),
+    load_processes: Sequence[Server] = (),
 ) -> dict[str, Any]:
     """
     One wrk run against C{server}: its figures, the server's CPU share and CPU
-    per request, and what else ran on the two CPUs meanwhile.
+    per request, and what else ran on the two CPUs meanwhile (besides wrk and
+    C{load_processes}, ours on the load CPU).
     """
     command = [
         *pinning.load,
@@ -512,47 +604,26 @@ def run_wrk(
         f"http://{INTERFACE}:{server.port}{path}",
         *(["--", *script_args] if script_args else []),
     ]
-    ticks_before = busy_ticks()
-    load_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_before = server.cpu_seconds()
-    wall_before = time.monotonic()
+    window = CpuWindow(pinning, [server], load_processes)
+    window.start()
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=seconds + 60
     )
-    wall = time.monotonic() - wall_before
-    cpu = server.cpu_seconds() - cpu_before
-    load_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    ticks_after = busy_ticks()
+    usage = window.stop()
     if result.returncode != 0:
         raise BenchError(
             f"wrk failed (status {result.returncode}): "
             f"{(result.stderr or result.stdout).strip()}"
         )
     figures = parse_wrk(result.stdout)
-    figures["server_cpu"] = cpu / wall if wall else float("nan")
+    figures["server_cpu"] = usage["server_cpu"]
     figures["cpu_us_per_request"] = (
-        cpu / figures["requests"] * 1e6 if figures["requests"] else float("nan")
+        usage["server_cpu_s"] / figures["requests"] * 1e6
+        if figures["requests"]
+        else float("nan")
     )
-    wrk_cpu = (
-        load_after.ru_utime
-        + load_after.ru_stime
-        - load_before.ru_utime
-        - load_before.ru_stime
-    )
-
-    def other(cpu_id: int | None, own: float) -> float | None:
-        if cpu_id is None or cpu_id not in ticks_before or not wall:
-            return None
-        used = (ticks_after[cpu_id] - ticks_before[cpu_id]) / clock_ticks()
-        return max(0.0, (used - own) / wall)
-
-    # What else ran on the two CPUs (other processes, the hypervisor's steal):
-    figures["other_on_server_cpu"] = other(pinning.server_cpu, cpu)
-    figures["other_on_load_cpu"] = other(pinning.load_cpu, wrk_cpu)
-    figures["noisy"] = any(
-        share is not None and share > NOISE_LIMIT
-        for share in (figures["other_on_server_cpu"], figures["other_on_load_cpu"])
-    )
+    for key in ("other_on_server_cpu", "other_on_load_cpu", "noisy"):
+        figures[key] = usage[key]
     return figures
 
 

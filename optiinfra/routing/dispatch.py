@@ -12,10 +12,16 @@ from typing import Any, Final
 import attrs
 import orjson
 import treq
+from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
-from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import Agent as WebAgent
+from twisted.web.client import (
+    HTTPConnectionPool,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 
 from optiinfra.registry.model import Agent
 from optiinfra.routing.model import Task
@@ -74,8 +80,8 @@ class Dispatcher:
     """Sends attempts over a shared connection pool."""
 
     def __init__(self, reactor: Any, pool: HTTPConnectionPool) -> None:
-        self._reactor = reactor
-        self._pool = pool
+        # One client for every call: treq.post would build an Agent each time.
+        self._client = HTTPClient(WebAgent(reactor, pool=pool))
 
     async def send(self, agent: Agent, task: Task, seconds_left: float) -> Outcome:
         """
@@ -93,12 +99,11 @@ class Dispatcher:
             headers["traceparent"] = [task.traceparent]
         url = f"http://{agent.host}:{agent.port}/task"
         try:
-            response = await treq.post(
+            response = await self._client.post(
                 url,
                 data=orjson.dumps(task_body(task, seconds_left)),
                 headers=headers,
-                pool=self._pool,
-                reactor=self._reactor,
+                allow_redirects=False,
             )
             content = await treq.content(response)
         except (ResponseNeverReceived, ResponseFailed) as error:

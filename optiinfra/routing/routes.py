@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from optiinfra.auth import Permission
@@ -25,6 +27,8 @@ from optiinfra.web.app import route
 from optiinfra.web.body import read_json
 from optiinfra.web.guard import Guard
 from optiinfra.web.render import render_json
+
+T = TypeVar("T")
 
 MAX_PAGE = 500
 _DIGITS = re.compile(r"[0-9]{1,12}")
@@ -106,6 +110,25 @@ def _query(request: IRequest) -> TaskQuery:
     )
 
 
+def _shielded(work: Deferred[T]) -> Deferred[T]:
+    """
+    C{work}'s result, but cancelling the answer leaves C{work} running: a client
+    that hangs up after its task was stored must not stop the task from being
+    counted, logged and dispatched.
+    """
+    answer: Deferred[T] = Deferred()
+
+    def relay(result: T | Failure) -> None:
+        if not answer.called:
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+
+    work.addBoth(relay)
+    return answer
+
+
 def mount(app: Klein, router: Router, guard: Guard) -> None:
     @route(app, "/tasks", ("POST",))
     async def submit(request: IRequest) -> bytes:
@@ -118,12 +141,16 @@ def mount(app: Klein, router: Router, guard: Guard) -> None:
         traceparent = _header(request, b"traceparent")
         if traceparent is not None and not TRACEPARENT.fullmatch(traceparent):
             traceparent = None  # malformed trace context is dropped, per W3C
-        task, created = await router.submit(
-            task_request,
-            idempotency_key=key,
-            request_hash=request_hash(document) if key is not None else None,
-            request_id=getattr(request, "request_id", None),
-            traceparent=traceparent,
+        task, created = await _shielded(
+            ensureDeferred(
+                router.submit(
+                    task_request,
+                    idempotency_key=key,
+                    request_hash=request_hash(document) if key is not None else None,
+                    request_id=getattr(request, "request_id", None),
+                    traceparent=traceparent,
+                )
+            )
         )
         if not created:
             request.setHeader(b"idempotent-replayed", b"true")

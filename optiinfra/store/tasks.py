@@ -286,19 +286,25 @@ class TaskStore:
 
         return self._backend.run(settle)
 
-    def purge_finished(self, before: float) -> Deferred[int]:
+    def purge_finished(self, before: float, limit: int = 1000) -> Deferred[int]:
+        """
+        Delete up to C{limit} tasks finished before C{before}.  Only finished
+        tasks have a completion time, so the C{completed_at} index alone finds
+        them; bounded, so one purge never holds the writer for long.
+        """
+
         def purge(tx: Transaction) -> int:
-            finished = (*FINISHED, before)
-            tx.execute(
-                "DELETE FROM task_events WHERE task_id IN (SELECT id FROM tasks"
-                f" WHERE status IN ({_marks(FINISHED)}) AND completed_at < ?)",
-                finished,
-            )
             rows = tx.execute(
-                f"DELETE FROM tasks WHERE status IN ({_marks(FINISHED)})"
-                " AND completed_at < ? RETURNING id",
-                finished,
+                "SELECT id FROM tasks WHERE completed_at < ? ORDER BY completed_at"
+                " LIMIT ?",
+                (before, limit),
             )
+            if not rows:
+                return 0
+            condition, params = self._backend.in_list("task_id", [r[0] for r in rows])
+            tx.execute(f"DELETE FROM task_events WHERE {condition}", params)
+            condition, params = self._backend.in_list("id", [r[0] for r in rows])
+            tx.execute(f"DELETE FROM tasks WHERE {condition}", params)
             return len(rows)
 
         return self._backend.run(purge)

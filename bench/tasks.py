@@ -1,0 +1,1091 @@
+"""
+Tasks end to end: throughput and the orchestrator's added latency, with a fast
+local agent, beside GET /health from the same run.
+
+    python bench/tasks.py                  # 3 rounds x 5 s of submissions, ~55 s
+    python bench/tasks.py --quick          # 1 round x 3 s, ~20 s
+    python bench/tasks.py --json out.json --strict
+
+Starts, as child processes:
+
+  service     the real service, ``twistd -n --pidfile= optiinfra``, pinned to
+              the server CPU, on a fresh SQLite store in a temporary STATE_DIR,
+              LOG_LEVEL=info (JSON access log and task lines on, to a file: the
+              task lines carry the completion times), AGENT_CONCURRENCY=64
+  klein       bench/baseline_klein.py, the bare Klein /health baseline, same CPU
+  agent       bench/fast_agent.py on the load CPU: registers itself (type cost,
+              capability analyze_cost), heartbeats, answers every POST /task at
+              once; it also holds the paced client of the latency phase
+
+Then:
+
+  throughput  per round, wrk (tasks.lua, 50 connections, load CPU) submits
+              ``POST /tasks {"task_type":"analyze_cost","agent_type":"cost"}``
+              for D seconds as fast as they are accepted; the harness waits
+              until every task is finished and reads the last completion time
+              from the service's own log.  completed/s end to end = tasks /
+              (last completion - first submission)
+  health      GET /health at 50 connections, the service and bare Klein,
+              interleaved with the throughput runs in rotating order
+  latency     the agent's process submits 100 tasks/s for 10 s on a fixed
+              schedule; per task, added latency = (completion logged by the
+              service - POST /tasks sent) - (agent answered - agent received)
+
+Exit status: 0 after a completed run whatever the figures (1 on FAIL only with
+--strict); 2 when the benchmark could not run.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+from _shared import (
+    BENCH,
+    INTERFACE,
+    NOISE_LIMIT,
+    BenchError,
+    CpuWindow,
+    Pinning,
+    Server,
+    base_environment,
+    choose_cpus,
+    ensure_wrk,
+    env_int,
+    free_port,
+    guarded,
+    http_request,
+    machine_info,
+    metric_samples,
+    noise_note,
+    run_wrk,
+    say,
+    service_argv,
+)
+
+TASKS_SCRIPT = BENCH / "tasks.lua"
+TASK_BODY = '{"task_type":"analyze_cost","agent_type":"cost"}'
+#: On top of the clean environment.  The access log and the task lines are on
+#: (LOG_LEVEL=info), as in production; the per-agent cap is raised so that one
+#: agent's 8 slots are not what limits the rate.
+SERVICE_SETTINGS = {"LOG_LEVEL": "info", "AGENT_CONCURRENCY": "64"}
+HEALTH_TARGETS = ("service", "klein")
+LABELS = {
+    "tasks": "tasks, service",
+    "service": "GET /health, service",
+    "klein": "GET /health, bare Klein",
+}
+FINISHED = ("completed", "failed", "timeout", "cancelled")
+#: The service's log times are truncated to the millisecond: a time logged as
+#: T happened in [T, T + 1 ms); the middle is the best estimate.
+LOG_RESOLUTION_S = 0.001
+
+
+# Options ------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Tasks end to end with a fast local agent: completed/s on one "
+        "core, the orchestrator's added latency at a steady rate, and GET /health "
+        "of the same service and of bare Klein in the same run.",
+        epilog="Environment defaults: BENCH_DURATION, BENCH_ROUNDS, BENCH_WARMUP "
+        "(flags win).  Exit status is 0 after a completed run even on FAIL unless "
+        "--strict is given; 2 if the benchmark could not run.",
+    )
+    parser.add_argument(
+        "--duration",
+        type=int,
+        default=env_int("BENCH_DURATION", 5),
+        help="seconds of submissions per throughput round [BENCH_DURATION, 5]",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=env_int("BENCH_ROUNDS", 3),
+        help="interleaved rounds; medians are reported [BENCH_ROUNDS, 3]",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=env_int("BENCH_WARMUP", 2),
+        help="seconds of unmeasured submissions first (0: none) [BENCH_WARMUP, 2]",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=50,
+        help="wrk connections submitting tasks and loading /health [50]",
+    )
+    parser.add_argument(
+        "--health-duration",
+        type=int,
+        default=3,
+        help="seconds per GET /health run [3]",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=100.0, help="tasks/s of the latency phase [100]"
+    )
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=10.0,
+        help="seconds of the latency phase [10]",
+    )
+    parser.add_argument(
+        "--agent-concurrency",
+        type=int,
+        default=int(SERVICE_SETTINGS["AGENT_CONCURRENCY"]),
+        help="the service's AGENT_CONCURRENCY (calls in flight to the agent) [64]",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 round, 3 s of submissions, 1 s warm-up, 2 s of "
+        "/health, 5 s of paced tasks",
+    )
+    parser.add_argument(
+        "--target-rate",
+        type=float,
+        default=1000.0,
+        help="target tasks completed/s end to end [1000]",
+    )
+    parser.add_argument(
+        "--latency-limit",
+        type=float,
+        default=5.0,
+        help="target p99 of the added latency, ms [5]",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a target is missed (default: exit 0)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the figures here")
+    parser.add_argument(
+        "--service-log",
+        metavar="FILE",
+        help="keep the service's JSON log here (by default it goes to a file in "
+        "the temporary directory, removed at the end; it cannot be /dev/null: "
+        "the completion times are read from it)",
+    )
+    parser.add_argument(
+        "--service-env",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="set a variable for the service (repeatable); it otherwise runs "
+        "with a clean environment, LOG_LEVEL=info, AGENT_CONCURRENCY=64 and a "
+        "throw-away STATE_DIR",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the servers and the load generators to separate CPUs",
+    )
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="fail instead of installing wrk with apt-get when it is missing",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 3, 1
+        args.health_duration, args.latency_seconds = 2, 5.0
+    if args.duration < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--duration and --rounds must be >= 1, --warmup >= 0")
+    if args.rate <= 0 or args.latency_seconds <= 0 or args.health_duration < 1:
+        parser.error("--rate, --latency-seconds, --health-duration must be > 0")
+    if args.service_log is not None and os.path.realpath(args.service_log) == (
+        os.path.realpath(os.devnull)
+    ):
+        parser.error("--service-log cannot be /dev/null: the benchmark reads it")
+    return args
+
+
+# Servers ------------------------------------------------------------------
+
+
+def service_settings(args: argparse.Namespace) -> dict[str, str]:
+    settings = dict(SERVICE_SETTINGS)
+    settings["AGENT_CONCURRENCY"] = str(args.agent_concurrency)
+    for assignment in args.service_env:
+        key, _, value = assignment.partition("=")
+        settings[key] = value
+    return settings
+
+
+def build_servers(
+    args: argparse.Namespace,
+    pinning: Pinning,
+    workdir: Path,
+    service_log: IO[bytes],
+    devnull: IO[bytes],
+) -> dict[str, Server]:
+    env = base_environment() | service_settings(args)
+    env["STATE_DIR"] = str(workdir / "var")  # a throw-away SQLite store
+    service_port, klein_port = free_port(), free_port()
+    return {
+        "service": Server(
+            name="service",
+            argv=[*pinning.server, *service_argv(service_port)],
+            env=env,
+            cwd=workdir,
+            stdout=service_log,
+            stderr_path=workdir / "service.stderr",
+            port=service_port,
+            service=True,
+        ),
+        "klein": Server(
+            name="klein",
+            argv=[
+                *pinning.server,
+                sys.executable,
+                str(BENCH / "baseline_klein.py"),
+                "--port",
+                str(klein_port),
+            ],
+            env=base_environment(),
+            cwd=workdir,
+            stdout=devnull,
+            stderr_path=workdir / "klein.stderr",
+            port=klein_port,
+        ),
+    }
+
+
+def agent_server(
+    pinning: Pinning, workdir: Path, devnull: IO[bytes], service: Server
+) -> Server:
+    port = free_port()
+    return Server(
+        name="agent",
+        argv=[
+            *pinning.load,
+            sys.executable,
+            str(BENCH / "fast_agent.py"),
+            "--port",
+            str(port),
+            "--orchestrator",
+            str(service.port),
+        ],
+        env=base_environment(),
+        cwd=workdir,
+        stdout=devnull,
+        stderr_path=workdir / "agent.stderr",
+        port=port,
+    )
+
+
+def agent_call(
+    agent: Server, method: str, path: str, document: object = None
+) -> tuple[int, Any]:
+    body = None if document is None else orjson.dumps(document)
+    status, payload = http_request(agent.port, method, path, body, timeout=30)
+    return status, orjson.loads(payload) if payload else None
+
+
+# The service's own records --------------------------------------------------
+
+
+def task_counts(service: Server) -> dict[str, float]:
+    """
+    The service's own counts: tasks submitted, finished by status, and
+    POST /tasks whose client hung up before the answer (status 499).
+    """
+    counts: Counter[str] = Counter()
+    for _, value in metric_samples(
+        service.port, "optiinfra_tasks_submitted_total", timeout=10
+    ):
+        counts["submitted"] += value
+    for labels, value in metric_samples(
+        service.port, "optiinfra_tasks_finished_total", timeout=10
+    ):
+        counts[labels.get("status", "?")] += value
+    for labels, value in metric_samples(
+        service.port, "optiinfra_http_requests_total", timeout=10
+    ):
+        if labels.get("route") == "/tasks" and labels.get("method") == "POST":
+            counts["abandoned" if labels.get("status") == "499" else "answered"] += (
+                value
+            )
+    return dict(counts)
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
+    keys = ("submitted", *FINISHED, "abandoned", "answered")
+    delta = {key: round(after.get(key, 0.0) - before.get(key, 0.0)) for key in keys}
+    #: Every task the service created, whether it counted it as submitted
+    #: or not (see "uncounted" in bench/README.md): all are finished by now.
+    delta["finished"] = sum(delta[status] for status in FINISHED)
+    return delta
+
+
+def _log_time(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+class ServiceLog:
+    """The service's JSON log, read on from where the last read stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def skip(self) -> None:
+        """Forget what is there: the next read starts at the end."""
+        self.offset = self.path.stat().st_size
+
+    def finished(self) -> dict[str, tuple[float, str]]:
+        """
+        Since the last read, from the "task finished" lines (written once the
+        store has committed the change): task id -> (when, status).
+        """
+        finished: dict[str, tuple[float, str]] = {}
+        with open(self.path, "rb") as log:
+            log.seek(self.offset)
+            data = log.read()
+        # Only whole lines; a partial last one is read next time.
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for line in data[:end].splitlines():
+            if b'"task finished"' in line:
+                record = orjson.loads(line)
+                finished[record["task_id"]] = (
+                    _log_time(record["timestamp"]) + LOG_RESOLUTION_S / 2,
+                    record["status"],
+                )
+        return finished
+
+
+UNFINISHED = ("pending", "queued", "retrying", "sent", "running")
+
+
+def unfinished(service: Server) -> int:
+    """
+    Whether any task is not finished, per the service's store (C{GET /tasks}
+    by status, in the order a task goes through them, so that one moving on
+    between two queries is still seen); 0 when none is.
+    """
+    found = 0
+    for status in UNFINISHED:
+        code, body = http_request(
+            service.port, "GET", f"/tasks?status={status}&limit=1", timeout=10
+        )
+        if code != 200:
+            raise BenchError(f"GET /tasks?status={status} answered {code}: {body!r}")
+        found += int(orjson.loads(body)["count"])
+    return found
+
+
+def wait_finished(
+    service: Server, agent: Server, before: dict[str, float], timeout: float
+) -> dict[str, Any]:
+    """
+    Wait until no task is left unfinished, then the service's counts since
+    C{before}.  The agent is asked first (it is on the load CPU); the service
+    only once the agent has answered as many tasks as were counted submitted,
+    or every second (tasks that fail never reach the agent), so as not to load
+    it while it works.
+    """
+    time.sleep(0.2)  # requests a client left in flight reach the store
+    deadline = time.monotonic() + timeout
+    submitted = _delta(task_counts(service), before)["submitted"]
+    last_check = 0.0
+    while True:
+        _, stats = agent_call(agent, "GET", "/bench/stats")
+        now = time.monotonic()
+        if stats["unique"] >= submitted or now - last_check >= 1.0:
+            last_check = now
+            if not unfinished(service):
+                return _delta(task_counts(service), before) | {"quiet": True}
+        if now > deadline:
+            return _delta(task_counts(service), before) | {"quiet": False}
+        time.sleep(0.1)
+
+
+# Throughput ------------------------------------------------------------------
+
+
+def throughput_run(
+    args: argparse.Namespace,
+    wrk: str,
+    pinning: Pinning,
+    service: Server,
+    agent: Server,
+    log: ServiceLog,
+    seconds: int,
+) -> dict[str, Any]:
+    """Submit for C{seconds} at full speed, then wait until all are finished."""
+    agent_call(agent, "POST", "/bench/reset")
+    before = task_counts(service)
+    log.skip()
+    window = CpuWindow(pinning, [service], [agent])
+    window.start()
+    first = time.time()  # before wrk starts: the window can only be longer
+    wrk_figures = run_wrk(
+        wrk,
+        pinning,
+        service,
+        args.connections,
+        seconds,
+        path="/tasks",
+        script=TASKS_SCRIPT,
+        load_processes=[agent],
+    )
+    counts = wait_finished(service, agent, before, timeout=60 + seconds)
+    usage = window.stop()
+    finished = log.finished()
+    _, stats = agent_call(agent, "GET", "/bench/stats")
+    tasks = counts["finished"]
+    last = max((at for at, _ in finished.values()), default=float("nan"))
+    by_status = Counter(status for _, status in finished.values())
+    span = last - first
+    return {
+        "seconds": seconds,
+        "tasks": tasks,
+        "submitted_per_s": wrk_figures["rps"],
+        "submit_p50_ms": wrk_figures["p50_ms"],
+        "submit_p99_ms": wrk_figures["p99_ms"],
+        "submit_errors": wrk_figures["errors"],
+        "answered_201": wrk_figures["requests"],
+        "span_s": span,
+        "completed_per_s": tasks / span if span > 0 else float("nan"),
+        "drain_s": last - first - seconds,
+        "counted": counts,
+        "uncounted": tasks - counts["submitted"],
+        "logged": dict(by_status),
+        "agent_answered": stats["answered"],
+        "agent_duplicates": stats["duplicates"],
+        "all_completed": (
+            counts["quiet"]
+            and counts["completed"] == tasks
+            and by_status.get("completed", 0) == tasks
+            and stats["unique"] == tasks
+            and not stats["duplicates"]
+        ),
+        "server_cpu": usage["server_cpu"],
+        "cpu_us_per_task": usage["server_cpu_s"] / tasks * 1e6
+        if tasks
+        else float("nan"),
+        "load_cpu": usage["load_cpu_s"] / usage["wall_s"],
+        "other_on_server_cpu": usage["other_on_server_cpu"],
+        "other_on_load_cpu": usage["other_on_load_cpu"],
+        "noisy": usage["noisy"] or wrk_figures["noisy"],
+    }
+
+
+# Latency ---------------------------------------------------------------------
+
+
+def _percentile(ordered: Sequence[float], share: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "p50": _percentile(ordered, 0.50),
+        "p90": _percentile(ordered, 0.90),
+        "p99": _percentile(ordered, 0.99),
+        "max": ordered[-1] if ordered else float("nan"),
+        "mean": statistics.fmean(ordered) if ordered else float("nan"),
+    }
+
+
+def fetch_histories(service: Server, task_ids: Sequence[str]) -> dict[str, Any]:
+    """GET /tasks/{id} for each, on one kept-alive connection."""
+    documents: dict[str, Any] = {}
+    connection = http.client.HTTPConnection(INTERFACE, service.port, timeout=10)
+    try:
+        for task_id in task_ids:
+            status, body = http_request(
+                service.port, "GET", f"/tasks/{task_id}", connection=connection
+            )
+            if status == 200:
+                documents[task_id] = orjson.loads(body)
+    finally:
+        connection.close()
+    return documents
+
+
+def latency_phase(
+    args: argparse.Namespace,
+    pinning: Pinning,
+    service: Server,
+    agent: Server,
+    log: ServiceLog,
+) -> dict[str, Any]:
+    agent_call(agent, "POST", "/bench/reset")
+    before = task_counts(service)
+    log.skip()
+    window = CpuWindow(pinning, [service], [agent])
+    window.start()
+    status, answer = agent_call(
+        agent,
+        "POST",
+        "/bench/pace",
+        {"rate": args.rate, "seconds": args.latency_seconds, "body": TASK_BODY},
+    )
+    if status != 202:
+        raise BenchError(f"the agent would not start the paced run: {answer}")
+    deadline = time.monotonic() + args.latency_seconds + 60
+    while True:
+        time.sleep(0.25)
+        status, report = agent_call(agent, "GET", "/bench/pace")
+        if status == 200:
+            break
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"the paced run did not end: {report}\n{agent.diagnostics()}"
+            )
+    counts = wait_finished(service, agent, before, timeout=40)
+    usage = window.stop()
+    finished = log.finished()
+
+    rows = report["rows"]
+    added, to_agent, back, accepted, agent_own, late = [], [], [], [], [], []
+    slow: list[tuple[float, float, str]] = []
+    problems: Counter[str] = Counter()
+    for scheduled, sent, answered_201, code, task_id, received, answered in rows:
+        if code != 201 or task_id is None:
+            problems[f"POST /tasks answered {code}"] += 1
+            continue
+        accepted.append((answered_201 - sent) * 1000)
+        late.append((sent - scheduled) * 1000)
+        if received is None:
+            problems["never reached the agent"] += 1
+            continue
+        done = finished.get(task_id)
+        if done is None or done[1] != "completed":
+            problems[f"not completed ({done[1] if done else 'no log line'})"] += 1
+            continue
+        own = answered - received
+        agent_own.append(own * 1000)
+        added.append((done[0] - sent - own) * 1000)
+        slow.append((added[-1], sent - rows[0][1], task_id))
+        to_agent.append((received - sent) * 1000)
+        back.append((done[0] - answered) * 1000)
+
+    # Where the time goes, from the service's stored history (ms resolution).
+    ids = [row[4] for row in rows if row[4] is not None]
+    documents = fetch_histories(service, ids)
+    by_id = {row[4]: row for row in rows if row[4] is not None}
+    stages: dict[str, list[float]] = {
+        "sent -> created_at (HTTP, parse, route)": [],
+        "created_at -> 'sent' (store insert, dispatch pass)": [],
+        "'sent' -> agent received (claim commit, HTTP out)": [],
+        "agent received -> answered (the agent)": [],
+        "answered -> completed_at (answer read)": [],
+        "completed_at -> logged (store commit)": [],
+    }
+    shapes: Counter[str] = Counter()
+    for task_id, document in documents.items():
+        history = document.get("history", [])
+        shapes[" > ".join(event["status"] for event in history)] += 1
+        marks = {event["status"]: _log_time(event["at"]) for event in history}
+        row = by_id[task_id]
+        done = finished.get(task_id)
+        if (
+            document.get("status") != "completed"
+            or row[5] is None
+            or done is None
+            or not {"pending", "sent", "completed"} <= set(marks)
+        ):
+            continue
+        points = [
+            row[1],
+            marks["pending"],
+            marks["sent"],
+            row[5],
+            row[6],
+            marks["completed"],
+            done[0],
+        ]
+        for stage, start, end in zip(stages, points, points[1:], strict=False):
+            stages[stage].append((end - start) * 1000)
+    example = next(iter(documents.values()), None)
+    return {
+        "rate": args.rate,
+        "seconds": args.latency_seconds,
+        "tasks": len(rows),
+        "achieved_rate": (len(rows) - 1) / (rows[-1][1] - rows[0][1])
+        if len(rows) > 1 and rows[-1][1] and rows[0][1]
+        else float("nan"),
+        "measured": len(added),
+        "problems": dict(problems),
+        "counted": counts,
+        "added_ms": spread(added),
+        "to_agent_ms": spread(to_agent),
+        "back_ms": spread(back),
+        "accepted_ms": spread(accepted),
+        "agent_own_ms": spread(agent_own),
+        "client_late_ms": spread(late),
+        "connections_opened": report["connections_opened"],
+        "waited_for_connection": report["waited_for_connection"],
+        "stages_ms": {stage: spread(values) for stage, values in stages.items()},
+        "histories": len(documents),
+        "history_shapes": dict(shapes),
+        "example": example,
+        # The slowest tasks: added ms, seconds into the phase, task id.  Stalls
+        # that come back at a fixed period point at a timer in the service.
+        "slowest": sorted(slow, reverse=True)[:10],
+        "server_cpu": usage["server_cpu"],
+        "other_on_server_cpu": usage["other_on_server_cpu"],
+        "other_on_load_cpu": usage["other_on_load_cpu"],
+        "noisy": usage["noisy"],
+    }
+
+
+# The run ----------------------------------------------------------------------
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    wrk = ensure_wrk(allow_install=not args.no_install)
+    if not TASKS_SCRIPT.is_file():
+        raise BenchError(f"{TASKS_SCRIPT} is missing")
+    pinning = choose_cpus(args.no_pin)
+    info = machine_info(pinning, ("twisted", "klein", "treq"))
+    with tempfile.TemporaryDirectory(prefix="optiinfra-bench-") as tmp:
+        workdir = Path(tmp)
+        log_path = Path(args.service_log or workdir / "service.log")
+        with (
+            open(log_path, "ab") as service_log,
+            open(os.devnull, "wb") as devnull,
+        ):
+            servers = build_servers(args, pinning, workdir, service_log, devnull)
+            agent = agent_server(pinning, workdir, devnull, servers["service"])
+            running = [*servers.values(), agent]
+            try:
+                for server in servers.values():
+                    server.start()
+                for server in servers.values():
+                    server.wait_ready()
+                agent.start()
+                agent.wait_ready()
+                _, health = agent_call(agent, "GET", "/health")
+                info["agent_id"] = health["agent_id"]
+                say(
+                    f"service, bare Klein and the fast agent are up (agent "
+                    f"{health['agent_id']} registered); {pinning.note}"
+                )
+                return measure(
+                    args, wrk, pinning, servers, agent, ServiceLog(log_path), info
+                )
+            finally:
+                for server in reversed(running):
+                    server.stop()
+
+
+def measure(
+    args: argparse.Namespace,
+    wrk: str,
+    pinning: Pinning,
+    servers: dict[str, Server],
+    agent: Server,
+    log: ServiceLog,
+    info: dict[str, Any],
+) -> int:
+    service = servers["service"]
+    estimate = (
+        args.rounds * (args.duration + 2 + 2 * args.health_duration)
+        + args.warmup
+        + 2
+        + args.latency_seconds
+        + 5
+    )
+    say(
+        f"{args.rounds} rounds of {args.duration} s of submissions + 2 x "
+        f"{args.health_duration} s of GET /health, then {args.latency_seconds:g} s "
+        f"at {args.rate:g} tasks/s: ~{estimate:.0f} s"
+    )
+    everything_before = task_counts(service)
+    if args.warmup:
+        warm = throughput_run(args, wrk, pinning, service, agent, log, args.warmup)
+        for name in HEALTH_TARGETS:
+            run_wrk(wrk, pinning, servers[name], args.connections, 1)
+        say(
+            f"warmed up: {warm['tasks']:,} tasks in {warm['span_s']:.1f} s, "
+            "1 s of /health per target"
+        )
+
+    kinds = ("tasks", *HEALTH_TARGETS)
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+    for number in range(args.rounds):
+        shift = number % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:
+            prefix = f"round {number + 1}/{args.rounds}  "
+            if kind == "tasks":
+                figures = throughput_run(
+                    args, wrk, pinning, service, agent, log, args.duration
+                )
+                runs[kind].append(figures)
+                say(
+                    prefix + f"tasks   {figures['tasks']:,} submitted at "
+                    f"{figures['submitted_per_s']:,.0f}/s, completed end to end "
+                    f"{figures['completed_per_s']:,.0f}/s (last "
+                    f"{figures['drain_s']:+.2f} s after submissions stopped), "
+                    f"{figures['cpu_us_per_task']:,.0f} us CPU/task, server CPU "
+                    f"{figures['server_cpu']:.0%}, load CPU {figures['load_cpu']:.0%}"
+                    + noise_note(figures)
+                    + ("" if figures["all_completed"] else "  NOT ALL COMPLETED")
+                )
+            else:
+                figures = run_wrk(
+                    wrk, pinning, servers[kind], args.connections, args.health_duration
+                )
+                runs[kind].append(figures)
+                say(
+                    prefix + f"{kind:<8}{figures['rps']:>7,.0f} GET /health/s  p50 "
+                    f"{figures['p50_ms']:.2f} ms  p99 {figures['p99_ms']:.2f} ms  "
+                    f"server CPU {figures['server_cpu']:.0%}"
+                    + noise_note(figures)
+                    + (f"  ERRORS {figures['errors']}" if figures["errors"] else "")
+                )
+
+    say(f"latency: {args.rate:g} tasks/s for {args.latency_seconds:g} s ...")
+    latency = latency_phase(args, pinning, service, agent, log)
+    added = latency["added_ms"]
+    say(
+        f"latency: {latency['measured']:,} of {latency['tasks']:,} tasks measured, "
+        f"added p50 {added['p50']:.2f} ms, p99 {added['p99']:.2f} ms"
+        + noise_note(latency)
+    )
+    totals = _delta(task_counts(service), everything_before)
+    totals["unfinished"] = unfinished(service)
+    _, agent_health = agent_call(agent, "GET", "/health")
+    info["loadavg_after"] = os.getloadavg()
+
+    summary = summarise(runs)
+    results = checks(args, summary, runs, latency, totals)
+    print_report(args, info, pinning, summary, runs, latency, totals)
+    noisy = sum(bool(run["noisy"]) for kind in runs.values() for run in kind) + bool(
+        latency["noisy"]
+    )
+    total_runs = sum(len(kind) for kind in runs.values()) + 1
+    if noisy:
+        print(
+            f"warning: {noisy} of {total_runs} runs had other load above "
+            f"{NOISE_LIMIT:.0%} of a benchmark CPU (see the per-run lines): the "
+            "machine was not quiet; rerun when it is, or with more --rounds."
+        )
+    print()
+    for result in results:
+        print(
+            f"  {'PASS' if result['met'] else 'FAIL'}  {result['what']}: "
+            f"{result['figure']}"
+        )
+    passed = all(result["met"] for result in results)
+    missed = [f"{r['what']} ({r['figure']})" for r in results if not r["met"]]
+    print()
+    if passed:
+        print(f"PASS: every target met ({len(results)} checks)")
+    else:
+        print(
+            f"FAIL: {len(missed)} of {len(results)} targets missed: "
+            + "; ".join(missed)
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "config": {
+                        "duration_s": args.duration,
+                        "rounds": args.rounds,
+                        "warmup_s": args.warmup,
+                        "connections": args.connections,
+                        "health_duration_s": args.health_duration,
+                        "rate": args.rate,
+                        "latency_seconds": args.latency_seconds,
+                        "target_rate": args.target_rate,
+                        "latency_limit_ms": args.latency_limit,
+                        "service_settings": service_settings(args),
+                        "task_body": TASK_BODY,
+                        "load_generator": "wrk -t1 --latency -s bench/tasks.lua",
+                    },
+                    "runs": runs,
+                    "summary": summary,
+                    "latency": latency,
+                    "totals": totals,
+                    "agent": agent_health,
+                    "checks": results,
+                    "noisy_runs": noisy,
+                    "passed": passed,
+                },
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
+        print(f"figures written to {args.json}")
+    if not passed and args.strict:
+        return 1
+    return 0
+
+
+# Summaries --------------------------------------------------------------------
+
+
+def _median(runs: Sequence[dict[str, Any]], key: str) -> float:
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    tasks = runs["tasks"]
+    summary: dict[str, Any] = {
+        "tasks": {
+            key: _median(tasks, key)
+            for key in (
+                "tasks",
+                "submitted_per_s",
+                "completed_per_s",
+                "submit_p50_ms",
+                "submit_p99_ms",
+                "cpu_us_per_task",
+                "server_cpu",
+                "drain_s",
+            )
+        }
+    }
+    for name in HEALTH_TARGETS:
+        summary[name] = {
+            key: _median(runs[name], key)
+            for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request", "server_cpu")
+        } | {"errors": sum(run["errors"] for run in runs[name])}
+    summary["completed_per_s_per_round"] = [run["completed_per_s"] for run in tasks]
+    summary["tasks_over_service_health"] = (
+        summary["tasks"]["completed_per_s"] / summary["service"]["rps"]
+    )
+    summary["tasks_over_klein_health"] = (
+        summary["tasks"]["completed_per_s"] / summary["klein"]["rps"]
+    )
+    return summary
+
+
+def checks(
+    args: argparse.Namespace,
+    summary: dict[str, Any],
+    runs: dict[str, list[dict[str, Any]]],
+    latency: dict[str, Any],
+    totals: dict[str, int],
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+
+    def check(what: str, figure: str, met: bool) -> None:
+        results.append({"what": what, "figure": figure, "met": met})
+
+    rate = summary["tasks"]["completed_per_s"]
+    rounds = " ".join(f"{r:,.0f}" for r in summary["completed_per_s_per_round"])
+    check(
+        f"tasks completed end to end >= {args.target_rate:,.0f}/s on one core",
+        f"{rate:,.0f}/s (median; per round: {rounds})",
+        rate >= args.target_rate,
+    )
+    incomplete_runs = sum(not run["all_completed"] for run in runs["tasks"])
+    check(
+        "every task completed (none failed, timed out, lost or left over)",
+        f"{totals['completed']:,} of {totals['finished']:,} finished completed; "
+        f"failed {totals['failed']}, timeout {totals['timeout']}, cancelled "
+        f"{totals['cancelled']}, unfinished at the end {totals['unfinished']}; "
+        f"runs with a gap: {incomplete_runs}",
+        totals["completed"] == totals["finished"]
+        and not totals["unfinished"]
+        and incomplete_runs == 0
+        and not latency["problems"],
+    )
+    p99 = latency["added_ms"]["p99"]
+    check(
+        f"added latency p99 < {args.latency_limit:g} ms at {args.rate:g} tasks/s",
+        f"{p99:.2f} ms (p50 {latency['added_ms']['p50']:.2f}, p90 "
+        f"{latency['added_ms']['p90']:.2f}; {latency['measured']:,} tasks)",
+        p99 < args.latency_limit and latency["measured"] == latency["tasks"],
+    )
+    health_errors = summary["service"]["errors"] + summary["klein"]["errors"]
+    submit_errors = sum(run["submit_errors"] for run in runs["tasks"])
+    check(
+        "no errors from wrk (tasks and /health)",
+        f"{submit_errors} on POST /tasks, {health_errors} on GET /health",
+        submit_errors == 0 and health_errors == 0,
+    )
+    return results
+
+
+def _ms(spread_ms: dict[str, float]) -> str:
+    return (
+        f"{spread_ms['p50']:>7.2f}{spread_ms['p90']:>8.2f}{spread_ms['p99']:>8.2f}"
+        f"{spread_ms['max']:>8.2f}{spread_ms['mean']:>8.2f}"
+    )
+
+
+def print_report(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    pinning: Pinning,
+    summary: dict[str, Any],
+    runs: dict[str, list[dict[str, Any]]],
+    latency: dict[str, Any],
+    totals: dict[str, int],
+) -> None:
+    settings = " ".join(f"{k}={v}" for k, v in service_settings(args).items())
+    print()
+    print(
+        f"OptiInfra tasks benchmark -- {info.get('cpu_model', 'unknown CPU')}, "
+        f"Python {info['python']}, Twisted {info.get('twisted', '?')}, "
+        f"Klein {info.get('klein', '?')}, treq {info.get('treq', '?')}, "
+        f"{pinning.note}, git {info.get('git', '?')}"
+    )
+    print(
+        f"service: {settings}, SQLite in a temporary STATE_DIR, log to "
+        f"{args.service_log or 'a temporary file'}; one fast agent (bench/"
+        "fast_agent.py, load CPU) answering at once"
+    )
+
+    t = summary["tasks"]
+    print()
+    print(
+        f"Throughput: wrk -c{args.connections} POST /tasks for {args.duration} s per "
+        f"round, then until all finished (median of {args.rounds} round"
+        f"{'s' if args.rounds > 1 else ''})"
+    )
+    header = (
+        f"  {'round':<7}{'tasks':>8}{'submitted/s':>13}{'completed/s':>13}"
+        f"{'drain':>9}{'submit p50':>12}{'p99':>10}{'CPU/task':>10}{'CPU':>6}"
+        f"{'all done':>10}"
+    )
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    for number, run in enumerate(runs["tasks"], 1):
+        print(
+            f"  {number:<7}{run['tasks']:>8,}{run['submitted_per_s']:>13,.0f}"
+            f"{run['completed_per_s']:>13,.0f}{run['drain_s']:>7.2f} s"
+            f"{run['submit_p50_ms']:>9.2f} ms{run['submit_p99_ms']:>7.2f} ms"
+            f"{run['cpu_us_per_task']:>7,.0f} us{run['server_cpu']:>6.0%}"
+            f"{'yes' if run['all_completed'] else 'NO':>10}"
+            + (" NOISY" if run["noisy"] else "")
+        )
+    print(
+        f"  {'median':<7}{t['tasks']:>8,.0f}{t['submitted_per_s']:>13,.0f}"
+        f"{t['completed_per_s']:>13,.0f}{t['drain_s']:>7.2f} s"
+        f"{t['submit_p50_ms']:>9.2f} ms{t['submit_p99_ms']:>7.2f} ms"
+        f"{t['cpu_us_per_task']:>7,.0f} us{t['server_cpu']:>6.0%}"
+    )
+    print(
+        "  completed/s = tasks / (last completion in the service's log - wrk's "
+        "start); drain = how long after\n  the submissions stopped the last task "
+        "completed"
+    )
+
+    print()
+    print(
+        f"Beside it, GET /health at {args.connections} connections "
+        f"({args.health_duration} s runs interleaved with the rounds above)"
+    )
+    header = (
+        f"  {'target':<26}{'req/s':>9}{'p50':>11}{'p99':>11}{'CPU/req':>11}"
+        f"{'errors':>8}"
+    )
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    for name in HEALTH_TARGETS:
+        m = summary[name]
+        print(
+            f"  {LABELS[name]:<26}{m['rps']:>9,.0f}{m['p50_ms']:>8.2f} ms"
+            f"{m['p99_ms']:>8.2f} ms{m['cpu_us_per_request']:>8,.0f} us"
+            f"{m['errors']:>8}"
+        )
+    print(
+        f"  {'tasks, service (end to end)':<26}{t['completed_per_s']:>9,.0f}"
+        f"{'':>22}{t['cpu_us_per_task']:>8,.0f} us"
+    )
+    cost = t["cpu_us_per_task"] / summary["service"]["cpu_us_per_request"]
+    print(
+        f"  one task costs {cost:.1f}"
+        f" GET /health of the service in CPU; tasks/s = "
+        f"{summary['tasks_over_service_health']:.2f}x its /health req/s, "
+        f"{summary['tasks_over_klein_health']:.2f}x bare Klein's"
+    )
+
+    added = latency["added_ms"]
+    print()
+    print(
+        f"Added latency: {latency['tasks']:,} tasks at {latency['rate']:g}/s "
+        f"(achieved {latency['achieved_rate']:.1f}/s) over {latency['seconds']:g} s, "
+        "sent by a paced open-loop client in the agent's process"
+    )
+    header = f"  {'ms':<52}{'p50':>7}{'p90':>8}{'p99':>8}{'max':>8}{'mean':>8}"
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    rows = (
+        ("added: submit-to-complete minus the agent's time", added),
+        ("  POST /tasks sent -> agent received (exact)", latency["to_agent_ms"]),
+        ("  agent answered -> completion logged (+-0.5)", latency["back_ms"]),
+        ("the agent's own time (received -> answered)", latency["agent_own_ms"]),
+        ("POST /tasks sent -> 201 received", latency["accepted_ms"]),
+        ("client lateness (sent - scheduled)", latency["client_late_ms"]),
+    )
+    for label, values in rows:
+        print(f"  {label:<52}{_ms(values)}")
+    print(
+        f"  from the service's stored history ({latency['histories']:,} tasks, "
+        "timestamps to the ms):"
+    )
+    for stage, values in latency["stages_ms"].items():
+        print(f"    {stage:<50}{_ms(values)}")
+    shapes = ", ".join(
+        f"{shape} x{n:,}" for shape, n in latency["history_shapes"].items()
+    )
+    print(f"  histories: {shapes}")
+    slowest = ", ".join(
+        f"{ms:.1f} ms at {at:.2f} s" for ms, at, _ in latency["slowest"][:6]
+    )
+    print(f"  slowest (seconds into the phase): {slowest}")
+    if latency["problems"]:
+        print(f"  PROBLEMS: {latency['problems']}")
+    print(
+        f"  server CPU {latency['server_cpu']:.0%} during the phase; the client "
+        f"used {latency['connections_opened']} connections; "
+        f"{latency['waited_for_connection']} tasks waited for a free one"
+        + noise_note(latency)
+    )
+    print()
+    print(
+        f"In all (warm-up included): {totals['finished']:,} tasks finished, "
+        f"{totals['completed']:,} completed, {totals['failed']} failed, "
+        f"{totals['timeout']} timed out, {totals['cancelled']} cancelled, "
+        f"{totals['unfinished']} left unfinished."
+    )
+    uncounted = totals["finished"] - totals["submitted"]
+    if uncounted:
+        print(
+            f"note: {uncounted:,} of them are missing from "
+            f"optiinfra_tasks_submitted_total ({totals['submitted']:,}) and have "
+            "no 'task submitted' log line: the POST /tasks that created them were "
+            f"abandoned by wrk in flight at the end of its runs ({totals['abandoned']} "
+            "answered 499). The service stored and ran those tasks, but the "
+            "handler was cancelled before it counted, logged and answered them."
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return guarded(lambda: benchmark(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
