@@ -130,6 +130,23 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def add_timing_options(
+    parser: argparse.ArgumentParser, *, run: str, rounds: str, warmup: str
+) -> None:
+    """--duration, --rounds and --warmup, each defaulting to its BENCH_ variable."""
+    for flag, variable, default, what in (
+        ("--duration", "BENCH_DURATION", 5, run),
+        ("--rounds", "BENCH_ROUNDS", 3, rounds),
+        ("--warmup", "BENCH_WARMUP", 2, warmup),
+    ):
+        parser.add_argument(
+            flag,
+            type=int,
+            default=env_int(variable, default),
+            help=f"{what} [{variable}, {default}]",
+        )
+
+
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if not value:

@@ -37,11 +37,11 @@ from _shared import (
     NOISE_LIMIT,
     Pinning,
     Server,
+    add_timing_options,
     base_environment,
     choose_cpus,
     connection_list,
     ensure_wrk,
-    env_int,
     free_port,
     guarded,
     http_get,
@@ -73,23 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "BENCH_CONNECTIONS (flags win).  Exit status is 0 after a completed run "
         "even on FAIL unless --strict is given; 2 if the benchmark could not run.",
     )
-    parser.add_argument(
-        "--duration",
-        type=int,
-        default=env_int("BENCH_DURATION", 5),
-        help="seconds per measured run [BENCH_DURATION, 5]",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=env_int("BENCH_ROUNDS", 3),
-        help="interleaved rounds; the median is reported [BENCH_ROUNDS, 3]",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=env_int("BENCH_WARMUP", 2),
-        help="seconds of unmeasured load per target first (0: none) [BENCH_WARMUP, 2]",
+    add_timing_options(
+        parser,
+        run="seconds per measured run",
+        rounds="interleaved rounds; the median is reported",
+        warmup="seconds of unmeasured load per target first (0: none)",
     )
     parser.add_argument(
         "--connections",

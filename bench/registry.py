@@ -55,6 +55,7 @@ from _shared import (
     BenchError,
     Pinning,
     Server,
+    add_timing_options,
     base_environment,
     choose_cpus,
     clock_ticks,
@@ -123,23 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env_int("BENCH_AGENTS", 10_000),
         help="agents registered per store [BENCH_AGENTS, 10000]",
     )
-    parser.add_argument(
-        "--duration",
-        type=int,
-        default=env_int("BENCH_DURATION", 5),
-        help="seconds per measured heartbeat run [BENCH_DURATION, 5]",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=env_int("BENCH_ROUNDS", 3),
-        help="interleaved heartbeat rounds; medians are reported [BENCH_ROUNDS, 3]",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=env_int("BENCH_WARMUP", 2),
-        help="seconds of unmeasured heartbeats per target first [BENCH_WARMUP, 2]",
+    add_timing_options(
+        parser,
+        run="seconds per measured heartbeat run",
+        rounds="interleaved heartbeat rounds; medians are reported",
+        warmup="seconds of unmeasured heartbeats per target first",
     )
     parser.add_argument(
         "--connections",

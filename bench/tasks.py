@@ -60,10 +60,10 @@ from _shared import (
     CpuWindow,
     Pinning,
     Server,
+    add_timing_options,
     base_environment,
     choose_cpus,
     ensure_wrk,
-    env_int,
     free_port,
     guarded,
     http_request,
@@ -105,23 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(flags win).  Exit status is 0 after a completed run even on FAIL unless "
         "--strict is given; 2 if the benchmark could not run.",
     )
-    parser.add_argument(
-        "--duration",
-        type=int,
-        default=env_int("BENCH_DURATION", 5),
-        help="seconds of submissions per throughput round [BENCH_DURATION, 5]",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=env_int("BENCH_ROUNDS", 3),
-        help="interleaved rounds; medians are reported [BENCH_ROUNDS, 3]",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=env_int("BENCH_WARMUP", 2),
-        help="seconds of unmeasured submissions first (0: none) [BENCH_WARMUP, 2]",
+    add_timing_options(
+        parser,
+        run="seconds of submissions per throughput round",
+        rounds="interleaved rounds; medians are reported",
+        warmup="seconds of unmeasured submissions first (0: none)",
     )
     parser.add_argument(
         "--connections",
