@@ -147,6 +147,16 @@ def add_timing_options(
         )
 
 
+def print_verdict(missed: list[str], checks: int) -> bool:
+    """The closing PASS/FAIL line; True when every target was met."""
+    print()
+    if not missed:
+        print(f"PASS: every target met ({checks} checks)")
+        return True
+    print(f"FAIL: {len(missed)} of {checks} targets missed: " + "; ".join(missed))
+    return False
+
+
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if not value:

@@ -68,6 +68,7 @@ from _shared import (
     machine_info,
     metric_samples,
     noise_note,
+    print_verdict,
     run_wrk,
     say,
     service_argv,
@@ -1185,20 +1186,12 @@ def measure(
             f"{NOISE_LIMIT:.0%} of a benchmark CPU (PostgreSQL's own CPU aside; see "
             "the per-run lines): the machine was not quiet; rerun when it is."
         )
-    passed = all(result["met"] for result in results)
     missed = [
         f"{STORE_NAMES.get(r['store'], r['store'])} {r['what']} ({r['figure']})"
         for r in results
         if not r["met"]
     ]
-    print()
-    if passed:
-        print(f"PASS: every target met ({len(results)} checks)")
-    else:
-        print(
-            f"FAIL: {len(missed)} of {len(results)} targets missed: "
-            + "; ".join(missed)
-        )
+    passed = print_verdict(missed, len(results))
     if args.json:
         Path(args.json).write_text(
             json.dumps(

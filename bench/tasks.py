@@ -70,6 +70,7 @@ from _shared import (
     machine_info,
     metric_samples,
     noise_note,
+    print_verdict,
     run_wrk,
     say,
     service_argv,
@@ -777,16 +778,8 @@ def measure(
             f"  {'PASS' if result['met'] else 'FAIL'}  {result['what']}: "
             f"{result['figure']}"
         )
-    passed = all(result["met"] for result in results)
     missed = [f"{r['what']} ({r['figure']})" for r in results if not r["met"]]
-    print()
-    if passed:
-        print(f"PASS: every target met ({len(results)} checks)")
-    else:
-        print(
-            f"FAIL: {len(missed)} of {len(results)} targets missed: "
-            + "; ".join(missed)
-        )
+    passed = print_verdict(missed, len(results))
     if args.json:
         Path(args.json).write_text(
             json.dumps(
