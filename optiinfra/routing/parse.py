@@ -7,6 +7,7 @@ from typing import Final
 
 import orjson
 
+from optiinfra.errors import InvalidField
 from optiinfra.registry.model import AGENT_TYPES
 from optiinfra.routing.model import PRIORITIES, TASK_TYPES
 from optiinfra.routing.router import RouterConfig, TaskRequest
@@ -23,6 +24,10 @@ def parse_task(document: object, config: RouterConfig) -> TaskRequest:
     agent_type = fields.choice("agent_type", AGENT_TYPES)
     assert task_type is not None  # noqa: S101 - required
     assert agent_type is not None  # noqa: S101 - required
+    if TASK_TYPES[task_type] != agent_type:
+        raise InvalidField(
+            "agent_type", f"{task_type} is done by {TASK_TYPES[task_type]} agents"
+        )
     priority = _priority(fields)
     timeout = fields.number(
         "timeout_seconds",

@@ -28,7 +28,7 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from optiinfra.errors import Conflict, InvalidField, NotFound
+from optiinfra.errors import Conflict, NotFound
 from optiinfra.metrics import LATENCY_BUCKETS
 from optiinfra.registry.model import Agent, AgentQuery
 from optiinfra.registry.service import Registry
@@ -44,7 +44,6 @@ from optiinfra.routing.model import (
     QUEUED,
     RETRYING,
     SENT,
-    TASK_TYPES,
     TIMEOUT,
     WAITING,
     Task,
@@ -181,6 +180,8 @@ class Router:
         self._again = False
         self._agent_cache: tuple[float, dict[str, list[Agent]]] | None = None
         self._last_settled = float("-inf")
+        #: Called with each task that reaches a final status in this process.
+        self.finished_listeners: list[Callable[[Task], object]] = []
         registry.listeners.append(self._agents_changed)
 
     def now(self) -> float:
@@ -201,16 +202,13 @@ class Router:
         request_id: str | None = None,
         traceparent: str | None = None,
     ) -> tuple[Task, bool]:
-        """Store a new task and wake the dispatcher; (task, created)."""
-        expected = TASK_TYPES.get(request.task_type)
-        if expected is None:
-            raise InvalidField(
-                "task_type", f"must be one of {', '.join(sorted(TASK_TYPES))}"
-            )
-        if request.agent_type != expected:
-            raise InvalidField(
-                "agent_type", f"{request.task_type} is done by {expected} agents"
-            )
+        """
+        Store a new task and wake the dispatcher; (task, created).
+
+        Any task type an agent offers can be routed: the contract's list is
+        enforced where customers submit (L{optiinfra.routing.parse}), while
+        plan steps name the operations of their templates.
+        """
         now = self.now()
         task = Task(
             id=str(uuid.uuid4()),
@@ -611,6 +609,8 @@ class Router:
 
     def _ended(self, task: Task, status: str, error: str | None) -> None:
         self._metrics.finished.labels(task.task_type, task.agent_id or "", status).inc()
+        for listener in self.finished_listeners:
+            listener(task)
         log = _log.info if status == COMPLETED else _log.warn
         log(
             "task finished",
