@@ -57,6 +57,16 @@ class Settings:
     result_ttl: float = 3600.0
     breaker_threshold: int = 5
     breaker_cooldown: float = 30.0
+    #: Coordination: how long approvals stay open, by risk, and who must agree.
+    approval_expiry_medium: float = 48 * 3600.0
+    approval_expiry_high: float = 24 * 3600.0
+    approval_expiry_critical: float = 4 * 3600.0
+    critical_approvers: int = 2
+    #: Extra contradictory action pairs, on top of the platform's table.
+    contradictory_actions: tuple[tuple[str, str], ...] = ()
+    #: A JSON file of plan templates, by action, over the built-in ones.
+    plan_templates_file: Path | None = None
+    coordination_interval: float = 1.0
     #: systemd's notification socket and watchdog period, when run by systemd.
     notify_socket: str | None = None
     watchdog_usec: int | None = None
@@ -165,6 +175,21 @@ def parse_count(name: str, raw: str) -> int:
     return value
 
 
+def parse_action_pairs(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    """C{scale_up:drain,a:b}: pairs of actions that undo each other."""
+    pairs = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        left, sep, right = item.strip().partition(":")
+        if not sep or not left or not right:
+            raise SettingsError(
+                name, raw, "expected action:action pairs, comma-separated"
+            )
+        pairs.append((left, right))
+    return tuple(pairs)
+
+
 def parse_path(name: str, raw: str) -> Path:
     if not raw.strip():
         raise SettingsError(name, raw, "expected a path")
@@ -214,6 +239,13 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "RESULT_TTL": ("result_ttl", parse_positive_seconds),
     "BREAKER_THRESHOLD": ("breaker_threshold", parse_count),
     "BREAKER_COOLDOWN": ("breaker_cooldown", parse_positive_seconds),
+    "APPROVAL_EXPIRY_MEDIUM": ("approval_expiry_medium", parse_positive_seconds),
+    "APPROVAL_EXPIRY_HIGH": ("approval_expiry_high", parse_positive_seconds),
+    "APPROVAL_EXPIRY_CRITICAL": ("approval_expiry_critical", parse_positive_seconds),
+    "CRITICAL_APPROVERS": ("critical_approvers", parse_count),
+    "CONTRADICTORY_ACTIONS": ("contradictory_actions", parse_action_pairs),
+    "PLAN_TEMPLATES_FILE": ("plan_templates_file", parse_path),
+    "COORDINATION_INTERVAL": ("coordination_interval", parse_positive_seconds),
     "NOTIFY_SOCKET": ("notify_socket", parse_text),
     "WATCHDOG_USEC": ("watchdog_usec", parse_microseconds),
 }

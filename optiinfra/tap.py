@@ -20,6 +20,17 @@ from twisted.web.client import HTTPConnectionPool
 
 from optiinfra import __version__, openapi
 from optiinfra.auth import ApiKeyFileError, ApiKeys
+from optiinfra.coordination import routes as coordination_routes
+from optiinfra.coordination.approvals import ApprovalPolicy
+from optiinfra.coordination.executor import CoordinationMetrics, Executor
+from optiinfra.coordination.loops import CoordinationService
+from optiinfra.coordination.model import CONTRADICTORY_ACTIONS
+from optiinfra.coordination.plans import (
+    DEFAULT_TEMPLATES,
+    TemplateError,
+    load_templates,
+)
+from optiinfra.coordination.service import Coordinator, CoordinatorConfig
 from optiinfra.lifecycle import OrderedServices
 from optiinfra.logs import (
     LEVELS,
@@ -187,6 +198,25 @@ def load_keys(settings: Settings) -> ApiKeys | None:
     return keys
 
 
+def coordinator_config(settings: Settings) -> CoordinatorConfig:
+    """The coordination rules, with the operator's templates and action pairs."""
+    templates = DEFAULT_TEMPLATES
+    if settings.plan_templates_file is not None:
+        templates = load_templates(settings.plan_templates_file)
+    return CoordinatorConfig(
+        policy=ApprovalPolicy(
+            expiry={
+                "medium": settings.approval_expiry_medium,
+                "high": settings.approval_expiry_high,
+                "critical": settings.approval_expiry_critical,
+            },
+            critical_approvers=settings.critical_approvers,
+        ),
+        templates=templates,
+        contradictions=(*CONTRADICTORY_ACTIONS, *settings.contradictory_actions),
+    )
+
+
 def build_service(
     settings: Settings,
     reactor: IReactorTime,
@@ -211,6 +241,7 @@ def build_service(
     # Everything that can be refused is checked before the store is opened.
     endpoint = serverFromString(reactor, settings.port)
     guard = Guard(load_keys(settings))
+    coordination = coordinator_config(settings)
     if store is None:
         store = open_store(settings, reactor)
     metrics = new_registry()
@@ -250,6 +281,15 @@ def build_service(
         draining=lambda: readiness.draining,
     )
     routing_routes.mount(app, router, guard)
+    coordination_metrics = CoordinationMetrics(metrics)
+    coordinator = Coordinator(
+        store.coordination,
+        Executor(store.coordination, router, reactor, coordination_metrics),
+        reactor,
+        coordination,
+        coordination_metrics,
+    )
+    coordination_routes.mount(app, coordinator, guard)
     openapi.mount(app)
     for mount in mounts:
         mount(app)
@@ -267,6 +307,9 @@ def build_service(
     AgentPool(pool).setServiceParent(top)
     RouterService(
         router, reactor, interval=1.0, grace=settings.drain_timeout
+    ).setServiceParent(top)
+    CoordinationService(
+        coordinator, reactor, interval=settings.coordination_interval
     ).setServiceParent(top)
     web = HTTPService(
         endpoint,
@@ -299,6 +342,10 @@ def makeService(options: Options) -> IService:
         service = build_service(settings, cast(IReactorTime, reactor))
     except ApiKeyFileError as error:
         refuse_to_start("API_KEYS_FILE", str(settings.api_keys_file), str(error))
+    except TemplateError as error:
+        refuse_to_start(
+            "PLAN_TEMPLATES_FILE", str(settings.plan_templates_file), str(error)
+        )
     except (StoreUnavailable, StoreError) as error:
         refuse_to_start(
             "DATABASE_URL" if settings.database_url else "STATE_DIR",

@@ -51,6 +51,9 @@ class Fields:
     def raw(self, key: str) -> Any:
         return self._document.get(key)
 
+    def raw_items(self) -> list[tuple[str, Any]]:
+        return list(self._document.items())
+
     def _get(self, key: str, required: bool) -> Any:
         value = self._document.get(key, _MISSING)
         if value is _MISSING or value is None:

@@ -42,6 +42,8 @@ class FakeAgent(Resource):
     def __init__(self, behaviour: str = COMPLETE, delay: float = 0.0) -> None:
         super().__init__()
         self.behaviour = behaviour
+        #: Task type -> behaviour, for agents that do some things and not others.
+        self.overrides: dict[str, str] = {}
         self.delay = delay
         self.received: list[Received] = []
         self.cancelled = 0
@@ -52,6 +54,10 @@ class FakeAgent(Resource):
     @property
     def tasks(self) -> list[str]:
         return [r.body["task_id"] for r in self.received]
+
+    @property
+    def task_types(self) -> list[str]:
+        return [r.body["task_type"] for r in self.received]
 
     def render_POST(self, request: Request) -> Any:
         body = orjson.loads(request.content.read())
@@ -64,15 +70,16 @@ class FakeAgent(Resource):
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
+        behaviour = self.overrides.get(body.get("task_type"), self.behaviour)
 
         def answer(_: object = None) -> None:
             self.in_flight -= 1
             if gone:
                 self.cancelled += 1
                 return
-            self._answer(request, body)
+            self._answer(request, body, behaviour)
 
-        if self.behaviour == HANG:
+        if behaviour == HANG:
             request.notifyFinish().addErrback(lambda _: answer())
         elif self.delay:
             deferLater(reactor, self.delay).addCallback(answer)
@@ -80,8 +87,7 @@ class FakeAgent(Resource):
             answer()
         return NOT_DONE_YET
 
-    def _answer(self, request: Request, body: dict[str, Any]) -> None:
-        behaviour = self.behaviour
+    def _answer(self, request: Request, body: dict[str, Any], behaviour: str) -> None:
         if behaviour == DIE:
             assert request.channel is not None
             request.channel.transport.abortConnection()

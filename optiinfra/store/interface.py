@@ -97,6 +97,10 @@ class IStore(Interface):
 
     backend: IBackend = Attribute("The database underneath.")
     tasks: Any = Attribute("The tasks: an L{optiinfra.store.tasks.TaskStore}.")
+    coordination: Any = Attribute(
+        "Results, approvals and plans: an"
+        " L{optiinfra.store.coordination.CoordinationStore}."
+    )
 
     def ping() -> Deferred[None]:
         """Succeeds when the database answers."""

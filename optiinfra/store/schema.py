@@ -108,6 +108,50 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "ALTER TABLE agents ADD COLUMN last_seen_text TEXT",
         ),
     ),
+    Migration(
+        4,
+        "coordination",
+        (
+            """
+            CREATE TABLE coordinations (
+                id TEXT PRIMARY KEY,
+                customer_id TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                document TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE approvals (
+                id TEXT PRIMARY KEY,
+                coordination_id TEXT NOT NULL,
+                customer_id TEXT NOT NULL,
+                recommendation_id TEXT NOT NULL,
+                status TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                version INTEGER NOT NULL,
+                document TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX approvals_customer ON approvals (customer_id, created_at)",
+            "CREATE INDEX approvals_open ON approvals (status, expires_at)",
+            "CREATE INDEX approvals_coordination ON approvals (coordination_id)",
+            """
+            CREATE TABLE plans (
+                id TEXT PRIMARY KEY,
+                coordination_id TEXT NOT NULL,
+                customer_id TEXT NOT NULL,
+                recommendation_id TEXT NOT NULL,
+                status TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                version INTEGER NOT NULL,
+                document TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX plans_status ON plans (status)",
+            "CREATE INDEX plans_coordination ON plans (coordination_id)",
+        ),
+    ),
 )
 
 LATEST: Final = MIGRATIONS[-1].version

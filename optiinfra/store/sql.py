@@ -27,6 +27,7 @@ from optiinfra.registry.model import (
     AgentState,
     Heartbeat,
 )
+from optiinfra.store.coordination import CoordinationStore
 from optiinfra.store.interface import IBackend, IStore, Transaction
 from optiinfra.store.tasks import TaskStore
 from optiinfra.timefmt import rfc3339_ms
@@ -102,6 +103,7 @@ class SQLStore:
     def __init__(self, backend: IBackend, clock: IReactorTime) -> None:
         self.backend = backend
         self.tasks = TaskStore(backend)
+        self.coordination = CoordinationStore(backend)
         self._clock = clock
         self._pending: list[tuple[Heartbeat, Deferred[AgentState | None]]] = []
         self._flushing = False

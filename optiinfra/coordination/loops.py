@@ -1,0 +1,41 @@
+"""Coordination's background work: approval expiry, and plans kept moving."""
+
+from __future__ import annotations
+
+from contextlib import suppress
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+
+from optiinfra.coordination.service import Coordinator
+from optiinfra.registry.loops import Every
+from optiinfra.store.interface import StoreUnavailable
+
+
+class CoordinationService(Every):
+    """
+    Every C{interval}: record expired approvals, and move every active plan
+    along (plans whose tasks ended in another replica, or before a restart).
+    On stop, the passes under way finish; plans themselves live in the store.
+    """
+
+    def __init__(
+        self, coordinator: Coordinator, clock: IReactorTime, interval: float
+    ) -> None:
+        super().__init__("coordination", interval, clock)
+        self._coordinator = coordinator
+
+    async def run_once(self) -> None:
+        # A lost store is the store watch's to report; try again next time.
+        with suppress(StoreUnavailable):
+            await self._coordinator.expire_due()
+            await self._coordinator.executor.reconcile()
+
+    def stopService(self) -> Deferred[None]:
+        stopped = super().stopService()
+
+        async def finish() -> None:
+            await stopped
+            await self._coordinator.executor.idle()
+
+        return ensureDeferred(finish())

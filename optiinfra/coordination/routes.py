@@ -1,0 +1,129 @@
+"""Coordination over HTTP: thin handlers over the L{Coordinator}."""
+
+from __future__ import annotations
+
+from klein import Klein
+from twisted.web.iweb import IRequest
+
+from optiinfra.auth import Permission
+from optiinfra.coordination.approvals import APPROVAL_STATUSES
+from optiinfra.coordination.parse import parse_coordination, parse_decision
+from optiinfra.coordination.service import Coordinator
+from optiinfra.coordination.views import approval_view, plan_view
+from optiinfra.errors import InvalidField
+from optiinfra.validation import TOKEN
+from optiinfra.web.app import route
+from optiinfra.web.body import read_json
+from optiinfra.web.guard import Guard
+from optiinfra.web.render import render_json
+
+
+def _id(name: str, value: str) -> str:
+    if not TOKEN.fullmatch(value):
+        raise InvalidField(name, f"is not a valid {name.replace('_', ' ')}")
+    return value
+
+
+def _arg(request: IRequest, name: str) -> str | None:
+    values = (request.args or {}).get(name.encode())
+    return values[-1].decode("utf-8", "replace") if values else None
+
+
+def _decider(
+    request: IRequest, guard: Guard, reason_required: bool
+) -> tuple[str, str | None]:
+    """
+    Who decides, and why.  With API keys the decider is the key's owner, so
+    one person cannot count twice towards a critical approval by typing
+    another name.
+    """
+    principal = guard.check(request, Permission.OPERATE)
+    document = read_json(request)
+    if principal is not None and isinstance(document, dict):
+        claimed = document.get("user_id")
+        if claimed is not None and claimed != principal.name:
+            raise InvalidField(
+                "user_id", f"must be the API key's owner ({principal.name}) or left out"
+            )
+        document = {**document, "user_id": principal.name}
+    return parse_decision(document, reason_required)
+
+
+def mount(app: Klein, coordinator: Coordinator, guard: Guard) -> None:
+    @route(app, "/coordination/coordinate", ("POST",))
+    async def coordinate(request: IRequest) -> bytes:
+        guard.check(request, Permission.OPERATE)
+        parsed = parse_coordination(read_json(request))
+        return render_json(request, await coordinator.coordinate(parsed))
+
+    @route(app, "/coordination/approvals", ("GET",))
+    async def approvals(request: IRequest) -> bytes:
+        guard.check(request, Permission.READ)
+        customer_id = _arg(request, "customer_id")
+        if customer_id is not None:
+            _id("customer_id", customer_id)
+        status = _arg(request, "status")
+        if status is not None and status not in APPROVAL_STATUSES:
+            raise InvalidField(
+                "status", f"must be one of {', '.join(APPROVAL_STATUSES)}"
+            )
+        found, now = await coordinator.list_approvals(customer_id, status)
+        return render_json(
+            request,
+            {"approvals": [approval_view(a, now) for a in found], "count": len(found)},
+        )
+
+    @route(app, "/coordination/approvals/{approval_id}", ("GET",))
+    async def approval(request: IRequest, approval_id: str) -> bytes:
+        guard.check(request, Permission.READ)
+        found, now = await coordinator.get_approval(_id("approval_id", approval_id))
+        return render_json(request, approval_view(found, now))
+
+    @route(app, "/coordination/approvals/{approval_id}/approve", ("POST",))
+    async def approve(request: IRequest, approval_id: str) -> bytes:
+        user_id, _ = _decider(request, guard, reason_required=False)
+        approval, plan = await coordinator.approve(
+            _id("approval_id", approval_id), user_id
+        )
+        view = approval_view(approval, coordinator.now())
+        return render_json(
+            request, {**view, "plan": None if plan is None else plan_view(plan)}
+        )
+
+    @route(app, "/coordination/approvals/{approval_id}/reject", ("POST",))
+    async def reject(request: IRequest, approval_id: str) -> bytes:
+        user_id, reason = _decider(request, guard, reason_required=True)
+        assert reason is not None  # noqa: S101 - required
+        approval = await coordinator.reject(
+            _id("approval_id", approval_id), user_id, reason
+        )
+        return render_json(request, approval_view(approval, coordinator.now()))
+
+    @route(app, "/coordination/plans/{plan_id}", ("GET",))
+    async def plan(request: IRequest, plan_id: str) -> bytes:
+        guard.check(request, Permission.READ)
+        return render_json(
+            request, plan_view(await coordinator.get_plan(_id("plan_id", plan_id)))
+        )
+
+    @route(app, "/coordination/plans/{plan_id}/execute", ("POST",))
+    async def execute(request: IRequest, plan_id: str) -> bytes:
+        guard.check(request, Permission.OPERATE)
+        started = await coordinator.execute(_id("plan_id", plan_id))
+        return render_json(
+            request,
+            {
+                "message": "Execution started",
+                "plan_id": started.id,
+                "status": started.status,
+            },
+            202,
+        )
+
+    @route(app, "/coordination/results/{coordination_id}", ("GET",))
+    async def result(request: IRequest, coordination_id: str) -> bytes:
+        guard.check(request, Permission.READ)
+        return render_json(
+            request,
+            await coordinator.get_result(_id("coordination_id", coordination_id)),
+        )

@@ -1,0 +1,298 @@
+"""
+The coordinator: a batch of recommendations in, conflicts resolved, approvals
+asked for, plans made; and people's decisions turned into work.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+import structlog
+from twisted.internet.interfaces import IReactorTime
+
+from optiinfra.coordination.approvals import (
+    APPROVED,
+    EXPIRED,
+    REJECTED,
+    Approval,
+    ApprovalPolicy,
+    approve,
+    new_approval,
+    reject,
+)
+from optiinfra.coordination.conflicts import resolve
+from optiinfra.coordination.executor import CoordinationMetrics, Executor
+from optiinfra.coordination.model import CONTRADICTORY_ACTIONS, Recommendation
+from optiinfra.coordination.parse import CoordinationRequest
+from optiinfra.coordination.plans import (
+    DEFAULT_TEMPLATES,
+    Plan,
+    StepTemplate,
+    build_plan,
+)
+from optiinfra.coordination.views import (
+    approval_view,
+    conflict_view,
+    plan_view,
+    recommendation_view,
+)
+from optiinfra.errors import Conflict, NotFound
+from optiinfra.store.coordination import CoordinationStore
+from optiinfra.timefmt import rfc3339_ms
+
+_log = structlog.get_logger("optiinfra.coordination")
+
+#: Tries at storing a decision when another one lands at the same moment.
+_DECISION_TRIES: Final = 5
+
+
+@attrs.frozen
+class CoordinatorConfig:
+    policy: ApprovalPolicy = attrs.field(factory=ApprovalPolicy)
+    templates: Mapping[str, tuple[StepTemplate, ...]] = DEFAULT_TEMPLATES
+    contradictions: tuple[tuple[str, str], ...] = CONTRADICTORY_ACTIONS
+
+
+class Coordinator:
+    def __init__(
+        self,
+        store: CoordinationStore,
+        executor: Executor,
+        clock: IReactorTime,
+        config: CoordinatorConfig,
+        metrics: CoordinationMetrics,
+    ) -> None:
+        self.store = store
+        self.executor = executor
+        self.config = config
+        self._clock = clock
+        self._metrics = metrics
+
+    def now(self) -> float:
+        return round(self._clock.seconds(), 3)
+
+    async def coordinate(self, request: CoordinationRequest) -> dict[str, Any]:
+        """
+        Resolve C{request}'s conflicts, then for each kept recommendation either
+        make its plan (low risk, or C{auto_approve}) or ask for approval.
+        """
+        now = self.now()
+        coordination_id = str(uuid.uuid4())
+        live = [
+            rec
+            for rec in request.recommendations
+            if rec.expires_at is None or rec.expires_at > now
+        ]
+        stale = {
+            rec.id: "it expired before coordination"
+            for rec in request.recommendations
+            if rec not in live
+        }
+        resolution = resolve(live, request.constraints, self.config.contradictions)
+        kept_ids = {rec.id for rec in resolution.kept}
+        policy = self.config.policy
+        approvals: list[Approval] = []
+        plans: list[Plan] = []
+        kept: list[Recommendation] = []
+        for rec in resolution.kept:
+            after = tuple(dep for dep in rec.dependencies if dep in kept_ids)
+            if request.auto_approve or not policy.needs_approval(rec):
+                rec = attrs.evolve(rec, status="approved")
+                plans.append(
+                    build_plan(
+                        str(uuid.uuid4()),
+                        coordination_id,
+                        rec,
+                        after,
+                        now,
+                        self.config.templates,
+                    )
+                )
+            else:
+                approvals.append(
+                    new_approval(
+                        str(uuid.uuid4()),
+                        coordination_id,
+                        rec,
+                        policy,
+                        request.execute_now,
+                        after,
+                        now,
+                    )
+                )
+            kept.append(rec)
+        dropped = {**stale, **resolution.dropped}
+        document = {
+            "id": coordination_id,
+            "customer_id": request.customer_id,
+            "total_recommendations": len(request.recommendations),
+            "conflicts_detected": len(resolution.conflicts),
+            "conflicts_resolved": len(resolution.conflicts),
+            "recommendations_kept": len(kept),
+            "approvals_required": len(approvals),
+            "auto_approved": len(plans),
+            "conflicts": [conflict_view(c, now) for c in resolution.conflicts],
+            "recommendations": [recommendation_view(rec) for rec in kept],
+            "dropped": [
+                {"id": rec_id, "reason": reason}
+                for rec_id, reason in sorted(dropped.items())
+            ],
+            "approvals": [approval_view(a, now) for a in approvals],
+            "execution_plans": [plan_view(plan) for plan in plans],
+            "created_at": rfc3339_ms(now),
+        }
+        await self.store.save_result(
+            coordination_id, request.customer_id, now, document, approvals, plans
+        )
+        for conflict in resolution.conflicts:
+            self._metrics.conflicts.labels(conflict.type).inc()
+        if plans:
+            self._metrics.approvals.labels("auto_approved").inc(len(plans))
+        _log.info(
+            "recommendations coordinated",
+            coordination_id=coordination_id,
+            customer_id=request.customer_id,
+            total=len(request.recommendations),
+            conflicts=len(resolution.conflicts),
+            kept=len(kept),
+            approvals_required=len(approvals),
+            auto_approved=len(plans),
+        )
+        if request.execute_now and plans:
+            started = [await self.executor.start(plan) for plan in plans]
+            document = {
+                **document,
+                "execution_plans": [plan_view(plan) for plan in started],
+            }
+        return document
+
+    async def list_approvals(
+        self, customer_id: str | None, status: str | None
+    ) -> tuple[list[Approval], float]:
+        now = self.now()
+        return (
+            await self.store.list_approvals(
+                now, customer_id=customer_id, status=status
+            ),
+            now,
+        )
+
+    async def get_approval(self, approval_id: str) -> tuple[Approval, float]:
+        return await self._approval(approval_id), self.now()
+
+    async def get_result(self, coordination_id: str) -> dict[str, Any]:
+        """A coordination's result, with its approvals and plans as they are now."""
+        found = await self.store.get_result(coordination_id)
+        if found is None:
+            raise NotFound("Coordination not found", coordination_id=coordination_id)
+        now = self.now()
+        approvals = await self.store.list_approvals(
+            now, coordination_id=coordination_id
+        )
+        plans = await self.store.plans_of(coordination_id)
+        return {
+            **found,
+            "approvals": [approval_view(a, now) for a in reversed(approvals)],
+            "execution_plans": [plan_view(plan) for plan in plans],
+        }
+
+    async def _approval(self, approval_id: str) -> Approval:
+        found = await self.store.get_approval(approval_id)
+        if found is None:
+            raise NotFound("Approval not found", approval_id=approval_id)
+        return found
+
+    async def approve(
+        self, approval_id: str, user_id: str
+    ) -> tuple[Approval, Plan | None]:
+        """
+        Record C{user_id}'s approval.  Once enough people agree, the plan is
+        made in the same transaction, and started at once with C{execute_now}.
+        """
+        for _ in range(_DECISION_TRIES):
+            approval = await self._approval(approval_id)
+            now = self.now()
+            decided = approve(approval, user_id, now)
+            plan = None
+            if decided.status == APPROVED:
+                rec = attrs.evolve(decided.recommendation, status="approved")
+                plan = build_plan(
+                    str(uuid.uuid4()),
+                    decided.coordination_id,
+                    rec,
+                    decided.after,
+                    now,
+                    self.config.templates,
+                )
+                decided = attrs.evolve(decided, plan_id=plan.id)
+            stored = await self.store.change_approval(decided, plan)
+            if stored is None:
+                continue  # someone else decided meanwhile: read it again
+            _log.info(
+                "approval given",
+                approval_id=approval_id,
+                user_id=user_id,
+                approvals=len(stored.approved_by),
+                required=stored.required,
+                status=stored.status,
+            )
+            if plan is not None:
+                self._metrics.approvals.labels(APPROVED).inc()
+                if stored.execute_now:
+                    plan = await self.executor.start(plan)
+            return stored, plan
+        raise Conflict(
+            "approval is changing too fast; try again", approval_id=approval_id
+        )
+
+    async def reject(self, approval_id: str, user_id: str, reason: str) -> Approval:
+        for _ in range(_DECISION_TRIES):
+            approval = await self._approval(approval_id)
+            stored = await self.store.change_approval(
+                reject(approval, user_id, reason, self.now())
+            )
+            if stored is None:
+                continue
+            self._metrics.approvals.labels(REJECTED).inc()
+            _log.info(
+                "approval rejected",
+                approval_id=approval_id,
+                user_id=user_id,
+                reason=reason,
+            )
+            await self._wake_dependents(stored)
+            return stored
+        raise Conflict(
+            "approval is changing too fast; try again", approval_id=approval_id
+        )
+
+    async def expire_due(self) -> int:
+        """Record expiries (the sweep); dependents of expired changes learn of it."""
+        expired = await self.store.expire_approvals(self.now())
+        for approval in expired:
+            self._metrics.approvals.labels(EXPIRED).inc()
+            _log.warn(
+                "approval expired",
+                approval_id=approval.id,
+                recommendation_id=approval.recommendation.id,
+                risk_level=approval.recommendation.risk_level,
+            )
+            await self._wake_dependents(approval)
+        return len(expired)
+
+    async def _wake_dependents(self, approval: Approval) -> None:
+        for plan in await self.store.plans_of(approval.coordination_id):
+            if approval.recommendation.id in plan.after:
+                self.executor.poke(plan.id)
+
+    async def get_plan(self, plan_id: str) -> Plan:
+        found = await self.store.get_plan(plan_id)
+        if found is None:
+            raise NotFound("Plan not found", plan_id=plan_id)
+        return found
+
+    async def execute(self, plan_id: str) -> Plan:
+        return await self.executor.start(await self.get_plan(plan_id))
