@@ -159,3 +159,44 @@ def test_production_needs_keys_unless_auth_is_disabled() -> None:
         build_settings({"ENVIRONMENT": "production"})
     assert raised.value.name == "API_KEYS_FILE"
     assert build_settings({"ENVIRONMENT": "production", "AUTH_DISABLED": "true"})
+
+
+def test_coordination_settings() -> None:
+    settings = build_settings(
+        {
+            "APPROVAL_EXPIRY_MEDIUM": "60",
+            "APPROVAL_EXPIRY_HIGH": "30",
+            "APPROVAL_EXPIRY_CRITICAL": "10",
+            "CRITICAL_APPROVERS": "3",
+            "CONTRADICTORY_ACTIONS": "drain:fill, warm:cool,",
+            "PLAN_TEMPLATES_FILE": "/etc/optiinfra/plans.json",
+            "COORDINATION_INTERVAL": "0.5",
+        }
+    )
+    assert (
+        settings.approval_expiry_medium,
+        settings.approval_expiry_high,
+        settings.approval_expiry_critical,
+    ) == (60.0, 30.0, 10.0)
+    assert settings.critical_approvers == 3
+    assert settings.contradictory_actions == (("drain", "fill"), ("warm", "cool"))
+    assert settings.plan_templates_file == Path("/etc/optiinfra/plans.json")
+    assert settings.coordination_interval == 0.5
+    defaults = build_settings({})
+    assert defaults.approval_expiry_critical == 4 * 3600
+    assert defaults.critical_approvers == 2
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CONTRADICTORY_ACTIONS", "scale_up"),
+        ("CONTRADICTORY_ACTIONS", "a:"),
+        ("APPROVAL_EXPIRY_HIGH", "0"),
+        ("CRITICAL_APPROVERS", "none"),
+    ],
+)
+def test_invalid_coordination_settings(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        build_settings({variable: value})
+    assert raised.value.name == variable

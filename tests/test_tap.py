@@ -100,3 +100,20 @@ def test_tune_gc_freezes_start_up_objects() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_make_service_refuses_a_bad_plan_template_file(
+    stdout: io.BytesIO, tmp_path: Path
+) -> None:
+    templates = tmp_path / "plans.json"
+    templates.write_text('{"scale_up": [{"critical": true}]}')
+    options = tap.Options()
+    options.settings = Settings(
+        port="tcp:0", state_dir=tmp_path, plan_templates_file=templates
+    )
+    with pytest.raises(SystemExit) as exited:
+        tap.makeService(options)
+    assert exited.value.code == 2
+    line = stdout.getvalue()
+    assert b"PLAN_TEMPLATES_FILE" in line
+    assert b"scale_up[0].task_type" in line

@@ -148,5 +148,6 @@ def reject(approval: Approval, user_id: str, reason: str, now: float) -> Approva
     )
 
 
-def expire(approval: Approval, now: float) -> Approval:
+def expire(approval: Approval) -> Approval:
+    """The approval as the sweep records it: expired when its time ran out."""
     return attrs.evolve(approval, status=EXPIRED, decided_at=approval.expires_at)

@@ -18,7 +18,7 @@ import attrs
 import orjson
 from twisted.internet.defer import Deferred
 
-from optiinfra.coordination.approvals import EXPIRED, PENDING, Approval
+from optiinfra.coordination.approvals import EXPIRED, PENDING, Approval, expire
 from optiinfra.coordination.codec import (
     decode_approval,
     decode_plan,
@@ -200,7 +200,7 @@ class CoordinationStore:
         """Record the expiry of pending approvals past their time; those changed."""
         lock = self._backend.lock_suffix()
 
-        def expire(tx: Transaction) -> list[Approval]:
+        def expire_due(tx: Transaction) -> list[Approval]:
             due = _approvals(
                 tx.execute(
                     f"{_APPROVAL} WHERE status = ? AND expires_at <= ?{lock}",
@@ -209,15 +209,12 @@ class CoordinationStore:
             )
             changed = []
             for approval in due:
-                expired = attrs.evolve(
-                    approval, status=EXPIRED, decided_at=approval.expires_at
-                )
-                done = _update_approval(tx, expired)
+                done = _update_approval(tx, expire(approval))
                 if done is not None:
                     changed.append(done)
             return changed
 
-        return self._backend.run(expire)
+        return self._backend.run(expire_due)
 
     # Plans --------------------------------------------------------------------
 
