@@ -6,9 +6,12 @@ application agents on real sockets doing the plans' steps.
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.logger import LogLevel
@@ -17,6 +20,7 @@ from optiinfra.auth import Role, generate
 
 from .agents import COMPLETE, FAIL, HANG, FakeAgent, StartAgent, settle
 from .conftest import LogCapture, RunningService, StartService
+from .databases import postgres_schema
 
 CUSTOMER = "acme"
 FAST = {"retry_delay": 0.05, "attempt_timeout": 5.0, "coordination_interval": 0.05}
@@ -720,3 +724,46 @@ async def test_the_whole_result_can_be_read_again(start_service: StartService) -
     assert again["approvals"][0]["id"] == result["approvals"][0]["id"]
     code, _ = await call(service, "GET", "/coordination/results/unknown")
     assert code == 404
+
+
+@pytest.fixture
+def shared_database() -> Iterator[str]:
+    with postgres_schema() as url:
+        yield url
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_replicas_drive_each_plan_step_once(
+    start_service: StartService, start_agent: StartAgent, shared_database: str
+) -> None:
+    replicas = [
+        await start_service(**FAST, database_url=shared_database) for _ in range(2)
+    ]
+    agents = await fleet(replicas[0], start_agent)
+    agents["cost"].delay = 0.05
+    batch = [
+        rec(
+            f"spot-{n}",
+            "cost",
+            action="migrate_to_spot",
+            affected_resources=[f"vm-{n}"],
+        )
+        for n in range(6)
+    ]
+    result = await coordinate(replicas[0], batch)
+    plans = [p["id"] for p in result["execution_plans"]]
+    # each replica starts half; both keep moving all of them
+    for n, plan_id in enumerate(plans):
+        code, _ = await call(
+            replicas[n % 2], "POST", f"/coordination/plans/{plan_id}/execute"
+        )
+        assert code == 202
+    for plan_id in plans:
+        assert (await wait_plan(replicas[1], plan_id))["status"] == "completed"
+    sent = Counter(
+        (r.body["parameters"]["plan_id"], r.body["task_type"])
+        for agent in agents.values()
+        for r in agent.received
+    )
+    assert len(sent) == 3 * len(plans)
+    assert set(sent.values()) == {1}
