@@ -42,3 +42,8 @@ def rfc3339_ms(seconds: float) -> str:
     """A UTC time as RFC 3339 with milliseconds: C{2025-10-16T10:00:00.250Z}."""
     moment = datetime.fromtimestamp(seconds, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def rfc3339_ms_or_none(seconds: float | None) -> str | None:
+    """L{rfc3339_ms}, for times that may not have happened yet."""
+    return None if seconds is None else rfc3339_ms(seconds)

@@ -16,7 +16,7 @@ from optiinfra.coordination.model import (
 )
 from optiinfra.errors import InvalidField
 from optiinfra.registry.model import AGENT_TYPES
-from optiinfra.routing.model import PRIORITIES
+from optiinfra.routing.parse import parse_priority
 from optiinfra.validation import NAME, TOKEN, Fields
 
 #: Resource ids are paths: "cluster-a/node-1".
@@ -71,17 +71,6 @@ def _window(fields: Fields) -> Window | None:
     return Window(start, end)
 
 
-def _priority(fields: Fields) -> int:
-    raw = fields.raw("priority")
-    if isinstance(raw, str) and raw in PRIORITIES:
-        return PRIORITIES[raw]
-    value = fields.integer(
-        "priority", minimum=1, maximum=15, required=False, default=PRIORITIES["normal"]
-    )
-    assert value is not None  # noqa: S101 - defaulted
-    return value
-
-
 def parse_recommendation(
     document: object, prefix: str, customer_id: str
 ) -> Recommendation:
@@ -111,7 +100,7 @@ def parse_recommendation(
         affected_resources=fields.strings("affected_resources", pattern=RESOURCE),
         parameters=fields.mapping("parameters"),
         dependencies=fields.strings("dependencies"),
-        priority=_priority(fields),
+        priority=parse_priority(fields),
         confidence=fields.number("confidence", minimum=0, maximum=1, default=0.0),
         created_at=_time(fields, "created_at"),
         expires_at=_time(fields, "expires_at"),

@@ -10,11 +10,7 @@ from typing import Any
 from optiinfra.coordination.approvals import Approval
 from optiinfra.coordination.model import Conflict, Recommendation
 from optiinfra.coordination.plans import Plan, Step
-from optiinfra.timefmt import rfc3339_ms
-
-
-def _time(seconds: float | None) -> str | None:
-    return None if seconds is None else rfc3339_ms(seconds)
+from optiinfra.timefmt import rfc3339_ms, rfc3339_ms_or_none
 
 
 def recommendation_view(rec: Recommendation) -> dict[str, Any]:
@@ -35,13 +31,16 @@ def recommendation_view(rec: Recommendation) -> dict[str, Any]:
         "dependencies": list(rec.dependencies),
         "priority": rec.priority,
         "confidence": rec.confidence,
-        "created_at": _time(rec.created_at),
-        "expires_at": _time(rec.expires_at),
+        "created_at": rfc3339_ms_or_none(rec.created_at),
+        "expires_at": rfc3339_ms_or_none(rec.expires_at),
         "status": rec.status,
         "metadata": rec.metadata,
         "window": None
         if rec.window is None
-        else {"start": _time(rec.window.start), "end": _time(rec.window.end)},
+        else {
+            "start": rfc3339_ms(rec.window.start),
+            "end": rfc3339_ms(rec.window.end),
+        },
     }
 
 
@@ -53,10 +52,10 @@ def conflict_view(conflict: Conflict, at: float) -> dict[str, Any]:
         "description": conflict.description,
         "severity": conflict.severity,
         "conflicting_field": conflict.conflicting_field,
-        "detected_at": _time(at),
+        "detected_at": rfc3339_ms_or_none(at),
         "resolved": True,
         "resolution": conflict.resolution,
-        "resolved_at": _time(at),
+        "resolved_at": rfc3339_ms_or_none(at),
         "kept": list(conflict.kept),
         "dropped": list(conflict.dropped),
         "rule": conflict.rule,
@@ -79,16 +78,16 @@ def approval_view(approval: Approval, now: float) -> dict[str, Any]:
             {
                 "user_id": d.user_id,
                 "decision": "approved" if d.approved else "rejected",
-                "at": _time(d.at),
+                "at": rfc3339_ms_or_none(d.at),
                 "reason": d.reason,
             }
             for d in approval.decisions
         ],
         "rejected_by": None if rejection is None else rejection.user_id,
         "rejection_reason": None if rejection is None else rejection.reason,
-        "created_at": _time(approval.created_at),
-        "expires_at": _time(approval.expires_at),
-        "decided_at": _time(approval.decided_at),
+        "created_at": rfc3339_ms_or_none(approval.created_at),
+        "expires_at": rfc3339_ms_or_none(approval.expires_at),
+        "decided_at": rfc3339_ms_or_none(approval.decided_at),
         "execute_now": approval.execute_now,
         "plan_id": approval.plan_id,
     }
@@ -106,8 +105,8 @@ def _step_view(step: Step) -> dict[str, Any]:
         "status": step.status,
         "task_id": step.task_id,
         "rollback_task_id": step.rollback_task_id,
-        "started_at": _time(step.started_at),
-        "completed_at": _time(step.completed_at),
+        "started_at": rfc3339_ms_or_none(step.started_at),
+        "completed_at": rfc3339_ms_or_none(step.completed_at),
         "result": step.result,
         "error": step.error,
     }
@@ -123,8 +122,8 @@ def plan_view(plan: Plan) -> dict[str, Any]:
         "status": plan.status,
         "steps": [_step_view(step) for step in plan.steps],
         "after": list(plan.after),
-        "created_at": _time(plan.created_at),
-        "started_at": _time(plan.started_at),
-        "completed_at": _time(plan.completed_at),
+        "created_at": rfc3339_ms_or_none(plan.created_at),
+        "started_at": rfc3339_ms_or_none(plan.started_at),
+        "completed_at": rfc3339_ms_or_none(plan.completed_at),
         "error": plan.error,
     }

@@ -28,7 +28,7 @@ def parse_task(document: object, config: RouterConfig) -> TaskRequest:
         raise InvalidField(
             "agent_type", f"{task_type} is done by {TASK_TYPES[task_type]} agents"
         )
-    priority = _priority(fields)
+    priority = parse_priority(fields)
     timeout = fields.number(
         "timeout_seconds",
         minimum=0.001,
@@ -55,7 +55,8 @@ def parse_task(document: object, config: RouterConfig) -> TaskRequest:
     )
 
 
-def _priority(fields: Fields) -> int:
+def parse_priority(fields: Fields) -> int:
+    """A priority by number (1-15) or by the contract's names."""
     raw = fields.raw("priority")
     if isinstance(raw, str) and raw in PRIORITIES:
         return PRIORITIES[raw]

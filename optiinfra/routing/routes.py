@@ -21,7 +21,7 @@ from optiinfra.routing.parse import (
     request_hash,
 )
 from optiinfra.routing.router import Router
-from optiinfra.timefmt import rfc3339_ms
+from optiinfra.timefmt import rfc3339_ms, rfc3339_ms_or_none
 from optiinfra.validation import TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.body import read_json
@@ -34,10 +34,6 @@ MAX_PAGE = 500
 _DIGITS = re.compile(r"[0-9]{1,12}")
 
 
-def _time(seconds: float | None) -> str | None:
-    return None if seconds is None else rfc3339_ms(seconds)
-
-
 def task_view(task: Task) -> dict[str, Any]:
     """The contract's task record, with what an operator also wants to see."""
     return {
@@ -46,15 +42,15 @@ def task_view(task: Task) -> dict[str, Any]:
         "agent_id": task.agent_id,
         "result": task.result,
         "error": task.error,
-        "created_at": _time(task.created_at),
-        "started_at": _time(task.started_at),
-        "completed_at": _time(task.completed_at),
+        "created_at": rfc3339_ms_or_none(task.created_at),
+        "started_at": rfc3339_ms_or_none(task.started_at),
+        "completed_at": rfc3339_ms_or_none(task.completed_at),
         "retry_count": task.retry_count,
         "task_type": task.task_type,
         "agent_type": task.agent_type,
         "priority": task.priority,
         "timeout_seconds": task.timeout_seconds,
-        "deadline": _time(task.deadline),
+        "deadline": rfc3339_ms_or_none(task.deadline),
     }
 
 
