@@ -135,5 +135,14 @@ async def settle(seconds: float = 0.05) -> None:
     await deferLater(reactor, seconds)
 
 
+async def until_sent(agent: FakeAgent, task_type: str, tries: int = 300) -> None:
+    """Wait until C{agent} has been sent a task of C{task_type}."""
+    for _ in range(tries):
+        if task_type in agent.task_types:
+            return
+        await settle(0.01)
+    raise AssertionError(f"{agent.name} was never sent {task_type}: {agent.task_types}")
+
+
 def never() -> Deferred[None]:
     return Deferred()

@@ -18,7 +18,7 @@ from twisted.logger import LogLevel
 
 from optiinfra.auth import Role, generate
 
-from .agents import COMPLETE, FAIL, HANG, FakeAgent, StartAgent, settle
+from .agents import COMPLETE, FAIL, HANG, FakeAgent, StartAgent, settle, until_sent
 from .conftest import LogCapture, RunningService, StartService
 from .databases import postgres_schema
 
@@ -101,6 +101,15 @@ async def coordinate(
     )
     assert code == 200, body
     return body  # type: ignore[no-any-return]
+
+
+async def decide(
+    service: RunningService, approval_id: str, verb: str, body: dict[str, Any]
+) -> tuple[int, Any]:
+    """Approve or reject."""
+    return await call(
+        service, "POST", f"/coordination/approvals/{approval_id}/{verb}", body
+    )
 
 
 async def wait_plan(
@@ -255,11 +264,8 @@ async def test_an_approval_goes_from_pending_to_executed(
     )
     assert other == {"approvals": [], "count": 0}
 
-    code, approved = await call(
-        service,
-        "POST",
-        f"/coordination/approvals/{pending['id']}/approve",
-        {"user_id": "alice"},
+    code, approved = await decide(
+        service, pending["id"], "approve", {"user_id": "alice"}
     )
     assert code == 200, approved
     assert approved["status"] == "approved"
@@ -270,12 +276,7 @@ async def test_an_approval_goes_from_pending_to_executed(
     assert approved["plan_id"] == plan["id"]
     assert agents["performance"].received == []
 
-    code, again = await call(
-        service,
-        "POST",
-        f"/coordination/approvals/{pending['id']}/approve",
-        {"user_id": "bob"},
-    )
+    code, again = await decide(service, pending["id"], "approve", {"user_id": "bob"})
     assert code == 409, again
 
     code, started = await call(
@@ -374,11 +375,8 @@ async def test_an_expired_approval_can_no_longer_be_approved(
     code, listed = await call(service, "GET", "/coordination/approvals?status=expired")
     assert [a["id"] for a in listed["approvals"]] == [pending["id"]]
     assert listed["approvals"][0]["status"] == "expired"
-    code, refused = await call(
-        service,
-        "POST",
-        f"/coordination/approvals/{pending['id']}/approve",
-        {"user_id": "alice"},
+    code, refused = await decide(
+        service, pending["id"], "approve", {"user_id": "alice"}
     )
     assert code == 409
     assert refused["status"] == "expired"
@@ -449,10 +447,7 @@ async def test_a_failed_rollback_ends_loudly(
         execute_now=True,
     )
     [plan] = result["execution_plans"]
-    for _ in range(200):
-        if "scale_resources" in agents["resource"].task_types:
-            break
-        await settle(0.01)
+    await until_sent(agents["resource"], "scale_resources")
     agents["application"].overrides = {"validate_quality": FAIL}
     done = await wait_plan(service, plan["id"])
     assert done["status"] == "rollback_failed", done
@@ -522,11 +517,8 @@ async def test_plans_run_after_the_plans_they_depend_on(
     assert still["status"] == "waiting"
     assert agents["cost"].received == []
     [pending] = result["approvals"]
-    code, approved = await call(
-        service,
-        "POST",
-        f"/coordination/approvals/{pending['id']}/approve",
-        {"user_id": "alice"},
+    code, approved = await decide(
+        service, pending["id"], "approve", {"user_id": "alice"}
     )
     assert code == 200
     first = await wait_plan(service, approved["plan_id"])
@@ -551,12 +543,7 @@ async def test_a_plan_whose_dependency_is_rejected_is_cancelled(
         execute_now=True,
     )
     [pending] = result["approvals"]
-    await call(
-        service,
-        "POST",
-        f"/coordination/approvals/{pending['id']}/reject",
-        {"user_id": "alice", "reason": "no"},
-    )
+    await decide(service, pending["id"], "reject", {"user_id": "alice", "reason": "no"})
     done = await wait_plan(service, result["execution_plans"][0]["id"])
     assert done["status"] == "cancelled"
     assert "first was rejected" in done["error"]
@@ -577,10 +564,7 @@ async def test_a_plan_interrupted_by_a_restart_resumes(
         execute_now=True,
     )
     [plan] = result["execution_plans"]
-    for _ in range(300):
-        if "migrate_workload" in agents["cost"].task_types:
-            break
-        await settle(0.01)
+    await until_sent(agents["cost"], "migrate_workload")
     await first.pool.closeCachedConnections()
     await first.top.stopService()  # the step is handed back, the plan stays running
 
