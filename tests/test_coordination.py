@@ -751,3 +751,46 @@ async def test_two_replicas_drive_each_plan_step_once(
     )
     assert len(sent) == 3 * len(plans)
     assert set(sent.values()) == {1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_timing_conflicts_expiry_and_avoided_actions(
+    start_service: StartService,
+) -> None:
+    service = await start_service(**FAST)
+    hour = {"start": "2030-01-01T10:00:00Z", "end": "2030-01-01T11:00:00Z"}
+    later = {"start": "2030-01-01T12:00:00Z", "end": "2030-01-01T13:00:00Z"}
+    result = await coordinate(
+        service,
+        [
+            rec("n1", "resource", affected_resources=["pool/node-1"], window=hour),
+            rec("n2", "cost", affected_resources=["pool/node-2"], window=hour),
+            rec("n3", "cost", affected_resources=["pool/node-3"], window=later),
+            rec("old", expires_at="2020-01-01T00:00:00Z"),
+            rec(
+                "cache",
+                "application",
+                action="disable_caching",
+                affected_resources=["db"],
+            ),
+            rec("cache2", "cost", action="enable_caching", affected_resources=["db2"]),
+        ],
+        metadata={"constraints": {"avoid_actions": ["disable_caching"]}},
+    )
+    by_type = {c["type"]: c for c in result["conflicts"]}
+    timing = by_type["timing"]
+    assert sorted(timing["recommendation_ids"]) == ["n1", "n2"]
+    assert timing["conflicting_field"] == "window"
+    assert timing["kept"] == ["n1"]  # resource beats cost
+    action = by_type["action"]
+    assert action["kept"] == ["cache2"]  # the customer's wish beats quality
+    assert action["rule"] == "customer_constraints"
+    kept = {r["id"] for r in result["recommendations"]}
+    assert kept == {"n1", "n3", "cache2"}
+    reasons = {d["id"]: d["reason"] for d in result["dropped"]}
+    assert "expired" in reasons["old"]
+    [window] = [r["window"] for r in result["recommendations"] if r["id"] == "n3"]
+    assert window == {
+        "start": "2030-01-01T12:00:00.000Z",
+        "end": "2030-01-01T13:00:00.000Z",
+    }
