@@ -19,6 +19,31 @@ from twisted.web.iweb import IRequest
 
 from optiinfra import __version__
 from optiinfra.auth import Permission
+from optiinfra.coordination.approvals import APPROVAL_STATUSES
+from optiinfra.coordination.conflicts import RULES, SEVERITY
+from optiinfra.coordination.model import (
+    AGENT_TYPE_RANK,
+    CONFLICT_TYPES,
+    DEPENDENCY,
+    RISK_LEVELS,
+)
+from optiinfra.coordination.parse import ACTION as ACTION_PATTERN
+from optiinfra.coordination.parse import MAX_RECOMMENDATIONS
+from optiinfra.coordination.parse import RESOURCE as RESOURCE_PATTERN
+from optiinfra.coordination.plans import (
+    DEFAULT_TEMPLATES,
+    PENDING,
+    PLAN_STATUSES,
+    STEP_COMPLETED,
+    STEP_FAILED,
+    STEP_PENDING,
+    STEP_ROLLBACK_FAILED,
+    STEP_ROLLED_BACK,
+    STEP_ROLLING_BACK,
+    STEP_RUNNING,
+    STEP_SKIPPED,
+    WAITING,
+)
 from optiinfra.registry.model import (
     AGENT_TYPES,
     REPORTED_STATUSES,
@@ -31,6 +56,7 @@ from optiinfra.routing.model import STATUSES as TASK_STATUSES
 from optiinfra.routing.parse import IDEMPOTENCY_KEY, TRACEPARENT
 from optiinfra.routing.router import RouterConfig
 from optiinfra.routing.routes import MAX_PAGE
+from optiinfra.settings import Settings
 from optiinfra.validation import HOST, MAX_DOCUMENT, MAX_LIST, NAME, TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.health import SERVICE_NAME
@@ -158,8 +184,9 @@ def _guarded(
     body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
-    A registry or task operation: needs a key whose role grants C{permission}
-    (when the service has keys), talks to the store (503 when it is down).
+    A registry, task or coordination operation: needs a key whose role grants
+    C{permission} (when the service has keys), talks to the store (503 when it
+    is down).
     """
     operation: dict[str, Any] = {
         "tags": [tag],
@@ -177,6 +204,20 @@ def _guarded(
     if body is not None:
         operation["requestBody"] = body
     return operation
+
+
+def _path_id(name: str, description: str) -> dict[str, Any]:
+    """A path parameter holding an id the service gave."""
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": (
+            f"{description} An id that is not a token of up to 128 letters, "
+            f"digits and `. _ : @ -` is a 400 naming `{name}`."
+        ),
+        "schema": {"type": "string", "pattern": _whole(TOKEN), "maxLength": 128},
+    }
 
 
 def _body(schema_name: str, description: str, *, required: bool) -> dict[str, Any]:
@@ -546,8 +587,32 @@ def _schemas() -> dict[str, Any]:
                     ),
                 },
                 "status": {
-                    **_schema("TaskStatus"),
-                    "description": "The finished task's status (409).",
+                    "anyOf": [
+                        _schema("TaskStatus"),
+                        _schema("ApprovalStatus"),
+                        _schema("PlanStatus"),
+                    ],
+                    "description": (
+                        "The status of the finished task, the decided approval "
+                        "or the plan that is no longer pending (409)."
+                    ),
+                },
+                "approval_id": {
+                    "type": "string",
+                    "description": (
+                        "The approval that was not found (404) or could not be "
+                        "decided (409)."
+                    ),
+                },
+                "plan_id": {
+                    "type": "string",
+                    "description": (
+                        "The plan that was not found (404) or is not pending (409)."
+                    ),
+                },
+                "coordination_id": {
+                    "type": "string",
+                    "description": "The coordination that was not found (404).",
                 },
                 "action": {
                     "const": "register",
@@ -821,13 +886,884 @@ def _task_schemas() -> dict[str, Any]:
     }
 
 
+#: The coordination settings' defaults, quoted in the descriptions.
+_SETTINGS: Final = Settings()
+#: Text the coordination API reads with no pattern: printable, not only whitespace.
+_PRINTABLE: Final = re.compile(r"[^\x00-\x1f\x7f]*")
+#: The times the coordination API reads: RFC 3339 with a zone, upper-case T and Z.
+_RFC3339: Final = (
+    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$"
+)
+#: The step statuses, in the order a step goes through them.
+_STEP_STATUSES: Final = (
+    STEP_PENDING,
+    STEP_RUNNING,
+    STEP_COMPLETED,
+    STEP_FAILED,
+    STEP_SKIPPED,
+    STEP_ROLLING_BACK,
+    STEP_ROLLED_BACK,
+    STEP_ROLLBACK_FAILED,
+)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:g} h"
+
+
+def _printable(max_length: int, description: str) -> dict[str, Any]:
+    return {
+        "type": "string",
+        "maxLength": max_length,
+        "pattern": _whole(_PRINTABLE, not_blank=True),
+        "description": description,
+    }
+
+
+def _identifiers(
+    pattern: re.Pattern[str], description: str, example: list[str]
+) -> dict[str, Any]:
+    return _nullable(
+        {
+            "type": "array",
+            "items": {"type": "string", "pattern": _whole(pattern)},
+            "maxItems": MAX_LIST,
+            "description": description + " Repeats are dropped.",
+            "examples": [example],
+        }
+    )
+
+
+def _coordination_schemas() -> dict[str, Any]:
+    lowest, highest = min(PRIORITIES.values()), max(PRIORITIES.values())
+    document: dict[str, Any] = {
+        "type": "object",
+        "description": f"Any JSON object, at most {MAX_DOCUMENT} bytes serialised.",
+    }
+    time_in = {
+        "type": ["string", "null"],
+        "maxLength": 64,
+        "pattern": _RFC3339,
+        "format": "date-time",
+        "examples": ["2025-10-16T10:00:00Z", "2025-10-16T12:00:00+02:00"],
+    }
+    time_or_null = {
+        "type": ["string", "null"],
+        "format": "date-time",
+        "examples": ["2025-10-16T10:00:00.250Z"],
+    }
+    strings = {"type": "array", "items": {"type": "string"}}
+    token = {"type": "string", "pattern": _whole(TOKEN), "maxLength": 128}
+    medium, high, critical = (
+        _SETTINGS.approval_expiry_medium,
+        _SETTINGS.approval_expiry_high,
+        _SETTINGS.approval_expiry_critical,
+    )
+    approval: dict[str, Any] = {
+        "type": "object",
+        "description": (
+            "A risky recommendation waiting for people, or what they decided."
+        ),
+        "required": [
+            "id",
+            "coordination_id",
+            "customer_id",
+            "recommendation_id",
+            "recommendation",
+            "risk_level",
+            "status",
+            "required_approvals",
+            "approved_by",
+            "decisions",
+            "rejected_by",
+            "rejection_reason",
+            "created_at",
+            "expires_at",
+            "decided_at",
+            "execute_now",
+            "plan_id",
+        ],
+        "properties": {
+            "id": {"type": "string", "description": "A UUID, given by the service."},
+            "coordination_id": {"type": "string"},
+            "customer_id": {"type": "string"},
+            "recommendation_id": {"type": "string"},
+            "recommendation": {
+                **_schema("Recommendation"),
+                "description": (
+                    "The recommendation as it was coordinated; its `status` "
+                    "stays pending whatever is decided."
+                ),
+            },
+            "risk_level": _schema("RiskLevel"),
+            "status": _schema("ApprovalStatus"),
+            "required_approvals": {
+                "type": "integer",
+                "minimum": 1,
+                "description": (
+                    "Different people who must approve: CRITICAL_APPROVERS "
+                    f"(default {_SETTINGS.critical_approvers}) for a critical "
+                    "change, else 1."
+                ),
+            },
+            "approved_by": {
+                **strings,
+                "description": "Who has approved, in order.",
+            },
+            "decisions": {
+                "type": "array",
+                "description": "Every approval and rejection, in order.",
+                "items": {
+                    "type": "object",
+                    "required": ["user_id", "decision", "at", "reason"],
+                    "properties": {
+                        "user_id": {"type": "string"},
+                        "decision": {
+                            "type": "string",
+                            "enum": ["approved", "rejected"],
+                        },
+                        "at": _TIME_MS,
+                        "reason": {
+                            "type": ["string", "null"],
+                            "description": "Why it was rejected; null for approvals.",
+                        },
+                    },
+                },
+            },
+            "rejected_by": {
+                "type": ["string", "null"],
+                "description": "Who rejected it; null unless rejected.",
+            },
+            "rejection_reason": {
+                "type": ["string", "null"],
+                "description": "Why; null unless rejected.",
+            },
+            "created_at": _TIME_MS,
+            "expires_at": {
+                **_TIME_MS,
+                "description": (
+                    "`created_at` plus the expiry for its risk level "
+                    f"(APPROVAL_EXPIRY_MEDIUM, default {_hours(medium)}; "
+                    f"APPROVAL_EXPIRY_HIGH, {_hours(high)}; "
+                    f"APPROVAL_EXPIRY_CRITICAL, {_hours(critical)})."
+                ),
+            },
+            "decided_at": {
+                **time_or_null,
+                "description": (
+                    "When it was approved (by the last approver needed), "
+                    "rejected, or the time it expired at once the expiry is "
+                    "recorded; null while pending."
+                ),
+            },
+            "execute_now": {
+                "type": "boolean",
+                "description": (
+                    "The coordination's `execute_now`: the plan starts as soon "
+                    "as the approval is granted."
+                ),
+            },
+            "plan_id": {
+                "type": ["string", "null"],
+                "description": "The plan made when it was approved; null before.",
+            },
+        },
+    }
+    return {
+        "RiskLevel": {
+            "type": "string",
+            "enum": list(RISK_LEVELS),
+            "description": (
+                "low: carried out without asking (a plan is made at once); "
+                "medium, high: one person must approve; critical: "
+                f"CRITICAL_APPROVERS (default {_SETTINGS.critical_approvers}) "
+                "different people must."
+            ),
+        },
+        "ApprovalStatus": {
+            "type": "string",
+            "enum": list(APPROVAL_STATUSES),
+            "description": (
+                "pending: waiting for people; approved: enough people approved "
+                "(the plan is made); rejected: someone rejected it; expired: no "
+                "decision before `expires_at` (shown as soon as it passes, even "
+                "before the sweep records it). All but pending are final."
+            ),
+        },
+        "PlanStatus": {
+            "type": "string",
+            "enum": list(PLAN_STATUSES),
+            "description": (
+                "pending: made, waiting for `POST .../execute` (or started at "
+                "once with `execute_now`); waiting: execution asked for, the "
+                "plans of the recommendations it depends on (`after`) have not "
+                "completed yet; running: its steps are being sent as tasks, one "
+                "at a time; rolling_back: a critical step failed, the completed "
+                "reversible steps are being undone, last first; completed, "
+                "rolled_back, rollback_failed (the change is half done: a person "
+                "must act), cancelled (a dependency was rejected, expired or "
+                "did not complete): final."
+            ),
+        },
+        "StepStatus": {
+            "type": "string",
+            "enum": list(_STEP_STATUSES),
+            "description": (
+                "pending, running, completed; failed (a non-critical step's "
+                "failure is recorded and the plan goes on); skipped (not run "
+                "because an earlier critical step failed); rolling_back, "
+                "rolled_back, rollback_failed: its rollback task's progress."
+            ),
+        },
+        "RecommendationRequest": {
+            "type": "object",
+            "description": (
+                "One agent's proposed change. Optional fields sent as null are "
+                "read as absent. Other fields (`status` among them) are ignored."
+            ),
+            "required": ["id", "agent_type", "action"],
+            "properties": {
+                "id": {
+                    **token,
+                    "description": (
+                        "Unique within the request (a repeat is a 400 naming "
+                        "the second one)."
+                    ),
+                    "examples": ["rec-spot-1"],
+                },
+                "agent_type": _schema("AgentType"),
+                "action": {
+                    "type": "string",
+                    "pattern": _whole(ACTION_PATTERN),
+                    "description": (
+                        "What to do. Its plan template names the steps (see "
+                        "`Plan`); an action without a template is one step, a "
+                        "task of that type sent to an agent of `agent_type`."
+                    ),
+                    "examples": ["migrate_to_spot", "scale_down"],
+                },
+                "risk_level": _nullable(
+                    {
+                        **_schema("RiskLevel"),
+                        "default": "medium",
+                        "description": (
+                            "Absent: medium (a change that does not say how "
+                            "risky it is needs a person)."
+                        ),
+                    }
+                ),
+                "customer_id": _nullable(
+                    {
+                        **token,
+                        "description": "The request's `customer_id` if given.",
+                    }
+                ),
+                "agent_id": _nullable(
+                    {**token, "description": "The recommending agent."}
+                ),
+                "type": _nullable(
+                    {
+                        **_NAME,
+                        "description": "A free category, such as `optimization`.",
+                    }
+                ),
+                "title": _nullable(_printable(256, "A one-line summary.")),
+                "description": _nullable(
+                    _printable(4096, "Free text, without line breaks.")
+                ),
+                "estimated_savings": _nullable(
+                    {
+                        "type": "number",
+                        "minimum": -1e15,
+                        "maximum": 1e15,
+                        "default": 0,
+                        "description": "Ranks conflicting recommendations.",
+                    }
+                ),
+                "estimated_impact": {"description": "Any JSON, kept as is."},
+                "affected_resources": _identifiers(
+                    RESOURCE_PATTERN,
+                    "The resources it changes, as paths. Recommendations "
+                    "sharing one conflict (resource); ones on related resources "
+                    "(one a prefix path of the other, or siblings) with "
+                    "overlapping windows conflict on timing.",
+                    ["cluster-a/node-1"],
+                ),
+                "parameters": _nullable(
+                    {
+                        **document,
+                        "description": document["description"]
+                        + " Passed on to the tasks of its plan.",
+                    }
+                ),
+                "dependencies": _identifiers(
+                    TOKEN,
+                    "Ids of recommendations of the same request that must be "
+                    "carried out first. A missing one or a cycle drops the "
+                    "recommendation (a dependency conflict).",
+                    ["rec-snapshot-1"],
+                ),
+                "priority": {
+                    "anyOf": [
+                        {"type": "integer", "minimum": lowest, "maximum": highest},
+                        {"type": "string", "enum": list(PRIORITIES)},
+                        {"type": "null"},
+                    ],
+                    "default": PRIORITIES["normal"],
+                    "description": (
+                        f"A whole number from {lowest} to {highest}, or a name ("
+                        + ", ".join(f"{n} = {v}" for n, v in PRIORITIES.items())
+                        + "). Absent: normal. Ranks conflicting recommendations, "
+                        "and is the priority of its plan's tasks."
+                    ),
+                },
+                "confidence": _nullable(
+                    {"type": "number", "minimum": 0, "maximum": 1, "default": 0}
+                ),
+                "created_at": {**time_in, "description": "Kept as given."},
+                "expires_at": {
+                    **time_in,
+                    "description": (
+                        "A recommendation already past it is dropped, not coordinated."
+                    ),
+                },
+                "metadata": _nullable(document),
+                "window": _nullable(
+                    {
+                        "type": "object",
+                        "description": (
+                            "When it would run; `end` must be after `start`."
+                        ),
+                        "required": ["start", "end"],
+                        "properties": {
+                            "start": {**time_in, "type": "string"},
+                            "end": {**time_in, "type": "string"},
+                        },
+                    }
+                ),
+            },
+        },
+        "CoordinationRequest": {
+            "type": "object",
+            "description": (
+                "A batch of recommendations for one customer. Optional fields "
+                "sent as null are read as absent. Other fields are ignored."
+            ),
+            "required": ["customer_id", "recommendations"],
+            "properties": {
+                "customer_id": {**token, "examples": ["acme"]},
+                "recommendations": {
+                    "type": "array",
+                    "items": _schema("RecommendationRequest"),
+                    "minItems": 1,
+                    "maxItems": MAX_RECOMMENDATIONS,
+                },
+                "auto_approve": _nullable(
+                    {
+                        "type": "boolean",
+                        "default": False,
+                        "description": (
+                            "Make every kept recommendation's plan at once, "
+                            "whatever its risk: no approvals are asked for."
+                        ),
+                    }
+                ),
+                "execute_now": _nullable(
+                    {
+                        "type": "boolean",
+                        "default": False,
+                        "description": (
+                            "Start the plans made now at once, and the others "
+                            "as soon as their approval is granted."
+                        ),
+                    }
+                ),
+                "metadata": _nullable(
+                    {
+                        **document,
+                        "description": (
+                            "Only `constraints` is read: " + document["description"]
+                        ),
+                        "properties": {
+                            "constraints": _nullable(
+                                {
+                                    "type": "object",
+                                    "description": (
+                                        "The customer's wishes, the first rule "
+                                        "when settling a conflict."
+                                    ),
+                                    "properties": {
+                                        "prefer": _identifiers(
+                                            TOKEN,
+                                            "Recommendation ids to keep.",
+                                            ["rec-spot-1"],
+                                        ),
+                                        "avoid_actions": _identifiers(
+                                            ACTION_PATTERN,
+                                            "Actions not wanted.",
+                                            ["terminate"],
+                                        ),
+                                        "protected_resources": _identifiers(
+                                            RESOURCE_PATTERN,
+                                            "Resources not to be touched.",
+                                            ["cluster-a/db-1"],
+                                        ),
+                                    },
+                                }
+                            )
+                        },
+                    }
+                ),
+            },
+        },
+        "Recommendation": {
+            "type": "object",
+            "description": "A recommendation as the service keeps it.",
+            "required": [
+                "id",
+                "agent_id",
+                "agent_type",
+                "customer_id",
+                "type",
+                "title",
+                "description",
+                "action",
+                "risk_level",
+                "estimated_savings",
+                "estimated_impact",
+                "affected_resources",
+                "parameters",
+                "dependencies",
+                "priority",
+                "confidence",
+                "created_at",
+                "expires_at",
+                "status",
+                "metadata",
+                "window",
+            ],
+            "properties": {
+                "id": {"type": "string"},
+                "agent_id": {
+                    "type": "string",
+                    "description": "Empty when not given.",
+                },
+                "agent_type": _schema("AgentType"),
+                "customer_id": {"type": "string"},
+                "type": {"type": "string", "description": "Empty when not given."},
+                "title": {"type": "string", "description": "Empty when not given."},
+                "description": {
+                    "type": "string",
+                    "description": "Empty when not given.",
+                },
+                "action": {"type": "string"},
+                "risk_level": _schema("RiskLevel"),
+                "estimated_savings": {"type": "number"},
+                "estimated_impact": {"description": "As given; null when not."},
+                "affected_resources": strings,
+                "parameters": {"type": "object"},
+                "dependencies": strings,
+                "priority": {"type": "integer", "minimum": lowest, "maximum": highest},
+                "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                "created_at": {
+                    **time_or_null,
+                    "description": "As given, in UTC; null when not.",
+                },
+                "expires_at": {
+                    **time_or_null,
+                    "description": "As given, in UTC; null when not.",
+                },
+                "status": {
+                    "type": "string",
+                    "enum": ["pending", "approved"],
+                    "description": (
+                        "approved once its plan is made; pending while it waits "
+                        "for approval."
+                    ),
+                },
+                "metadata": {"type": "object"},
+                "window": {
+                    "type": ["object", "null"],
+                    "description": "As given, in UTC; null when not.",
+                    "required": ["start", "end"],
+                    "properties": {"start": _TIME_MS, "end": _TIME_MS},
+                },
+            },
+        },
+        "Conflict": {
+            "type": "object",
+            "description": "Recommendations that cannot all go ahead, and the outcome.",
+            "required": [
+                "id",
+                "type",
+                "recommendation_ids",
+                "description",
+                "severity",
+                "conflicting_field",
+                "detected_at",
+                "resolved",
+                "resolution",
+                "resolved_at",
+                "kept",
+                "dropped",
+                "rule",
+            ],
+            "properties": {
+                "id": {"type": "string", "description": "A UUID."},
+                "type": {
+                    "type": "string",
+                    "enum": list(CONFLICT_TYPES),
+                    "description": (
+                        "resource: both affect the same resource; action: their "
+                        "actions contradict each other; timing: overlapping "
+                        "windows on related resources; dependency: a cycle, a "
+                        "dependency outside the batch, or one that was dropped."
+                    ),
+                },
+                "recommendation_ids": strings,
+                "description": {"type": "string"},
+                "severity": {
+                    "type": "string",
+                    "enum": sorted(set(SEVERITY.values())),
+                    "description": ", ".join(
+                        f"{kind}: {level}" for kind, level in SEVERITY.items()
+                    )
+                    + ".",
+                },
+                "conflicting_field": {
+                    "type": "string",
+                    "description": "The recommendation field the conflict is about.",
+                    "examples": ["affected_resources"],
+                },
+                "detected_at": _TIME_MS,
+                "resolved": {
+                    "const": True,
+                    "description": "Every conflict is settled when detected.",
+                },
+                "resolution": {"type": "string", "description": "What was done, why."},
+                "resolved_at": _TIME_MS,
+                "kept": {**strings, "description": "Those of its ids kept."},
+                "dropped": {**strings, "description": "Those of its ids dropped."},
+                "rule": {
+                    "type": "string",
+                    "enum": [*RULES, DEPENDENCY],
+                    "description": (
+                        "What decided, the rank rules most important first: "
+                        "customer constraints, agent type ("
+                        + " > ".join(
+                            sorted(
+                                AGENT_TYPE_RANK,
+                                key=AGENT_TYPE_RANK.__getitem__,
+                                reverse=True,
+                            )
+                        )
+                        + "), priority, estimated savings, confidence, lower "
+                        "risk, then the smaller id (tie_break); or dependency."
+                    ),
+                },
+            },
+        },
+        "Approval": approval,
+        "ApprovalAndPlan": {
+            **approval,
+            "description": "The approval as it is now, and the plan it led to.",
+            "required": [*approval["required"], "plan"],
+            "properties": {
+                **approval["properties"],
+                "plan": {
+                    "anyOf": [_schema("Plan"), {"type": "null"}],
+                    "description": (
+                        "The plan, made once enough people have approved "
+                        "(started already with `execute_now`); null while more "
+                        "approvals are needed."
+                    ),
+                },
+            },
+        },
+        "ApprovalList": {
+            "type": "object",
+            "required": ["approvals", "count"],
+            "properties": {
+                "approvals": {"type": "array", "items": _schema("Approval")},
+                "count": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "How many approvals the list holds.",
+                },
+            },
+        },
+        "ApproveRequest": {
+            "type": "object",
+            "description": "Other fields are ignored.",
+            "properties": {
+                "user_id": _nullable(
+                    {
+                        **token,
+                        "description": (
+                            "Who approves; required when the service has no API "
+                            "keys. With keys it is the key's name: it may be "
+                            "left out, and another value is a 400 naming "
+                            "`user_id`."
+                        ),
+                        "examples": ["alice"],
+                    }
+                ),
+            },
+        },
+        "RejectRequest": {
+            "type": "object",
+            "description": "Other fields are ignored.",
+            "required": ["reason"],
+            "properties": {
+                "user_id": _nullable(
+                    {
+                        **token,
+                        "description": (
+                            "Who rejects; required when the service has no API "
+                            "keys. With keys it is the key's name: it may be "
+                            "left out, and another value is a 400 naming "
+                            "`user_id`."
+                        ),
+                        "examples": ["alice"],
+                    }
+                ),
+                "reason": _printable(1024, "Why."),
+            },
+        },
+        "PlanStep": {
+            "type": "object",
+            "required": [
+                "index",
+                "task_type",
+                "agent_type",
+                "critical",
+                "reversible",
+                "rollback_task_type",
+                "timeout_seconds",
+                "status",
+                "task_id",
+                "rollback_task_id",
+                "started_at",
+                "completed_at",
+                "result",
+                "error",
+            ],
+            "properties": {
+                "index": {"type": "integer", "minimum": 0},
+                "task_type": {
+                    "type": "string",
+                    "description": "The task sent to do it.",
+                    "examples": ["take_snapshot"],
+                },
+                "agent_type": _schema("AgentType"),
+                "critical": {
+                    "type": "boolean",
+                    "description": (
+                        "Its failure rolls the plan back; a non-critical step's "
+                        "failure is recorded and the plan goes on."
+                    ),
+                },
+                "reversible": {
+                    "type": "boolean",
+                    "description": "Whether it has a rollback task.",
+                },
+                "rollback_task_type": {
+                    "type": ["string", "null"],
+                    "description": "The task that undoes it; null when none.",
+                },
+                "timeout_seconds": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "Its task's `timeout_seconds`.",
+                },
+                "status": _schema("StepStatus"),
+                "task_id": {
+                    "type": ["string", "null"],
+                    "description": "Its task (see `GET /tasks/{task_id}`); null "
+                    "until sent.",
+                },
+                "rollback_task_id": {
+                    "type": ["string", "null"],
+                    "description": "Its rollback task; null unless rolled back.",
+                },
+                "started_at": {
+                    **time_or_null,
+                    "description": "When its task was sent; null before.",
+                },
+                "completed_at": {
+                    **time_or_null,
+                    "description": "When its task ended; null before.",
+                },
+                "result": {
+                    "description": (
+                        "Its task's result (any JSON); null until it completed."
+                    )
+                },
+                "error": {
+                    "type": ["string", "null"],
+                    "description": "Why it or its rollback failed; null if not.",
+                },
+            },
+        },
+        "Plan": {
+            "type": "object",
+            "description": (
+                "The steps carrying out one approved recommendation, each a task "
+                "routed like those of `POST /tasks`. The action's template gives "
+                "the steps: "
+                + "; ".join(
+                    f"{action}: " + ", ".join(step.task_type for step in steps)
+                    for action, steps in DEFAULT_TEMPLATES.items()
+                )
+                + " (PLAN_TEMPLATES_FILE adds others); any other action is one "
+                "step."
+            ),
+            "required": [
+                "id",
+                "coordination_id",
+                "customer_id",
+                "recommendation_id",
+                "action",
+                "status",
+                "steps",
+                "after",
+                "created_at",
+                "started_at",
+                "completed_at",
+                "error",
+            ],
+            "properties": {
+                "id": {"type": "string", "description": "A UUID."},
+                "coordination_id": {"type": "string"},
+                "customer_id": {"type": "string"},
+                "recommendation_id": {"type": "string"},
+                "action": {"type": "string"},
+                "status": _schema("PlanStatus"),
+                "steps": {"type": "array", "items": _schema("PlanStep")},
+                "after": {
+                    **strings,
+                    "description": (
+                        "Recommendations of the same coordination whose plans "
+                        "must complete before this one starts."
+                    ),
+                },
+                "created_at": _TIME_MS,
+                "started_at": {
+                    **time_or_null,
+                    "description": "When its first step started; null before.",
+                },
+                "completed_at": {
+                    **time_or_null,
+                    "description": "When it reached a final status; null before.",
+                },
+                "error": {
+                    "type": ["string", "null"],
+                    "description": "Why it failed or was cancelled; null if not.",
+                },
+            },
+        },
+        "ExecutionStarted": {
+            "type": "object",
+            "required": ["message", "plan_id", "status"],
+            "properties": {
+                "message": {"const": "Execution started"},
+                "plan_id": {"type": "string"},
+                "status": {
+                    "const": WAITING,
+                    "description": (
+                        "The plan runs once the plans it depends on have "
+                        "completed (at once when there are none)."
+                    ),
+                },
+            },
+        },
+        "CoordinationResult": {
+            "type": "object",
+            "required": [
+                "id",
+                "customer_id",
+                "total_recommendations",
+                "conflicts_detected",
+                "conflicts_resolved",
+                "recommendations_kept",
+                "approvals_required",
+                "auto_approved",
+                "conflicts",
+                "recommendations",
+                "dropped",
+                "approvals",
+                "execution_plans",
+                "created_at",
+            ],
+            "properties": {
+                "id": {
+                    "type": "string",
+                    "description": (
+                        "A UUID: read the result again at `/coordination/results/{id}`."
+                    ),
+                },
+                "customer_id": {"type": "string"},
+                "total_recommendations": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "How many the request held.",
+                },
+                "conflicts_detected": {"type": "integer", "minimum": 0},
+                "conflicts_resolved": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Equal to `conflicts_detected`.",
+                },
+                "recommendations_kept": {"type": "integer", "minimum": 0},
+                "approvals_required": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Kept recommendations waiting for approval.",
+                },
+                "auto_approved": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": (
+                        "Kept recommendations whose plan was made at once (low "
+                        "risk, or `auto_approve`)."
+                    ),
+                },
+                "conflicts": {"type": "array", "items": _schema("Conflict")},
+                "recommendations": {
+                    "type": "array",
+                    "items": _schema("Recommendation"),
+                    "description": "Those kept, dependencies first.",
+                },
+                "dropped": {
+                    "type": "array",
+                    "description": "Those not kept, by id.",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "reason"],
+                        "properties": {
+                            "id": {"type": "string"},
+                            "reason": {
+                                "type": "string",
+                                "examples": ["it expired before coordination"],
+                            },
+                        },
+                    },
+                },
+                "approvals": {"type": "array", "items": _schema("Approval")},
+                "execution_plans": {"type": "array", "items": _schema("Plan")},
+                "created_at": _TIME_MS,
+            },
+        },
+    }
+
+
 # Components shared by operations --------------------------------------------------
 
 
 def _components() -> dict[str, Any]:
     error = _schema("Error")
     return {
-        "schemas": {**_schemas(), **_task_schemas()},
+        "schemas": {**_schemas(), **_task_schemas(), **_coordination_schemas()},
         "securitySchemes": {
             "bearerAuth": {
                 "type": "http",
@@ -916,6 +1852,41 @@ def _components() -> dict[str, Any]:
                     "pattern": _whole(TOKEN),
                     "maxLength": 128,
                 },
+            },
+            "ApprovalId": _path_id(
+                "approval_id", "As listed in a coordination's `approvals`."
+            ),
+            "PlanId": _path_id(
+                "plan_id",
+                "As listed in a coordination's `execution_plans`, or an "
+                "approval's `plan_id`.",
+            ),
+            "CoordinationId": _path_id(
+                "coordination_id", "The `id` of a coordination's result."
+            ),
+            "CustomerIdQuery": {
+                "name": "customer_id",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "Only this customer's approvals (the last one if repeated); "
+                    "an invalid id is a 400 naming `customer_id`."
+                ),
+                "schema": {
+                    "type": "string",
+                    "pattern": _whole(TOKEN),
+                    "maxLength": 128,
+                },
+            },
+            "ApprovalStatusQuery": {
+                "name": "status",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "Only approvals with this status now (the last one if "
+                    "repeated); another value is a 400 naming `status`."
+                ),
+                "schema": _schema("ApprovalStatus"),
             },
             "TaskStatusQuery": {
                 "name": "status",
@@ -1077,6 +2048,43 @@ def _components() -> dict[str, Any]:
                     "required": ["task_id", "status"],
                     "properties": {"status": {"enum": list(FINISHED)}},
                 },
+            ),
+            "ApprovalNotFound": _answer(
+                'No such approval: `error` is "Approval not found", '
+                "`approval_id` names it.",
+                {**error, "required": ["approval_id"]},
+            ),
+            "ApprovalDecided": _answer(
+                'The approval cannot take this decision: `error` is "approval '
+                'is already <status>" (approved, rejected or expired; `status` '
+                'says which), "<user_id> has already approved; another person '
+                'must" (`status` pending), or, rarely, "approval is changing '
+                'too fast; try again". `approval_id` names it.',
+                {
+                    **error,
+                    "required": ["approval_id"],
+                    "properties": {"status": _schema("ApprovalStatus")},
+                },
+            ),
+            "PlanNotFound": _answer(
+                'No such plan: `error` is "Plan not found", `plan_id` names it.',
+                {**error, "required": ["plan_id"]},
+            ),
+            "PlanNotPending": _answer(
+                'The plan has already been started: `error` is "plan is already '
+                '<status>", `status` is that status and `plan_id` names the plan.',
+                {
+                    **error,
+                    "required": ["plan_id", "status"],
+                    "properties": {
+                        "status": {"enum": [s for s in PLAN_STATUSES if s != PENDING]}
+                    },
+                },
+            ),
+            "CoordinationNotFound": _answer(
+                'No such coordination: `error` is "Coordination not found", '
+                "`coordination_id` names it.",
+                {**error, "required": ["coordination_id"]},
             ),
             "MethodNotAllowed": _answer(
                 "The path exists but does not serve this method.",
@@ -1455,11 +2463,215 @@ def _task_paths() -> dict[str, Any]:
     }
 
 
+def _coordination_paths() -> dict[str, Any]:
+    operate = Permission.OPERATE.value
+    read = Permission.READ.value
+    body_errors = ("400", "401", "403", "413", "415", "503")
+    approval_id = _ref("parameters", "ApprovalId")
+    plan_id = _ref("parameters", "PlanId")
+    approval_not_found = {"404": "ApprovalNotFound"}
+    decided = {**approval_not_found, "409": "ApprovalDecided"}
+    decision = (
+        "With API keys, the decider is the key's owner: `user_id` may be left "
+        "out, and naming anyone else is a 400, so that one person cannot count "
+        "twice towards a critical approval."
+    )
+    return {
+        "/coordination/coordinate": {
+            "post": _guarded(
+                "coordination",
+                "coordinate",
+                "Coordinate a batch of recommendations",
+                operate,
+                {
+                    "200": _answer(
+                        "Coordinated: the conflicts and how each was settled, "
+                        "the recommendations kept and dropped, the approvals "
+                        "asked for and the plans made. Stored: read it again "
+                        "at `/coordination/results/{id}`.",
+                        _schema("CoordinationResult"),
+                    ),
+                    **_errors(*body_errors),
+                },
+                description=(
+                    "Recommendations already past `expires_at` are dropped. The "
+                    "conflicts between the others are found and settled: the "
+                    "recommendations in a dependency cycle, depending on one "
+                    "outside the batch or on a dropped one are dropped; of two "
+                    "conflicting ones the higher ranked is kept (customer "
+                    "constraints, agent type, priority, estimated savings, "
+                    "confidence, lower risk, smaller id; see `Conflict.rule`). "
+                    "The outcome does not depend on the order of the batch. "
+                    "Then each kept recommendation of low risk (every one, with "
+                    "`auto_approve`) gets its plan at once, and each other one "
+                    "an approval to be decided with `POST "
+                    "/coordination/approvals/{approval_id}/approve` or "
+                    "`/reject` before it expires."
+                ),
+                body=_body(
+                    "CoordinationRequest", "The recommendations.", required=True
+                ),
+            )
+        },
+        "/coordination/approvals": {
+            "get": _guarded(
+                "coordination",
+                "listApprovals",
+                "List approvals",
+                read,
+                {
+                    "200": _answer("The matching approvals.", _schema("ApprovalList")),
+                    **_errors("400", "401", "403", "503"),
+                },
+                description=(
+                    "Newest first, at most 500 (there is no paging). Filters combine."
+                ),
+                parameters=[
+                    _ref("parameters", "CustomerIdQuery"),
+                    _ref("parameters", "ApprovalStatusQuery"),
+                ],
+            )
+        },
+        "/coordination/approvals/{approval_id}": {
+            "parameters": [approval_id],
+            "get": _guarded(
+                "coordination",
+                "getApproval",
+                "One approval",
+                read,
+                {
+                    "200": _answer("The approval as it is now.", _schema("Approval")),
+                    **_errors(
+                        "400", "401", "403", "404", "503", specific=approval_not_found
+                    ),
+                },
+            ),
+        },
+        "/coordination/approvals/{approval_id}/approve": {
+            "parameters": [approval_id],
+            "post": _guarded(
+                "coordination",
+                "approveApproval",
+                "Approve a risky recommendation",
+                operate,
+                {
+                    "200": _answer(
+                        "The approval was recorded: granted once enough "
+                        "different people have approved, when its plan is made "
+                        "(and started, with `execute_now`).",
+                        _schema("ApprovalAndPlan"),
+                    ),
+                    **_errors(*body_errors, "404", "409", specific=decided),
+                },
+                description=decision,
+                body=_body("ApproveRequest", "Who approves.", required=True),
+            ),
+        },
+        "/coordination/approvals/{approval_id}/reject": {
+            "parameters": [approval_id],
+            "post": _guarded(
+                "coordination",
+                "rejectApproval",
+                "Reject a risky recommendation",
+                operate,
+                {
+                    "200": _answer(
+                        "Rejected, for good: the approval as it is now. Plans that "
+                        "depend on this recommendation are cancelled when they "
+                        "would start.",
+                        _schema("Approval"),
+                    ),
+                    **_errors(*body_errors, "404", "409", specific=decided),
+                },
+                description=decision,
+                body=_body("RejectRequest", "Who rejects, and why.", required=True),
+            ),
+        },
+        "/coordination/plans/{plan_id}": {
+            "parameters": [plan_id],
+            "get": _guarded(
+                "coordination",
+                "getPlan",
+                "One plan and its steps",
+                read,
+                {
+                    "200": _answer("The plan as it is now.", _schema("Plan")),
+                    **_errors(
+                        "400",
+                        "401",
+                        "403",
+                        "404",
+                        "503",
+                        specific={"404": "PlanNotFound"},
+                    ),
+                },
+            ),
+        },
+        "/coordination/plans/{plan_id}/execute": {
+            "parameters": [plan_id],
+            "post": _guarded(
+                "coordination",
+                "executePlan",
+                "Start a pending plan",
+                operate,
+                {
+                    "202": _answer(
+                        "Execution asked for: the plan is `waiting` and runs as "
+                        "soon as the plans it depends on have completed; follow "
+                        "it at `/coordination/plans/{plan_id}`.",
+                        _schema("ExecutionStarted"),
+                    ),
+                    **_errors(
+                        "400",
+                        "401",
+                        "403",
+                        "404",
+                        "409",
+                        "503",
+                        specific={"404": "PlanNotFound", "409": "PlanNotPending"},
+                    ),
+                },
+                description=(
+                    "Its steps are sent one at a time as tasks (see `POST "
+                    "/tasks`); a failed critical step rolls back the completed "
+                    "reversible ones, last first. Any body is ignored."
+                ),
+            ),
+        },
+        "/coordination/results/{coordination_id}": {
+            "parameters": [_ref("parameters", "CoordinationId")],
+            "get": _guarded(
+                "coordination",
+                "getCoordinationResult",
+                "A coordination's result, read again",
+                read,
+                {
+                    "200": _answer(
+                        "The result as `POST /coordination/coordinate` answered "
+                        "it, with its approvals and plans as they are now.",
+                        _schema("CoordinationResult"),
+                    ),
+                    **_errors(
+                        "400",
+                        "401",
+                        "403",
+                        "404",
+                        "503",
+                        specific={"404": "CoordinationNotFound"},
+                    ),
+                },
+            ),
+        },
+    }
+
+
 _DESCRIPTION: Final = """\
 The control plane between OptiInfra's agents (cost, performance, resource,
 application): agents register and heartbeat, and their records can be listed;
 tasks are submitted, routed to a capable agent, retried, timed out or cancelled,
-and followed until they finish.
+and followed until they finish; the agents' recommendations are coordinated:
+conflicts between them settled, approvals asked of people for risky ones, and the
+approved ones carried out as plans of tasks, rolled back when a step fails.
 
 The registry is served twice: at the root paths of the original contract
 (`/agents/...`, registration answers 201) and at the `/api/v1` paths the agents
@@ -1471,11 +2683,12 @@ does not exist is a 404, a method a path does not serve a 405 with `Allow`, a bo
 larger than MAX_BODY_BYTES a 413. HEAD is served wherever GET is, and a trailing
 slash is accepted on every path.
 
-Registry and task routes need an API key (`Authorization: Bearer` or
-`X-API-Key`) whose role grants the operation's `x-permission`: `agent` keys may
+Registry, task and coordination routes need an API key (`Authorization: Bearer`
+or `X-API-Key`) whose role grants the operation's `x-permission`: `agent` keys may
 write agents and read them (`agent-write`, `read-agents`), `viewer` keys may read
-agents and tasks (`read-agents`, `read`), `operator` keys may do everything
-(`operate` too). A service running without API_KEYS_FILE needs no key.
+agents, tasks and coordination (`read-agents`, `read`), `operator` keys may do
+everything (`operate` too: submit and cancel tasks, coordinate, decide approvals,
+execute plans). A service running without API_KEYS_FILE needs no key.
 """
 
 
@@ -1487,8 +2700,8 @@ def build_document() -> dict[str, Any]:
             "title": SERVICE_NAME,
             "version": __version__,
             "summary": (
-                "Agent registry, task routing and control plane of the OptiInfra "
-                "platform."
+                "Agent registry, task routing, coordination and control plane of "
+                "the OptiInfra platform."
             ),
             "description": _DESCRIPTION,
         },
@@ -1497,9 +2710,21 @@ def build_document() -> dict[str, Any]:
             {"name": "registry", "description": "Agents, at the contract's paths."},
             {"name": "registry-v1", "description": "Agents, at the agents' paths."},
             {"name": "tasks", "description": "Tasks, routed to the agents."},
+            {
+                "name": "coordination",
+                "description": (
+                    "Agents' recommendations: conflicts settled, approvals, "
+                    "plans carried out as tasks."
+                ),
+            },
         ],
         "security": _key_required(),
-        "paths": {**_service_paths(), **_registry_paths(), **_task_paths()},
+        "paths": {
+            **_service_paths(),
+            **_registry_paths(),
+            **_task_paths(),
+            **_coordination_paths(),
+        },
         "components": _components(),
     }
 

@@ -25,12 +25,13 @@ from twisted.internet.threads import deferToThread
 
 from optiinfra import __version__
 from optiinfra.auth import Permission, Role, generate
+from optiinfra.coordination.plans import FINAL as PLAN_FINISHED
 from optiinfra.openapi import DOCUMENT, build_document, mount
 from optiinfra.routing.model import FINISHED, TASK_TYPES
 from optiinfra.routing.routes import MAX_PAGE
 from optiinfra.web.health import PROBE_PATHS
 
-from .agents import COMPLETE, HANG, FakeAgent, StartAgent, settle
+from .agents import COMPLETE, FAIL, HANG, FakeAgent, StartAgent, settle
 from .conftest import RunningService, StartService
 
 JSON = "application/json"
@@ -404,6 +405,7 @@ async def test_served_without_a_key(
     assert body["info"]["version"] == __version__
     assert "/agents/{agent_id}/heartbeat" in body["paths"]
     assert "/tasks/{task_id}" in body["paths"]
+    assert "/coordination/coordinate" in body["paths"]
     assert set(body["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyAuth"}
     head = await service.request("HEAD", "/openapi.json")
     assert (head.code, await head.content()) == (200, b"")
@@ -686,7 +688,7 @@ async def register_worker(
     service: RunningService,
     worker: FakeAgent,
     kind: str,
-    capability: str,
+    capability: str | list[str],
     headers: dict[str, str],
 ) -> str:
     assert worker.port is not None
@@ -701,7 +703,7 @@ async def register_worker(
             "type": kind,
             "host": "127.0.0.1",
             "port": address.port,
-            "capabilities": [capability],
+            "capabilities": [capability] if isinstance(capability, str) else capability,
         },
         headers=headers,
     )
@@ -711,21 +713,23 @@ async def register_worker(
 
 async def follow(
     service: RunningService,
-    task_id: str,
+    target: str,
     statuses: tuple[str, ...],
     headers: dict[str, str],
+    template: str = ONE_TASK,
 ) -> dict[str, Any]:
-    """C{GET /tasks/{task_id}}, checked each time, until it has one of C{statuses}."""
+    """
+    C{GET target} (a task, or a plan with its C{template}), checked each time,
+    until it has one of C{statuses}.
+    """
     for _ in range(300):
-        code, task = await call(
-            service, "GET", f"/tasks/{task_id}", ONE_TASK, headers=headers
-        )
+        code, found = await call(service, "GET", target, template, headers=headers)
         assert code == 200
-        if task["status"] in statuses:
-            assert isinstance(task, dict)
-            return task
+        if found["status"] in statuses:
+            assert isinstance(found, dict)
+            return found
         await settle(0.02)
-    raise AssertionError(f"task {task_id} stayed {task['status']}")
+    raise AssertionError(f"{target} stayed {found['status']}")
 
 
 @pytest_twisted.ensureDeferred
@@ -777,7 +781,7 @@ async def test_task_answers_match_the_document(
     assert (code, error["task_id"]) == (409, task_id)
 
     # Completed, with its history.
-    task = await follow(service, task_id, FINISHED, viewer)
+    task = await follow(service, f"/tasks/{task_id}", FINISHED, viewer)
     assert (task["status"], task["agent_id"]) == ("completed", worker)
     assert task["history"][-1]["status"] == "completed"
 
@@ -786,7 +790,7 @@ async def test_task_answers_match_the_document(
         service, "POST", "/tasks", json={**TASK, "agent_id": "ghost"}, headers=operator
     )
     assert (code, ghost["agent_id"]) == (201, "ghost")
-    failed = await follow(service, ghost["task_id"], FINISHED, viewer)
+    failed = await follow(service, f"/tasks/{ghost['task_id']}", FINISHED, viewer)
     assert failed["status"] == "failed"
 
     # Cancelled while it waits for an agent (there is no resource agent).
@@ -797,7 +801,7 @@ async def test_task_answers_match_the_document(
         json={"task_type": "balance_load", "agent_type": "resource", "priority": 1},
         headers=operator,
     )
-    await follow(service, waiting["task_id"], ("queued",), viewer)
+    await follow(service, f"/tasks/{waiting['task_id']}", ("queued",), viewer)
     code, cancelled = await call(
         service, "DELETE", f"/tasks/{waiting['task_id']}", ONE_TASK, headers=operator
     )
@@ -814,7 +818,7 @@ async def test_task_answers_match_the_document(
         json={"task_type": "tune_inference", "agent_type": "performance"},
         headers=operator,
     )
-    await follow(service, out["task_id"], ("sent", "running"), viewer)
+    await follow(service, f"/tasks/{out['task_id']}", ("sent", "running"), viewer)
     code, cancelled = await call(
         service, "DELETE", f"/tasks/{out['task_id']}", ONE_TASK, headers=operator
     )
@@ -908,6 +912,422 @@ async def test_task_answers_match_the_document(
         service, "DELETE", f"/tasks/{task_id}", ONE_TASK, headers=viewer
     )
     assert code == 403
+
+
+CUSTOMER = "acme"
+COORDINATE = "/coordination/coordinate"
+ONE_APPROVAL = "/coordination/approvals/{approval_id}"
+APPROVE = "/coordination/approvals/{approval_id}/approve"
+REJECT = "/coordination/approvals/{approval_id}/reject"
+ONE_PLAN = "/coordination/plans/{plan_id}"
+EXECUTE = "/coordination/plans/{plan_id}/execute"
+RESULT = "/coordination/results/{coordination_id}"
+
+
+def recommendation(rec_id: str, agent_type: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": rec_id,
+        "agent_type": agent_type,
+        "action": "right_size",
+        "risk_level": "low",
+        "affected_resources": [f"cluster-a/{rec_id}"],
+        **fields,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_coordination_answers_match_the_document(
+    start_service: StartService, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    keys = key_file(tmp_path / "keys")
+    service = await start_service(
+        mounts=[mount_once],
+        api_keys_file=tmp_path / "keys",
+        max_body_bytes=8192,
+        retry_delay=0.05,
+        coordination_interval=0.05,
+    )
+    operator, viewer, agent = keys["operator"], keys["viewer"], keys["agent"]
+    await register_worker(
+        service, await start_agent(COMPLETE), "performance", "enable_caching", agent
+    )
+    await register_worker(
+        service,
+        await start_agent(COMPLETE),
+        "cost",
+        ["take_snapshot", "migrate_workload", "restore_snapshot"],
+        agent,
+    )
+    await register_worker(
+        service, await start_agent(FAIL), "application", "validate_quality", agent
+    )
+
+    # A batch: a medium-risk change (an approval) beating a cost one on the same
+    # resource (a conflict), a critical one, a low-risk one (a plan at once),
+    # an expired one; every optional field on the first.
+    cache = recommendation(
+        "cache",
+        "performance",
+        agent_id="performance-agent-1",
+        customer_id=CUSTOMER,
+        type="optimization",
+        title="Enable the KV cache",
+        description="Caches prompts.",
+        action="enable_caching",
+        risk_level="medium",
+        estimated_savings=120.5,
+        estimated_impact={"latency_ms": -30},
+        affected_resources=["cluster-a/cache"],
+        parameters={"size_gb": 4},
+        dependencies=[],
+        priority="high",
+        confidence=0.9,
+        created_at="2025-10-16T10:00:00Z",
+        expires_at="2999-01-01T00:00:00+02:00",
+        metadata={"source": "test"},
+        window={"start": "2999-01-01T00:00:00Z", "end": "2999-01-01T01:00:00Z"},
+    )
+    batch = {
+        "customer_id": CUSTOMER,
+        "recommendations": [
+            cache,
+            recommendation(
+                "shrink",
+                "cost",
+                action="scale_down",
+                affected_resources=cache["affected_resources"],
+            ),
+            recommendation("critical", "resource", risk_level="critical"),
+            recommendation("small", "resource", dependencies=None, window=None),
+            recommendation("stale", "cost", expires_at="2000-01-01T00:00:00Z"),
+        ],
+        "auto_approve": False,
+        "execute_now": None,
+        "metadata": {"constraints": {"prefer": [], "avoid_actions": ["terminate"]}},
+    }
+    assert not problems(request_schema(COORDINATE, "post"), batch)
+    code, result = await call(service, "POST", COORDINATE, json=batch, headers=operator)
+    assert code == 200
+    assert (result["conflicts_detected"], result["recommendations_kept"]) == (1, 3)
+    assert [d["id"] for d in result["dropped"]] == ["shrink", "stale"]
+    [conflict] = result["conflicts"]
+    assert (conflict["type"], conflict["kept"]) == ("resource", ["cache"])
+    assert {a["recommendation_id"] for a in result["approvals"]} == {
+        "cache",
+        "critical",
+    }
+    [low_plan] = result["execution_plans"]
+    assert low_plan["status"] == "pending"
+    pending = {a["recommendation_id"]: a for a in result["approvals"]}
+
+    # Listing and reading approvals.
+    for target, count in (
+        ("/coordination/approvals", 2),
+        (f"/coordination/approvals?customer_id={CUSTOMER}&status=pending", 2),
+        ("/coordination/approvals?customer_id=nobody", 0),
+        ("/coordination/approvals?status=approved", 0),
+    ):
+        code, listing = await call(service, "GET", target, headers=viewer)
+        assert (code, listing["count"]) == (200, count), target
+    approval_id = pending["cache"]["id"]
+    code, approval = await call(
+        service,
+        "GET",
+        f"/coordination/approvals/{approval_id}",
+        ONE_APPROVAL,
+        headers=viewer,
+    )
+    assert (code, approval["status"]) == (200, "pending")
+
+    # Approved (as the key's owner), then the plan read and executed.
+    code, approved = await call(
+        service,
+        "POST",
+        f"/coordination/approvals/{approval_id}/approve",
+        APPROVE,
+        json={},
+        headers=operator,
+    )
+    assert (code, approved["status"]) == (200, "approved")
+    assert approved["approved_by"] == ["operator-key"]
+    plan_id = approved["plan"]["id"]
+    assert approved["plan_id"] == plan_id
+    code, again = await call(
+        service,
+        "POST",
+        f"/coordination/approvals/{approval_id}/approve",
+        APPROVE,
+        json={"user_id": "operator-key"},
+        headers=operator,
+    )
+    assert (code, again["status"], again["approval_id"]) == (
+        409,
+        "approved",
+        approval_id,
+    )
+    code, plan = await call(
+        service, "GET", f"/coordination/plans/{plan_id}", ONE_PLAN, headers=viewer
+    )
+    assert (code, plan["status"]) == (200, "pending")
+    code, started = await call(
+        service,
+        "POST",
+        f"/coordination/plans/{plan_id}/execute",
+        EXECUTE,
+        headers=operator,
+    )
+    assert (code, started["plan_id"]) == (202, plan_id)
+    done = await follow(
+        service, f"/coordination/plans/{plan_id}", PLAN_FINISHED, viewer, ONE_PLAN
+    )
+    assert done["status"] == "completed"
+    code, twice = await call(
+        service,
+        "POST",
+        f"/coordination/plans/{plan_id}/execute",
+        EXECUTE,
+        headers=operator,
+    )
+    assert (code, twice["status"], twice["plan_id"]) == (409, "completed", plan_id)
+
+    # A critical change: one approval is not enough, the same person cannot
+    # approve twice; then rejected, for good.
+    critical = f"/coordination/approvals/{pending['critical']['id']}"
+    code, first = await call(
+        service, "POST", f"{critical}/approve", APPROVE, json={}, headers=operator
+    )
+    assert (code, first["status"], first["plan"]) == (200, "pending", None)
+    code, error = await call(
+        service, "POST", f"{critical}/approve", APPROVE, json={}, headers=operator
+    )
+    assert (code, error["status"]) == (409, "pending")
+    code, rejected = await call(
+        service,
+        "POST",
+        f"{critical}/reject",
+        REJECT,
+        json={"reason": "too risky"},
+        headers=operator,
+    )
+    assert (code, rejected["status"], rejected["rejected_by"]) == (
+        200,
+        "rejected",
+        "operator-key",
+    )
+    code, error = await call(
+        service,
+        "POST",
+        f"{critical}/reject",
+        REJECT,
+        json={"reason": "still"},
+        headers=operator,
+    )
+    assert (code, error["status"]) == (409, "rejected")
+
+    # Read again, with the approvals and plans as they are now.
+    code, again = await call(
+        service,
+        "GET",
+        f"/coordination/results/{result['id']}",
+        RESULT,
+        headers=viewer,
+    )
+    assert code == 200
+    statuses = {a["recommendation_id"]: a["status"] for a in again["approvals"]}
+    assert statuses == {"cache": "approved", "critical": "rejected"}
+    assert {p["status"] for p in again["execution_plans"]} == {"pending", "completed"}
+
+    # Approved at once and started: a migration whose quality check fails, so
+    # it is rolled back.
+    code, spot = await call(
+        service,
+        "POST",
+        COORDINATE,
+        json={
+            "customer_id": CUSTOMER,
+            "recommendations": [
+                recommendation(
+                    "spot", "cost", action="migrate_to_spot", risk_level="high"
+                )
+            ],
+            "auto_approve": True,
+            "execute_now": True,
+        },
+        headers=operator,
+    )
+    assert code == 200
+    [spot_plan] = spot["execution_plans"]
+    assert spot_plan["status"] == "waiting"
+    ended = await follow(
+        service,
+        f"/coordination/plans/{spot_plan['id']}",
+        PLAN_FINISHED,
+        viewer,
+        ONE_PLAN,
+    )
+    assert ended["status"] == "rolled_back"
+    assert [step["status"] for step in ended["steps"]] == [
+        "completed",
+        "rolled_back",
+        "failed",
+    ]
+
+    # Errors.
+    for body, field in (
+        ({**batch, "customer_id": None}, "customer_id"),
+        ({**batch, "recommendations": []}, "recommendations"),
+        (
+            {**batch, "recommendations": [{**cache, "window": {"start": "x"}}]},
+            "recommendations[0].window.start",
+        ),
+        ({**batch, "execute_now": "yes"}, "execute_now"),
+    ):
+        assert problems(request_schema(COORDINATE, "post"), body)
+        code, error = await call(
+            service, "POST", COORDINATE, json=body, headers=operator
+        )
+        assert (code, error["field"]) == (400, field)
+    for target, field in (
+        ("/coordination/approvals?status=maybe", "status"),
+        ("/coordination/approvals?customer_id=bad%20id", "customer_id"),
+    ):
+        code, error = await call(service, "GET", target, headers=viewer)
+        assert (code, error["field"]) == (400, field), target
+    for target, template, field in (
+        ("/coordination/approvals/bad%20id", ONE_APPROVAL, "approval_id"),
+        ("/coordination/plans/bad%20id", ONE_PLAN, "plan_id"),
+        ("/coordination/results/bad%20id", RESULT, "coordination_id"),
+    ):
+        code, error = await call(service, "GET", target, template, headers=viewer)
+        assert (code, error["field"]) == (400, field), target
+        code, error = await call(
+            service, "GET", target.replace("bad%20id", "nope"), template, headers=viewer
+        )
+        assert (code, error[field]) == (404, "nope"), target
+    missing: list[tuple[str, str, Any]] = [
+        ("/coordination/approvals/nope/approve", APPROVE, {}),
+        ("/coordination/approvals/nope/reject", REJECT, {"reason": "no"}),
+        ("/coordination/plans/nope/execute", EXECUTE, None),
+    ]
+    for target, template, body in missing:
+        code, _ = await call(
+            service, "POST", target, template, json=body, headers=operator
+        )
+        assert code == 404, target
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"user_id": "someone-else"}, "user_id"),
+        ({"reason": ""}, "reason"),
+        ({}, "reason"),
+    ]
+    for body, field in refused:
+        code, error = await call(
+            service, "POST", f"{critical}/reject", REJECT, json=body, headers=operator
+        )
+        assert (code, error["field"]) == (400, field), body
+    code, error = await call(
+        service,
+        "POST",
+        COORDINATE,
+        data=b"customer_id=acme",
+        headers={**operator, "Content-Type": "text/plain"},
+    )
+    assert (code, error["field"]) == (415, "content-type")
+    assert (await call(service, "GET", "/coordination/approvals"))[0] == 401
+    code, _ = await call(service, "POST", COORDINATE, json=batch, headers=viewer)
+    assert code == 403
+    code, _ = await call(service, "GET", "/coordination/approvals", headers=agent)
+    assert code == 403
+
+
+LOW = recommendation("r1", "cost")
+#: The request's metadata, valid and not.
+METADATA: list[Any] = [
+    {},
+    {"constraints": None},
+    {"constraints": {"prefer": ["r1"], "avoid_actions": ["terminate"]}},
+    {"constraints": {"protected_resources": ["cluster-a/db-1"]}},
+    {"constraints": {"prefer": ["bad id"]}},
+    {"constraints": {"avoid_actions": ["1bad"]}},
+    {"constraints": {"protected_resources": ["/root"]}},
+    {"constraints": []},
+    [],
+]
+#: Changes to a valid recommendation, valid and not.
+CHANGES: list[dict[str, Any]] = [
+    {"id": None},
+    {"id": "bad id"},
+    {"agent_type": "gpu"},
+    {"action": "1st"},
+    {"action": None},
+    *[{"risk_level": level} for level in ("medium", "critical", None, "huge")],
+    {"customer_id": CUSTOMER},
+    {"agent_id": "cost-agent-1", "type": "optimization"},
+    {"agent_id": "bad id"},
+    {"type": "   "},
+    {"title": "t" * 256},
+    {"title": "t" * 257},
+    {"title": " "},
+    {"description": "one\ntwo"},
+    {"description": "d" * 4096},
+    *[{"estimated_savings": value} for value in (-5, 1e15, 0.5, 1e16, "5", True, None)],
+    {"estimated_impact": [1, "x"]},
+    {"affected_resources": ["cluster-a/node-1", "db:1@eu"]},
+    {"affected_resources": ["bad resource"]},
+    {"affected_resources": "cluster-a"},
+    {"parameters": {"x": 1}, "metadata": {"y": [2]}},
+    {"parameters": [1]},
+    {"metadata": "x"},
+    {"dependencies": ["r1"]},
+    {"dependencies": ["bad id"]},
+    *[
+        {"priority": value}
+        for value in (1, 15, "low", "critical", None, 0, 16, "urgent", 5.5)
+    ],
+    *[{"confidence": value} for value in (0, 1, 0.5, 1.5, -0.1, "0.5")],
+    *[
+        {"created_at": value}
+        for value in (
+            "2025-10-16T10:00:00Z",
+            "2025-10-16T10:00:00.250+02:00",
+            "2025-10-16T10:00:00",
+            "yesterday",
+            1760608800,
+        )
+    ],
+    {"window": None},
+    {
+        "window": {
+            "start": "2999-01-01T00:00:00Z",
+            "end": "2999-01-02T00:00:00Z",
+        }
+    },
+    {"window": {"start": "2999-01-01T00:00:00Z"}},
+    {"window": {"start": "2999-01-01T00:00:00Z", "end": None}},
+    {"window": "2999"},
+    {"status": "approved", "unknown": 1},
+]
+COORDINATIONS: list[Any] = [
+    {"customer_id": CUSTOMER, "recommendations": [LOW]},
+    {"customer_id": CUSTOMER, "recommendations": [LOW], "metadata": None},
+    {"customer_id": "bad id", "recommendations": [LOW]},
+    {"recommendations": [LOW]},
+    {"customer_id": CUSTOMER, "recommendations": []},
+    {"customer_id": CUSTOMER, "recommendations": LOW},
+    {"customer_id": CUSTOMER, "recommendations": [LOW, {}]},
+    *[
+        {"customer_id": CUSTOMER, "recommendations": [LOW], flag: value}
+        for flag in ("auto_approve", "execute_now")
+        for value in (True, False, None, 1, "true")
+    ],
+    *[
+        {"customer_id": CUSTOMER, "recommendations": [LOW], "metadata": metadata}
+        for metadata in METADATA
+    ],
+    *[
+        {"customer_id": CUSTOMER, "recommendations": [{**LOW, **change}]}
+        for change in CHANGES
+    ],
+]
 
 
 #: Bodies sent to each endpoint; the document and the service must agree on
@@ -1041,6 +1461,7 @@ BODIES: list[tuple[str, str, Any]] = [
     ("/tasks", "", {**TASK, "unknown": 1}),
     ("/tasks", "", ["not", "an", "object"]),
     ("/tasks", "", {}),
+    *[(COORDINATE, "", body) for body in COORDINATIONS],
 ]
 
 
@@ -1073,6 +1494,6 @@ async def test_the_document_and_the_service_agree_on_bodies(
         verdicts.append(documented)
         if documented != (code < 300):
             disagreements.append((template, body, documented, answer))
-    assert not disagreements
+    assert not disagreements, [d[:3] for d in disagreements]
     assert verdicts.count(True) > 10
     assert verdicts.count(False) > 10
