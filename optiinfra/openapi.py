@@ -51,15 +51,15 @@ from optiinfra.registry.model import (
     STATUSES,
 )
 from optiinfra.registry.routes import MAX_QUERY_CAPABILITIES
-from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPES, TaskQuery
+from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPES
 from optiinfra.routing.model import STATUSES as TASK_STATUSES
 from optiinfra.routing.parse import IDEMPOTENCY_KEY, TRACEPARENT
 from optiinfra.routing.router import RouterConfig
-from optiinfra.routing.routes import MAX_PAGE
 from optiinfra.settings import Settings
 from optiinfra.validation import HOST, MAX_DOCUMENT, MAX_LIST, NAME, TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.health import SERVICE_NAME
+from optiinfra.web.query import MAX_PAGE, Page
 from optiinfra.web.render import render_json
 
 OPENAPI_VERSION: Final = "3.1.0"
@@ -630,7 +630,7 @@ def _schemas() -> dict[str, Any]:
 #: The router's defaults, which the body of C{POST /tasks} falls back on.
 _ROUTER: Final = RouterConfig()
 #: A page of C{GET /tasks} when the query names none.
-_PAGE: Final = TaskQuery()
+_PAGE: Final = Page()
 
 
 def _task_schemas() -> dict[str, Any]:
@@ -1375,10 +1375,10 @@ def _coordination_schemas() -> dict[str, Any]:
                 },
                 "status": {
                     "type": "string",
-                    "enum": ["pending", "approved"],
+                    "enum": list(APPROVAL_STATUSES),
                     "description": (
                         "approved once its plan is made; pending while it waits "
-                        "for approval."
+                        "for approval; rejected or expired as its approval was."
                     ),
                 },
                 "metadata": {"type": "object"},
@@ -1482,14 +1482,16 @@ def _coordination_schemas() -> dict[str, Any]:
         },
         "ApprovalList": {
             "type": "object",
-            "required": ["approvals", "count"],
+            "required": ["approvals", "count", "limit", "offset"],
             "properties": {
                 "approvals": {"type": "array", "items": _schema("Approval")},
                 "count": {
                     "type": "integer",
                     "minimum": 0,
-                    "description": "How many approvals the list holds.",
+                    "description": "How many approvals this page holds.",
                 },
+                "limit": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE},
+                "offset": {"type": "integer", "minimum": 0},
             },
         },
         "ApproveRequest": {
@@ -1928,7 +1930,7 @@ def _components() -> dict[str, Any]:
                 "in": "query",
                 "required": False,
                 "description": (
-                    f"At most this many tasks; anything but a whole number up to "
+                    f"At most this many items; anything but a whole number up to "
                     f"{MAX_PAGE} is a 400 naming `limit`."
                 ),
                 "schema": {
@@ -1943,7 +1945,7 @@ def _components() -> dict[str, Any]:
                 "in": "query",
                 "required": False,
                 "description": (
-                    "Skip this many matching tasks; anything but a whole number "
+                    "Skip this many matching items; anything but a whole number "
                     "is a 400 naming `offset`."
                 ),
                 "schema": {
@@ -2523,12 +2525,12 @@ def _coordination_paths() -> dict[str, Any]:
                     "200": _answer("The matching approvals.", _schema("ApprovalList")),
                     **_errors("400", "401", "403", "503"),
                 },
-                description=(
-                    "Newest first, at most 500 (there is no paging). Filters combine."
-                ),
+                description=("Newest first, a page at a time. Filters combine."),
                 parameters=[
                     _ref("parameters", "CustomerIdQuery"),
                     _ref("parameters", "ApprovalStatusQuery"),
+                    _ref("parameters", "LimitQuery"),
+                    _ref("parameters", "OffsetQuery"),
                 ],
             )
         },

@@ -262,7 +262,7 @@ async def test_an_approval_goes_from_pending_to_executed(
     code, other = await call(
         service, "GET", "/coordination/approvals?customer_id=nobody"
     )
-    assert other == {"approvals": [], "count": 0}
+    assert (other["approvals"], other["count"]) == ([], 0)
 
     code, approved = await decide(
         service, pending["id"], "approve", {"user_id": "alice"}
@@ -631,15 +631,38 @@ async def test_bad_input_names_the_field_and_stores_nothing(
             "execute_now",
         ),
     ]
+    for bad_time in (
+        "0001-01-01T00:00:00+01:00",  # before the first representable UTC time
+        "9999-12-31T23:59:59-01:00",
+        "2025-W42-4T10:00Z",  # ISO 8601, not RFC 3339
+        "2025-10-16T10:00Z",
+        "2025-10-16T10:00:00+0200",
+        "2025-02-30T10:00:00Z",
+    ):
+        cases.append(
+            (
+                {
+                    "customer_id": CUSTOMER,
+                    "recommendations": [rec("a", expires_at=bad_time)],
+                },
+                "recommendations[0].expires_at",
+            )
+        )
     for body, field in cases:
         code, answer = await call(service, "POST", "/coordination/coordinate", body)
         assert code == 400, (body, answer)
         assert answer["field"] == field, answer
     code, listed = await call(service, "GET", "/coordination/approvals")
     assert listed["count"] == 0
-    code, answer = await call(service, "GET", "/coordination/approvals?status=maybe")
-    assert code == 400
-    assert answer["field"] == "status"
+    for query, field in (
+        ("status=maybe", "status"),
+        ("limit=501", "limit"),
+        ("offset=-1", "offset"),
+        ("customer_id=a%20b", "customer_id"),
+    ):
+        code, answer = await call(service, "GET", f"/coordination/approvals?{query}")
+        assert code == 400
+        assert answer["field"] == field
     for path in ("/coordination/plans/nope", "/coordination/approvals/nope"):
         code, answer = await call(service, "GET", path)
         assert code == 404, answer
@@ -656,7 +679,7 @@ async def test_with_keys_only_operators_decide_and_as_themselves(
     start_service: StartService, tmp_path: Path
 ) -> None:
     keys = tmp_path / "keys"
-    operator, operator_line = generate("olga", Role.OPERATOR)
+    operator, operator_line = generate("olga+ops", Role.OPERATOR)
     viewer, viewer_line = generate("vic", Role.VIEWER)
     keys.write_text(f"{operator_line}\n{viewer_line}\n")
     service = await start_service(**FAST, api_keys_file=keys)
@@ -682,9 +705,11 @@ async def test_with_keys_only_operators_decide_and_as_themselves(
     )
     assert code == 400
     assert answer["field"] == "user_id"
-    code, approved = await call(service, "POST", path, {}, **auth(operator))
-    assert code == 200
-    assert approved["approved_by"] == ["olga"]
+    response = await service.request("POST", path, **auth(operator))  # no body
+    assert response.code == 200
+    approved = await response.json()
+    assert approved["approved_by"] == ["olga+ops"]
+    assert approved["recommendation"]["status"] == "approved"
     code, _ = await call(service, "GET", "/coordination/approvals", **auth(viewer))
     assert code == 200
 
@@ -794,3 +819,31 @@ async def test_timing_conflicts_expiry_and_avoided_actions(
         "start": "2030-01-01T12:00:00.000Z",
         "end": "2030-01-01T13:00:00.000Z",
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_approvals_page_and_read_back_in_dependency_order(
+    start_service: StartService,
+) -> None:
+    service = await start_service(**FAST)
+    result = await coordinate(
+        service,
+        [
+            rec("c", risk_level="medium", dependencies=["b"]),
+            rec("b", risk_level="high", dependencies=["a"]),
+            rec("a", risk_level="critical", created_at="2030-01-01t10:00:00.5z"),
+        ],
+    )
+    assert [a["recommendation_id"] for a in result["approvals"]] == ["a", "b", "c"]
+    code, again = await call(service, "GET", f"/coordination/results/{result['id']}")
+    assert [a["recommendation_id"] for a in again["approvals"]] == ["a", "b", "c"]
+    assert again["recommendations"][0]["created_at"] == "2030-01-01T10:00:00.500Z"
+    seen = []
+    for offset in (0, 2):
+        code, page = await call(
+            service, "GET", f"/coordination/approvals?limit=2&offset={offset}"
+        )
+        assert code == 200
+        assert (page["limit"], page["offset"]) == (2, offset)
+        seen += [a["recommendation_id"] for a in page["approvals"]]
+    assert sorted(seen) == ["a", "b", "c"]

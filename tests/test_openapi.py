@@ -28,8 +28,8 @@ from optiinfra.auth import Permission, Role, generate
 from optiinfra.coordination.plans import FINAL as PLAN_FINISHED
 from optiinfra.openapi import DOCUMENT, build_document, mount
 from optiinfra.routing.model import FINISHED, TASK_TYPES
-from optiinfra.routing.routes import MAX_PAGE
 from optiinfra.web.health import PROBE_PATHS
+from optiinfra.web.query import MAX_PAGE
 
 from .agents import COMPLETE, FAIL, HANG, FakeAgent, StartAgent, settle
 from .conftest import RunningService, StartService

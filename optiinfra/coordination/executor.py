@@ -115,10 +115,14 @@ class Executor:
                 f"plan is already {plan.status}", plan_id=plan.id, status=plan.status
             )
         started = await self._plans.change_plan(attrs.evolve(plan, status=WAITING))
-        if started is None:
+        if started is None:  # another request (or replica) got there first
             current = await self._plans.get_plan(plan.id)
-            status = current.status if current else "gone"
-            raise Conflict(f"plan is already {status}", plan_id=plan.id, status=status)
+            assert current is not None  # noqa: S101 - plans are never deleted
+            raise Conflict(
+                f"plan is already {current.status}",
+                plan_id=plan.id,
+                status=current.status,
+            )
         _log.info("plan execution requested", plan_id=plan.id)
         self.poke(plan.id)
         return started

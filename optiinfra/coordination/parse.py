@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Final
 
 import attrs
@@ -24,6 +24,11 @@ RESOURCE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,255}")
 #: Actions name agent operations: "migrate_to_spot".
 ACTION: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 MAX_RECOMMENDATIONS: Final = 500
+#: RFC 3339 date-time: always a zone, seconds, optional fraction.
+RFC3339: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 @attrs.frozen
@@ -48,15 +53,17 @@ def _time(fields: Fields, key: str) -> float | None:
     text = fields.text(key, required=False, max_length=64)
     if text is None:
         return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
+    if not RFC3339.fullmatch(text):
         raise InvalidField(
             fields.name(key), "must be an RFC 3339 time, like 2025-10-16T10:00:00Z"
-        ) from None
-    if moment.tzinfo is None:
-        raise InvalidField(fields.name(key), "must give its time zone (Z or +hh:mm)")
-    return moment.timestamp()
+        )
+    try:
+        moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+        seconds = moment.timestamp()
+        datetime.fromtimestamp(seconds, UTC)  # a time that can be shown again
+    except (ValueError, OverflowError, OSError):
+        raise InvalidField(fields.name(key), "is not a real time") from None
+    return seconds
 
 
 def _window(fields: Fields) -> Window | None:
@@ -158,9 +165,20 @@ def parse_coordination(document: object) -> CoordinationRequest:
     )
 
 
-def parse_decision(document: object, reason_required: bool) -> tuple[str, str | None]:
-    """(user_id, reason) of an approve or reject body."""
+def parse_decision(
+    document: object, reason_required: bool, user: str | None = None
+) -> tuple[str, str | None]:
+    """
+    (user_id, reason) of an approve or reject body.  C{user}, the API key's
+    owner when there are keys, is who decides: a body naming anyone else is
+    refused.
+    """
     fields = Fields(document)
-    user_id = _required(fields.text("user_id", pattern=TOKEN))
+    if user is None:
+        user = _required(fields.text("user_id", pattern=TOKEN))
+    elif fields.has("user_id") and fields.raw("user_id") != user:
+        raise InvalidField(
+            "user_id", f"must be the API key's owner ({user}) or left out"
+        )
     reason = fields.text("reason", required=reason_required, max_length=1024)
-    return user_id, reason
+    return user, reason

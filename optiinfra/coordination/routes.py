@@ -15,6 +15,7 @@ from optiinfra.validation import TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.body import read_json
 from optiinfra.web.guard import Guard
+from optiinfra.web.query import query_arg, query_page
 from optiinfra.web.render import render_json
 
 
@@ -24,29 +25,18 @@ def _id(name: str, value: str) -> str:
     return value
 
 
-def _arg(request: IRequest, name: str) -> str | None:
-    values = (request.args or {}).get(name.encode())
-    return values[-1].decode("utf-8", "replace") if values else None
-
-
 def _decider(
     request: IRequest, guard: Guard, reason_required: bool
 ) -> tuple[str, str | None]:
     """
     Who decides, and why.  With API keys the decider is the key's owner, so
     one person cannot count twice towards a critical approval by typing
-    another name.
+    another name (and the body may then be left out).
     """
     principal = guard.check(request, Permission.OPERATE)
-    document = read_json(request)
-    if principal is not None and isinstance(document, dict):
-        claimed = document.get("user_id")
-        if claimed is not None and claimed != principal.name:
-            raise InvalidField(
-                "user_id", f"must be the API key's owner ({principal.name}) or left out"
-            )
-        document = {**document, "user_id": principal.name}
-    return parse_decision(document, reason_required)
+    document = read_json(request, optional=principal is not None)
+    user = None if principal is None else principal.name
+    return parse_decision(document, reason_required, user)
 
 
 def mount(app: Klein, coordinator: Coordinator, guard: Guard) -> None:
@@ -59,18 +49,26 @@ def mount(app: Klein, coordinator: Coordinator, guard: Guard) -> None:
     @route(app, "/coordination/approvals", ("GET",))
     async def approvals(request: IRequest) -> bytes:
         guard.check(request, Permission.READ)
-        customer_id = _arg(request, "customer_id")
+        customer_id = query_arg(request, "customer_id")
         if customer_id is not None:
             _id("customer_id", customer_id)
-        status = _arg(request, "status")
+        status = query_arg(request, "status")
         if status is not None and status not in APPROVAL_STATUSES:
             raise InvalidField(
                 "status", f"must be one of {', '.join(APPROVAL_STATUSES)}"
             )
-        found, now = await coordinator.list_approvals(customer_id, status)
+        page = query_page(request)
+        found, now = await coordinator.list_approvals(
+            customer_id, status, page.limit, page.offset
+        )
         return render_json(
             request,
-            {"approvals": [approval_view(a, now) for a in found], "count": len(found)},
+            {
+                "approvals": [approval_view(a, now) for a in found],
+                "count": len(found),
+                "limit": page.limit,
+                "offset": page.offset,
+            },
         )
 
     @route(app, "/coordination/approvals/{approval_id}", ("GET",))

@@ -170,15 +170,13 @@ class Coordinator:
         return document
 
     async def list_approvals(
-        self, customer_id: str | None, status: str | None
+        self, customer_id: str | None, status: str | None, limit: int, offset: int
     ) -> tuple[list[Approval], float]:
         now = self.now()
-        return (
-            await self.store.list_approvals(
-                now, customer_id=customer_id, status=status
-            ),
-            now,
+        found = await self.store.list_approvals(
+            now, customer_id=customer_id, status=status, limit=limit, offset=offset
         )
+        return found, now
 
     async def get_approval(self, approval_id: str) -> tuple[Approval, float]:
         return await self._approval(approval_id), self.now()
@@ -193,9 +191,13 @@ class Coordinator:
             now, coordination_id=coordination_id
         )
         plans = await self.store.plans_of(coordination_id)
+        # In the order the coordination gave: dependencies first.
+        order = {rec["id"]: n for n, rec in enumerate(found["recommendations"])}
+        approvals.sort(key=lambda a: order.get(a.recommendation.id, len(order)))
+        plans.sort(key=lambda p: order.get(p.recommendation.id, len(order)))
         return {
             **found,
-            "approvals": [approval_view(a, now) for a in reversed(approvals)],
+            "approvals": [approval_view(a, now) for a in approvals],
             "execution_plans": [plan_view(plan) for plan in plans],
         }
 

@@ -13,7 +13,10 @@ from optiinfra.coordination.plans import Plan, Step
 from optiinfra.timefmt import rfc3339_ms, rfc3339_ms_or_none
 
 
-def recommendation_view(rec: Recommendation) -> dict[str, Any]:
+def recommendation_view(
+    rec: Recommendation, status: str | None = None
+) -> dict[str, Any]:
+    """C{status}, when given, is what became of it since it was stored."""
     return {
         "id": rec.id,
         "agent_id": rec.agent_id,
@@ -33,7 +36,7 @@ def recommendation_view(rec: Recommendation) -> dict[str, Any]:
         "confidence": rec.confidence,
         "created_at": rfc3339_ms_or_none(rec.created_at),
         "expires_at": rfc3339_ms_or_none(rec.expires_at),
-        "status": rec.status,
+        "status": status or rec.status,
         "metadata": rec.metadata,
         "window": None
         if rec.window is None
@@ -64,14 +67,15 @@ def conflict_view(conflict: Conflict, at: float) -> dict[str, Any]:
 
 def approval_view(approval: Approval, now: float) -> dict[str, Any]:
     rejection = next((d for d in approval.decisions if not d.approved), None)
+    status = approval.status_at(now)
     return {
         "id": approval.id,
         "coordination_id": approval.coordination_id,
         "customer_id": approval.customer_id,
         "recommendation_id": approval.recommendation.id,
-        "recommendation": recommendation_view(approval.recommendation),
+        "recommendation": recommendation_view(approval.recommendation, status),
         "risk_level": approval.recommendation.risk_level,
-        "status": approval.status_at(now),
+        "status": status,
         "required_approvals": approval.required,
         "approved_by": list(approval.approved_by),
         "decisions": [

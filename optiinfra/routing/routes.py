@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, TypeVar
 
 from klein import Klein
@@ -26,12 +25,10 @@ from optiinfra.validation import TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.body import read_json
 from optiinfra.web.guard import Guard
+from optiinfra.web.query import query_arg, query_page
 from optiinfra.web.render import render_json
 
 T = TypeVar("T")
-
-MAX_PAGE = 500
-_DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 def task_view(task: Task) -> dict[str, Any]:
@@ -72,37 +69,23 @@ def _header(request: IRequest, name: bytes) -> str | None:
 
 
 def _query(request: IRequest) -> TaskQuery:
-    args = request.args or {}
-
-    def one(name: str) -> str | None:
-        values = args.get(name.encode())
-        return values[-1].decode("utf-8", "replace") if values else None
-
-    status = one("status")
+    status = query_arg(request, "status")
     if status is not None and status not in STATUSES:
         raise InvalidField("status", f"must be one of {', '.join(STATUSES)}")
-
-    def number(name: str, default: int, maximum: int) -> int:
-        raw = one(name)
-        if raw is None:
-            return default
-        if not _DIGITS.fullmatch(raw) or int(raw) > maximum:
-            raise InvalidField(name, f"must be a whole number up to {maximum}")
-        return int(raw)
-
-    agent_type = one("agent_type")
+    agent_type = query_arg(request, "agent_type")
     if agent_type is not None and agent_type not in AGENT_TYPES:
         raise InvalidField("agent_type", f"must be one of {', '.join(AGENT_TYPES)}")
-    task_type = one("task_type")
+    task_type = query_arg(request, "task_type")
     if task_type is not None and task_type not in TASK_TYPES:
         raise InvalidField("task_type", f"must be one of {', '.join(TASK_TYPES)}")
+    page = query_page(request)
     return TaskQuery(
         status=status,
-        agent_id=one("agent_id"),
+        agent_id=query_arg(request, "agent_id"),
         agent_type=agent_type,
         task_type=task_type,
-        limit=number("limit", 100, MAX_PAGE),
-        offset=number("offset", 0, 10**9),
+        limit=page.limit,
+        offset=page.offset,
     )
 
 

@@ -145,6 +145,7 @@ class CoordinationStore:
         status: str | None = None,
         coordination_id: str | None = None,
         limit: int = 500,
+        offset: int = 0,
     ) -> Deferred[list[Approval]]:
         """
         Approvals, newest first.  A pending approval past its expiry counts as
@@ -173,8 +174,8 @@ class CoordinationStore:
         def list_(tx: Transaction) -> list[Approval]:
             return _approvals(
                 tx.execute(
-                    f"{_APPROVAL}{where} ORDER BY created_at DESC, id LIMIT ?",
-                    (*params, limit),
+                    f"{_APPROVAL}{where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                    (*params, limit, offset),
                 )
             )
 

@@ -1,0 +1,47 @@
+"""Reading query strings: one value per name, and pages of a listing."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import attrs
+from twisted.web.iweb import IRequest
+
+from optiinfra.errors import InvalidField
+
+#: The most items one page of a listing holds.
+MAX_PAGE: Final = 500
+_DIGITS: Final = re.compile(r"[0-9]{1,12}")
+
+
+_DEFAULT_LIMIT: Final = 100
+
+
+@attrs.frozen
+class Page:
+    limit: int = _DEFAULT_LIMIT
+    offset: int = 0
+
+
+def query_arg(request: IRequest, name: str) -> str | None:
+    """The last value given for C{name}, or None."""
+    values = (request.args or {}).get(name.encode())
+    return values[-1].decode("utf-8", "replace") if values else None
+
+
+def query_number(request: IRequest, name: str, default: int, maximum: int) -> int:
+    raw = query_arg(request, name)
+    if raw is None:
+        return default
+    if not _DIGITS.fullmatch(raw) or int(raw) > maximum:
+        raise InvalidField(name, f"must be a whole number up to {maximum}")
+    return int(raw)
+
+
+def query_page(request: IRequest) -> Page:
+    """C{limit} (at most L{MAX_PAGE}) and C{offset}."""
+    return Page(
+        limit=query_number(request, "limit", _DEFAULT_LIMIT, MAX_PAGE),
+        offset=query_number(request, "offset", 0, 10**9),
+    )
