@@ -25,6 +25,8 @@ HOST: Final = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
 #: No database stores NUL in text, and no field here needs control characters.
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+#: Prose may also break lines and tabulate.
+_PROSE_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 MAX_TEXT: Final = 1024
 MAX_LIST: Final = 256
@@ -70,6 +72,7 @@ class Fields:
         default: str | None = None,
         pattern: re.Pattern[str] | None = None,
         max_length: int = MAX_TEXT,
+        multiline: bool = False,
     ) -> str | None:
         value = self._get(key, required)
         if value is _MISSING:
@@ -78,7 +81,7 @@ class Fields:
             raise InvalidField(self.name(key), "must be a string")
         if not value.strip():
             raise InvalidField(self.name(key), "must not be empty")
-        if _CONTROL.search(value):
+        if (_PROSE_CONTROL if multiline else _CONTROL).search(value):
             raise InvalidField(self.name(key), "must not contain control characters")
         if len(value) > max_length:
             raise InvalidField(

@@ -631,6 +631,15 @@ async def test_bad_input_names_the_field_and_stores_nothing(
             "execute_now",
         ),
     ]
+    cases.append(
+        (
+            {
+                "customer_id": CUSTOMER,
+                "recommendations": [rec("a", description="nul\x00here")],
+            },
+            "recommendations[0].description",
+        )
+    )
     for bad_time in (
         "0001-01-01T00:00:00+01:00",  # before the first representable UTC time
         "9999-12-31T23:59:59-01:00",
@@ -790,7 +799,13 @@ async def test_timing_conflicts_expiry_and_avoided_actions(
         [
             rec("n1", "resource", affected_resources=["pool/node-1"], window=hour),
             rec("n2", "cost", affected_resources=["pool/node-2"], window=hour),
-            rec("n3", "cost", affected_resources=["pool/node-3"], window=later),
+            rec(
+                "n3",
+                "cost",
+                affected_resources=["pool/node-3"],
+                window=later,
+                description="Why:\n\tnode-3 idles at night",
+            ),
             rec("old", expires_at="2020-01-01T00:00:00Z"),
             rec(
                 "cache",
@@ -814,7 +829,9 @@ async def test_timing_conflicts_expiry_and_avoided_actions(
     assert kept == {"n1", "n3", "cache2"}
     reasons = {d["id"]: d["reason"] for d in result["dropped"]}
     assert "expired" in reasons["old"]
-    [window] = [r["window"] for r in result["recommendations"] if r["id"] == "n3"]
+    [n3] = [r for r in result["recommendations"] if r["id"] == "n3"]
+    assert n3["description"] == "Why:\n\tnode-3 idles at night"
+    window = n3["window"]
     assert window == {
         "start": "2030-01-01T12:00:00.000Z",
         "end": "2030-01-01T13:00:00.000Z",

@@ -99,7 +99,10 @@ def parse_recommendation(
         customer_id=customer_id,
         type=fields.text("type", required=False, pattern=NAME) or "",
         title=fields.text("title", required=False, max_length=256) or "",
-        description=fields.text("description", required=False, max_length=4096) or "",
+        description=fields.text(
+            "description", required=False, max_length=4096, multiline=True
+        )
+        or "",
         estimated_savings=fields.number(
             "estimated_savings", minimum=-1e15, maximum=1e15, default=0.0
         ),
