@@ -890,6 +890,8 @@ def _task_schemas() -> dict[str, Any]:
 _SETTINGS: Final = Settings()
 #: Text the coordination API reads with no pattern: printable, not only whitespace.
 _PRINTABLE: Final = re.compile(r"[^\x00-\x1f\x7f]*")
+#: Prose: printable, with line breaks and tabs.
+_PROSE: Final = re.compile(r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*")
 #: The times the coordination API reads: RFC 3339 with a zone, upper-case T and Z.
 _RFC3339: Final = (
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$"
@@ -911,11 +913,13 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:g} h"
 
 
-def _printable(max_length: int, description: str) -> dict[str, Any]:
+def _printable(
+    max_length: int, description: str, pattern: re.Pattern[str] = _PRINTABLE
+) -> dict[str, Any]:
     return {
         "type": "string",
         "maxLength": max_length,
-        "pattern": _whole(_PRINTABLE, not_blank=True),
+        "pattern": _whole(pattern, not_blank=True),
         "description": description,
     }
 
@@ -1169,7 +1173,7 @@ def _coordination_schemas() -> dict[str, Any]:
                 ),
                 "title": _nullable(_printable(256, "A one-line summary.")),
                 "description": _nullable(
-                    _printable(4096, "Free text, without line breaks.")
+                    _printable(4096, "Free text; lines may break.", _PROSE)
                 ),
                 "estimated_savings": _nullable(
                     {
