@@ -116,6 +116,32 @@ async def test_a_task_completes_with_the_agents_answer(
 
 
 @pytest_twisted.ensureDeferred
+async def test_with_an_agent_free_a_task_is_sent_as_it_is_stored(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    service = await start_service(**FAST)
+    agent = await start_agent(COMPLETE)
+    agent_id = await register(service, agent)
+    await wait_for(service, await submit(service))  # the agents are read by now
+    code, created = await call(service, "POST", "/tasks", TASK)
+    assert (code, created["status"], created["agent_id"]) == (201, "pending", None)
+    task = await wait_for(service, created["task_id"])
+    assert task["status"] == "completed"
+    assert task["agent_id"] == agent_id
+    pending, sent, completed = task["history"]
+    assert [pending["status"], sent["status"], completed["status"]] == [
+        "pending",
+        "sent",
+        "completed",
+    ]
+    assert sent["at"] == pending["at"] == task["created_at"] == task["started_at"]
+    assert sent["detail"] == f"sent to {agent_id}"
+    assert agent.tasks[-1] == created["task_id"]
+    metrics = await (await service.get("/metrics")).text()
+    assert "optiinfra_task_dispatch_latency_seconds_count 2.0" in metrics
+
+
+@pytest_twisted.ensureDeferred
 async def test_load_spreads_over_three_agents(
     start_service: StartService, start_agent: StartAgent
 ) -> None:

@@ -50,7 +50,7 @@ from optiinfra.routing.model import (
     TaskEvent,
     TaskQuery,
 )
-from optiinfra.store.tasks import TaskStore
+from optiinfra.store.tasks import Claim, TaskStore
 
 _log = structlog.get_logger("optiinfra.routing")
 
@@ -64,6 +64,9 @@ _DRAIN: Final = "drain"
 _SETTLE_EVERY: Final = 0.25
 #: Seconds a pass may reuse the agents read by an earlier one.
 _AGENTS_FOR: Final = 1.0
+#: Seconds a submission may still use agents read that long ago, while they
+#: are read again in the background (past that it leaves the task to a pass).
+_AGENTS_STALE: Final = 2 * _AGENTS_FOR
 
 
 @attrs.frozen
@@ -178,7 +181,11 @@ class Router:
         self._wake_call: IDelayedCall | None = None
         self._passing = False
         self._again = False
-        self._agent_cache: tuple[float, dict[str, list[Agent]]] | None = None
+        #: Agent type -> (when read, its agents).
+        self._agent_cache: dict[str, tuple[float, list[Agent]]] = {}
+        #: Bumped by every registry change: a read begun before is not kept.
+        self._agent_generation = 0
+        self._agents_refreshing: set[str] = set()
         self._last_settled = float("-inf")
         #: Called with each task that reaches a final status in this process.
         self.finished_listeners: list[Callable[[Task], object]] = []
@@ -203,7 +210,13 @@ class Router:
         traceparent: str | None = None,
     ) -> tuple[Task, bool]:
         """
-        Store a new task and wake the dispatcher; (task, created).
+        Store a new task and send it; (task as accepted, created).
+
+        When an agent is free the task is stored already claimed for it and
+        the call goes out at once, with no dispatch pass between (see
+        L{TaskStore.create_task}); otherwise it is stored pending and the
+        dispatcher is woken.  Either way the answer says C{pending}, as the
+        contract does: that is what the task was when it was accepted.
 
         Any task type an agent offers can be routed: the contract's list is
         enforced where customers submit (L{optiinfra.routing.parse}), while
@@ -229,7 +242,22 @@ class Router:
             traceparent=traceparent,
             request_id=request_id,
         )
-        stored, created = await self.tasks.create_task(task)
+        agent = self._reserve_at_once(task, now)
+        claim = (
+            None
+            if agent is None
+            else Claim(
+                agent.id, self.owner, now + self.config.lease, f"sent to {agent.id}"
+            )
+        )
+        try:
+            stored, created = await self.tasks.create_task(task, claim)
+        except BaseException:
+            if agent is not None:
+                self._unreserve(agent)
+            raise
+        if agent is not None and stored.status != SENT:
+            self._unreserve(agent)  # not created, or queued behind another
         if not created:
             if stored.request_hash != request_hash:
                 raise Conflict(
@@ -245,8 +273,30 @@ class Router:
             priority=task.priority,
             request_id=request_id,
         )
-        self.wake()
-        return stored, True
+        if agent is not None and stored.status == SENT:
+            self._metrics.dispatch_latency.observe(0.0)
+            self._start(stored, agent)
+        else:
+            self.wake()
+        return task, True
+
+    def _reserve_at_once(self, task: Task, now: float) -> Agent | None:
+        """
+        The agent to claim C{task} for as it is stored, its slot reserved; None
+        to leave the task to a dispatch pass (draining, no agent read lately,
+        none free, or the task asks for one that cannot take it).
+        """
+        if self._draining():
+            return None
+        agents = self._recent_agents(task.agent_type, now)
+        if agents is None:
+            return None
+        choice = self._choose(task, agents, now)
+        if not isinstance(choice, Agent):
+            return None
+        self.outstanding.started(choice.id)
+        self.breakers.sent(choice.id)
+        return choice
 
     async def get(self, task_id: str) -> tuple[Task, list[TaskEvent]]:
         found = await self.tasks.get_task(task_id)
@@ -351,13 +401,14 @@ class Router:
             now,
             detail=reason,
             changes={"error": reason, "completed_at": now},
+            durable=False,
         )
         if failed is not None:
             self._ended(failed, FAILED, reason)
 
     async def _queue(self, task: Task, now: float) -> None:
         await self.tasks.change_task(
-            task.id, (PENDING,), QUEUED, now, detail="no agent free"
+            task.id, (PENDING,), QUEUED, now, detail="no agent free", durable=False
         )
 
     async def _claim(self, task: Task, agent: Agent, now: float) -> None:
@@ -374,6 +425,7 @@ class Router:
                     "lease_until": now + self.config.lease,
                     "started_at": task.started_at or now,
                 },
+                durable=False,
             )
         except Exception:
             self._unreserve(agent)
@@ -391,15 +443,43 @@ class Router:
         burst of work, and re-reading thousands of agents each time would cost
         more than the dispatching.  A registration or recovery clears the cache.
         """
-        if self._agent_cache is None or now - self._agent_cache[0] >= _AGENTS_FOR:
-            self._agent_cache = (now, {})
-        cache = self._agent_cache[1]
-        for kind in kinds - cache.keys():
-            cache[kind] = await self._registry.list(AgentQuery(type=kind))
-        return [agent for kind in kinds for agent in cache[kind]]
+        found: list[Agent] = []
+        for kind in sorted(kinds):
+            cached = self._agent_cache.get(kind)
+            if cached is not None and now - cached[0] < _AGENTS_FOR:
+                found.extend(cached[1])
+            else:
+                found.extend(await self._read_agents(kind, now))
+        return found
+
+    def _recent_agents(self, kind: str, now: float) -> list[Agent] | None:
+        """
+        The agents of C{kind} for a submission, which must not wait for a read:
+        those cached, read again in the background once a second old; None
+        when there are none recent enough.
+        """
+        cached = self._agent_cache.get(kind)
+        old = cached is None or now - cached[0] >= _AGENTS_FOR
+        if old and kind not in self._agents_refreshing:
+            self._agents_refreshing.add(kind)
+            reading = ensureDeferred(self._read_agents(kind, now))
+            reading.addErrback(lambda _: None)  # a pass reads them again
+            reading.addBoth(lambda _: self._agents_refreshing.discard(kind))
+        if cached is None or now - cached[0] >= _AGENTS_STALE:
+            return None
+        return cached[1]
+
+    async def _read_agents(self, kind: str, now: float) -> list[Agent]:
+        """Read the agents of C{kind}; cached unless the registry changed since."""
+        generation = self._agent_generation
+        agents = await self._registry.list(AgentQuery(type=kind))
+        if generation == self._agent_generation:
+            self._agent_cache[kind] = (now, agents)
+        return agents
 
     def _agents_changed(self) -> None:
-        self._agent_cache = None
+        self._agent_cache.clear()
+        self._agent_generation += 1
         self.wake()
 
     def _choose(
@@ -517,6 +597,7 @@ class Router:
                     owner=self.owner,
                     detail="the orchestrator stopped; dispatching again",
                     changes={"owner": None, "lease_until": None, "not_before": now},
+                    durable=False,
                 )
                 return
             else:
@@ -567,6 +648,7 @@ class Router:
                 "error": error,
                 "tried": (*task.tried, agent.id),
             },
+            durable=False,
         )
         if retried is not None:
             _log.info(
@@ -601,6 +683,7 @@ class Router:
                 "owner": None,
                 "lease_until": None,
             },
+            durable=False,  # lost to a power cut, the lease sends it again
         )
         if finished is None:
             _log.info("late answer discarded", task_id=task.id, status=status)

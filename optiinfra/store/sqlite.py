@@ -5,30 +5,36 @@ SQLite allows one writer at a time, so one dedicated thread owns the one
 connection and runs every unit of work in turn; the reactor thread never waits on
 the database.  WAL mode lets readers outside this process (backups, sqlite3 CLI)
 look without blocking it.
+
+A commit normally waits for C{fsync} (C{synchronous=FULL}): what was answered
+survives a power cut.  Work whose loss on a power cut the task leases already
+recover (a claim, an agent's answer) may be committed I{relaxed}
+(L{SQLiteBackend.run_relaxed}, C{synchronous=NORMAL}): it is on disk with the
+next durable commit, or within L{SYNC_WITHIN} seconds, whichever is first.  The
+log is written in order, so a durable commit never survives without the relaxed
+ones before it.
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import structlog
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from optiinfra.store.interface import (
     IBackend,
     StoreUnavailable,
     Transaction,
-)
-from optiinfra.store.interface import (
-    stop_pool as _stop_pool,
 )
 from optiinfra.store.schema import migrate
 
@@ -38,6 +44,8 @@ _log = structlog.get_logger("optiinfra.store")
 
 #: Units of work committed together at most.
 _MAX_BATCH = 256
+#: Seconds a relaxed commit may wait for its fsync at most.
+SYNC_WITHIN: Final = 0.2
 
 
 class _SQLiteTransaction:
@@ -58,10 +66,21 @@ class SQLiteBackend:
     def __init__(self, path: Path, reactor: IReactorThreads) -> None:
         self.path = path
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sqlite")
+        #: What the database thread runs next; None stops it.
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._clock = (
+            cast(IReactorTime, reactor) if IReactorTime.providedBy(reactor) else None
+        )
         self._connection: sqlite3.Connection | None = None
-        self._queue: list[tuple[Callable[[Transaction], Any], Deferred[Any]]] = []
+        #: (work, its answer, whether its commit must be durable)
+        self._queue: list[tuple[Callable[[Transaction], Any], Deferred[Any], bool]] = []
         self._pumping = False
+        #: The setting of C{synchronous} on the connection: FULL when True.
+        self._synchronous_full = True
+        #: Relaxed commits are waiting for an fsync (see L{_sync_soon}).
+        self._unsynced = False
+        self._sync_call: IDelayedCall | None = None
 
     def open(self) -> None:
         try:
@@ -82,7 +101,33 @@ class SQLiteBackend:
             _log.info("schema migrated", backend=self.name, versions=applied)
 
     def start(self) -> None:
-        self._pool.start()
+        """
+        Start the database thread: a plain thread and a queue, not a Twisted
+        thread pool, whose bookkeeping per call cost more than a short unit
+        of work itself.
+        """
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="sqlite")
+            self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def _in_thread(self, call: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run C{call} on the database thread; its result on the reactor's."""
+        done: Deferred[T] = Deferred()
+
+        def job() -> None:
+            try:
+                result = call(*args)
+            except BaseException:
+                self._reactor.callFromThread(done.errback, Failure())
+            else:
+                self._reactor.callFromThread(done.callback, result)
+
+        self._jobs.put(job)
+        return done
 
     def _transaction(self, work: Callable[[Transaction], T], write: bool) -> T:
         connection = self._connection
@@ -107,10 +152,22 @@ class SQLiteBackend:
 
         One commit (one fsync) then answers many callers: group commit, the
         only way an embedded database keeps up with a busy orchestrator.  A
-        unit that raises rolls back to its savepoint alone.
+        unit that raises rolls back to its savepoint alone.  Reads need no
+        fsync: only batches with a write are durable.
         """
+        return self._enqueue(work, write)
+
+    def run_relaxed(self, work: Callable[[Transaction], T]) -> Deferred[T]:
+        """
+        As L{run}, but answered before its commit is on disk: a power cut (not
+        a crash) within L{SYNC_WITHIN} seconds may undo it.  For work that is
+        redone anyway when it is lost; saves an fsync on the way.
+        """
+        return self._enqueue(work, False)
+
+    def _enqueue(self, work: Callable[[Transaction], T], durable: bool) -> Deferred[T]:
         done: Deferred[T] = Deferred()
-        self._queue.append((work, done))
+        self._queue.append((work, done, durable))
         if not self._pumping:
             self._pumping = True
             self._pump()
@@ -118,19 +175,21 @@ class SQLiteBackend:
 
     def _pump(self) -> None:
         batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
-        ran = deferToThreadPool(
-            self._reactor, self._pool, self._batch, [work for work, _ in batch]
-        )
+        durable = any(unit[2] for unit in batch)
+        ran = self._in_thread(self._batch, [work for work, _, _ in batch], durable)
 
-        def deliver(outcomes: list[tuple[bool, Any]]) -> None:
-            for (_, done), (ok, value) in zip(batch, outcomes, strict=True):
+        def deliver(ran: tuple[list[tuple[bool, Any]], bool]) -> None:
+            outcomes, unsynced = ran
+            if unsynced:
+                self._sync_soon()
+            for (_, done, _), (ok, value) in zip(batch, outcomes, strict=True):
                 if ok:
                     done.callback(value)
                 else:
                     done.errback(Failure(value))
 
         def fail_all(failure: Failure) -> None:
-            for _, done in batch:
+            for _, done, _ in batch:
                 done.errback(failure)
 
         def next_batch(_: object) -> None:
@@ -141,7 +200,44 @@ class SQLiteBackend:
 
         ran.addCallbacks(deliver, fail_all).addBoth(next_batch)
 
+    def _sync_soon(self) -> None:
+        """Have the relaxed commits on disk within L{SYNC_WITHIN} seconds."""
+        if self._clock is None or (
+            self._sync_call is not None and self._sync_call.active()
+        ):
+            return
+        self._sync_call = self._clock.callLater(SYNC_WITHIN, self._sync)
+
+    def _sync(self) -> None:
+        syncing = self._enqueue(_sync, True)
+        # A store that failed or closed meanwhile: close() syncs, or it is lost.
+        syncing.addErrback(lambda _: None)
+
     def _batch(
+        self, works: list[Callable[[Transaction], Any]], durable: bool = True
+    ) -> tuple[list[tuple[bool, Any]], bool]:
+        """The units' outcomes, and whether relaxed commits await an fsync."""
+        connection = self._connection
+        if connection is None:
+            raise StoreUnavailable("the SQLite store is closed")
+        if durable != self._synchronous_full:
+            # This commit waits for fsync, or does not: see the module.
+            connection.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._synchronous_full = durable
+        changes = connection.total_changes
+        outcomes = self._units(works)
+        wrote = connection.total_changes != changes
+        if not durable:
+            self._unsynced = self._unsynced or wrote
+        elif self._unsynced:
+            # A FULL commit that wrote synced the log, relaxed commits and all;
+            # one with nothing to write did not.
+            if not wrote:
+                self._fsync_log()
+            self._unsynced = False
+        return outcomes, self._unsynced
+
+    def _units(
         self, works: list[Callable[[Transaction], Any]]
     ) -> list[tuple[bool, Any]]:
         if len(works) == 1:  # no savepoint needed
@@ -166,6 +262,17 @@ class SQLiteBackend:
 
         return self._transaction(each, True)
 
+    def _fsync_log(self) -> None:
+        """Flush the write-ahead log to disk, as a FULL commit does."""
+        try:
+            descriptor = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # checkpointed and removed: nothing left unsynced
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
     def in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
         marks = ", ".join("?" * len(values))
         return f"{column} IN ({marks})", list(values)
@@ -174,21 +281,24 @@ class SQLiteBackend:
         return ""  # BEGIN IMMEDIATE already holds the only write lock
 
     def close(self) -> Deferred[None]:
+        if self._sync_call is not None and self._sync_call.active():
+            self._sync_call.cancel()
+
         def finish() -> None:
+            if self._unsynced:
+                self._unsynced = False
+                self._fsync_log()
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
 
-        if not self._pool.started:  # never started, or closed already
+        if self._thread is None:  # never started, or closed already
             finish()
             return succeed(None)
-
-        closing: Deferred[None] = deferToThreadPool(
-            self._reactor,
-            self._pool,
-            finish,
-        )
-        return closing.addBoth(_stop_pool, self._pool)
+        closing = self._in_thread(finish)
+        self._jobs.put(None)  # the thread ends after finishing
+        self._thread = None
+        return closing
 
     def agent_documents_sql(self, where: str) -> str:
         stamp = "strftime('%Y-%m-%dT%H:%M:%fZ', {}, 'unixepoch')"
@@ -213,3 +323,7 @@ class SQLiteBackend:
             for _ in wanted
         )
         return condition or "1 = 1", list(wanted)
+
+
+def _sync(tx: Transaction) -> None:
+    """A durable unit with nothing to write: its batch syncs the log."""

@@ -9,16 +9,19 @@ cancellation.  Each change also appends to C{task_events}, the task's history.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
+import attrs
 import orjson
 from twisted.internet.defer import Deferred
 
 from optiinfra.routing.model import (
     FINISHED,
     IN_FLIGHT,
+    PENDING,
     RETRYING,
+    SENT,
     TIMEOUT,
     WAITING,
     Task,
@@ -26,6 +29,8 @@ from optiinfra.routing.model import (
     TaskQuery,
 )
 from optiinfra.store.interface import IBackend, Transaction
+
+T = TypeVar("T")
 
 _FIELDS: Final = (
     "id",
@@ -96,14 +101,63 @@ def _marks(values: Sequence[Any]) -> str:
     return ", ".join("?" * len(values))
 
 
+#: A waiting task that is due and at least as urgent as a new one of its type:
+#: while there is one, the new task queues behind it instead of going out.
+_AHEAD: Final = (
+    f"SELECT 1 FROM tasks WHERE status IN ({_marks(WAITING)}) AND agent_type = ?"
+    " AND priority >= ? AND not_before <= ? AND deadline > ? LIMIT 1"
+)
+
+
+@runtime_checkable
+class _Relaxing(Protocol):
+    """A backend that can commit without waiting for the disk (both can)."""
+
+    def run_relaxed(self, work: Callable[[Transaction], T]) -> Deferred[T]: ...
+
+
+@attrs.frozen
+class Claim:
+    """An agent this process reserved for a new task, to be sent on insert."""
+
+    agent_id: str
+    owner: str
+    lease_until: float
+    detail: str
+
+
 class TaskStore:
     """Tasks on a backend; used by L{optiinfra.store.sql.SQLStore}."""
 
     def __init__(self, backend: IBackend) -> None:
         self._backend = backend
 
-    def create_task(self, task: Task) -> Deferred[tuple[Task, bool]]:
-        """Insert C{task}; with an idempotency key already used, the old task."""
+    def _run_relaxed(self, work: Callable[[Transaction], T]) -> Deferred[T]:
+        """
+        Commit C{work} without waiting for the disk, where the backend can: for
+        changes a power cut may undo because leases redo them (a claim comes
+        back as an abandoned task and is sent again, a lost answer likewise).
+        What a caller was promised (a stored task, a cancellation) stays
+        durable.
+        """
+        backend = self._backend
+        if isinstance(backend, _Relaxing):
+            return backend.run_relaxed(work)
+        return backend.run(work)
+
+    def create_task(
+        self, task: Task, claim: Claim | None = None
+    ) -> Deferred[tuple[Task, bool]]:
+        """
+        Insert C{task}; with an idempotency key already used, the old task.
+
+        With a C{claim}, a new pending task is stored already C{sent} to the
+        claimed agent (its history says C{pending}, then C{sent}) unless a due
+        waiting task of its type at least as urgent is queued before it.  One
+        unit of work instead of an insert, a read of due tasks and a claim: the
+        task is out in one commit.  Nobody else can have seen the row yet, so
+        no compare-and-set is needed.  The task as stored says which happened.
+        """
 
         def create(tx: Transaction) -> tuple[Task, bool]:
             if task.idempotency_key is not None:
@@ -113,12 +167,37 @@ class TaskStore:
                 )
                 if rows:
                     return _task(rows[0]), False
+            stored = task
+            if (
+                claim is not None
+                and task.status == PENDING
+                and not tx.execute(
+                    _AHEAD,
+                    (
+                        *WAITING,
+                        task.agent_type,
+                        task.priority,
+                        task.created_at,
+                        task.created_at,
+                    ),
+                )
+            ):
+                stored = attrs.evolve(
+                    task,
+                    status=SENT,
+                    agent_id=claim.agent_id,
+                    owner=claim.owner,
+                    lease_until=claim.lease_until,
+                    started_at=task.created_at,
+                )
             tx.execute(
                 f"INSERT INTO tasks ({_COLUMNS}) VALUES ({_marks(_FIELDS)})",
-                [_encode(f, getattr(task, f)) for f in _FIELDS],
+                [_encode(f, getattr(stored, f)) for f in _FIELDS],
             )
             _event(tx, task.id, task.status, task.created_at, None)
-            return task, True
+            if claim is not None and stored is not task:
+                _event(tx, task.id, SENT, task.created_at, claim.detail)
+            return stored, True
 
         return self._backend.run(create)
 
@@ -127,9 +206,11 @@ class TaskStore:
             rows = tx.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
             if not rows:
                 return None
+            # A task is pending first, whichever events share its millisecond.
             events = tx.execute(
                 "SELECT task_id, status, at, detail FROM task_events"
-                " WHERE task_id = ? ORDER BY at",
+                " WHERE task_id = ?"
+                " ORDER BY at, CASE WHEN status = 'pending' THEN 0 ELSE 1 END",
                 (task_id,),
             )
             return _task(rows[0]), [TaskEvent(*event) for event in events]
@@ -179,10 +260,12 @@ class TaskStore:
         owner: str | None = None,
         detail: str | None = None,
         changes: Mapping[str, Any] | None = None,
+        durable: bool = True,
     ) -> Deferred[Task | None]:
         """
         Set C{status} (and C{changes}) if the task is in one of C{expected}
-        (and owned by C{owner}, when given); the task after, or None.
+        (and owned by C{owner}, when given); the task after, or None.  Not
+        C{durable}: see L{_run_relaxed}.
         """
         changes = dict(changes or {})
         unknown = set(changes) - CHANGEABLE
@@ -210,7 +293,7 @@ class TaskStore:
             _event(tx, task_id, status, at, detail)
             return _task(rows[0])
 
-        return self._backend.run(change)
+        return self._backend.run(change) if durable else self._run_relaxed(change)
 
     def renew_leases(
         self, owner: str, task_ids: Sequence[str], lease_until: float
@@ -226,7 +309,7 @@ class TaskStore:
             )
             return {row[0] for row in rows}
 
-        return self._backend.run(renew)
+        return self._run_relaxed(renew)
 
     def expire_waiting(self, now: float) -> Deferred[list[Task]]:
         """Waiting tasks whose deadline passed end C{timeout}."""
@@ -284,7 +367,7 @@ class TaskStore:
                 settled.append(task)
             return settled
 
-        return self._backend.run(settle)
+        return self._run_relaxed(settle)  # found again if a power cut undoes it
 
     def purge_finished(self, before: float, limit: int = 1000) -> Deferred[int]:
         """
@@ -307,7 +390,7 @@ class TaskStore:
             tx.execute(f"DELETE FROM tasks WHERE {condition}", params)
             return len(rows)
 
-        return self._backend.run(purge)
+        return self._run_relaxed(purge)
 
     def count_waiting(self) -> Deferred[int]:
         def count(tx: Transaction) -> int:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
 
 from optiinfra.registry.model import UNREACHABLE, Agent, AgentQuery, Heartbeat
 from optiinfra.routing.model import Task
@@ -18,7 +21,8 @@ from optiinfra.store.interface import IBackend, IStore, StoreError
 from optiinfra.store.postgres import PostgresBackend
 from optiinfra.store.schema import LATEST
 from optiinfra.store.sql import SQLStore
-from optiinfra.store.sqlite import SQLiteBackend
+from optiinfra.store.sqlite import SYNC_WITHIN, SQLiteBackend
+from optiinfra.store.tasks import Claim
 
 from ..databases import postgres_schema, sqlite_path
 
@@ -392,6 +396,118 @@ async def test_a_task_changes_only_from_what_the_caller_expects(store: IStore) -
     )
     with pytest.raises(ValueError, match="cannot change"):
         tasks.change_task("task-1", ("sent",), "completed", 1.0, changes={"id": "x"})
+
+
+CLAIM = Claim("agent-1", "me", 115.0, "sent to agent-1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_task_is_stored_sent_to_the_agent_claimed_for_it(
+    store: IStore,
+) -> None:
+    tasks = store.tasks
+    stored, created = await tasks.create_task(a_task(1), CLAIM)
+    assert created
+    assert (stored.status, stored.agent_id, stored.owner) == ("sent", "agent-1", "me")
+    assert (stored.lease_until, stored.started_at) == (115.0, 100.0)
+    found = await tasks.get_task("task-1")
+    assert found is not None
+    assert found[0] == stored
+    assert [(e.status, e.at, e.detail) for e in found[1]] == [
+        ("pending", 100.0, None),
+        ("sent", 100.0, "sent to agent-1"),
+    ]
+    # the claim is a compare-and-set like any other: the answer needs the owner
+    assert (
+        await tasks.change_task("task-1", ("sent",), "completed", 101.0, owner="you")
+        is None
+    )
+    assert (
+        await tasks.change_task(
+            "task-1", ("sent",), "completed", 101.0, owner="me", durable=False
+        )
+    ) is not None
+    # an idempotent replay claims nothing
+    keyed = a_task(2, idempotency_key="k")
+    first, _ = await tasks.create_task(keyed, CLAIM)
+    again, created = await tasks.create_task(attrs.evolve(keyed, id="task-3"), CLAIM)
+    assert (again, created) == (first, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_task_waits_behind_a_due_one_as_urgent(store: IStore) -> None:
+    tasks = store.tasks
+    await tasks.create_task(a_task(1, status="queued", priority=10))
+    # not as urgent, another type, not due yet, past its deadline: not ahead
+    await tasks.create_task(a_task(2, status="queued", priority=1))
+    await tasks.create_task(a_task(3, status="queued", agent_type="resource"))
+    await tasks.create_task(a_task(4, status="retrying", not_before=200.0))
+    await tasks.create_task(a_task(5, status="queued", deadline=100.0))
+    for number, priority in ((6, 5), (7, 10)):
+        stored, _ = await tasks.create_task(a_task(number, priority=priority), CLAIM)
+        assert (stored.status, stored.owner) == ("pending", None)
+    stored, _ = await tasks.create_task(a_task(8, priority=15), CLAIM)
+    assert stored.status == "sent"
+    stored, _ = await tasks.create_task(a_task(9, agent_type="performance"), CLAIM)
+    assert stored.status == "sent"
+
+
+@pytest_twisted.ensureDeferred
+async def test_relaxed_commits_are_kept(store: IStore) -> None:
+    tasks = store.tasks
+    await tasks.create_task(a_task(1))
+    changed = await tasks.change_task(
+        "task-1", ("pending",), "queued", 101.0, durable=False
+    )
+    assert changed is not None
+    assert await tasks.renew_leases("me", ["task-1"], 200.0) == set()
+    found = await tasks.get_task("task-1")
+    assert found is not None
+    assert found[0].status == "queued"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_syncs_relaxed_commits_soon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(descriptor)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr("optiinfra.store.sqlite.os.fsync", fsync)
+    backend = SQLiteBackend(sqlite_path(tmp_path), reactor)
+    backend.open()
+    backend.start()
+    store = SQLStore(backend, reactor)
+    try:
+        await store.tasks.create_task(a_task(1))
+        await store.tasks.change_task(
+            "task-1", ("pending",), "queued", 101.0, durable=False
+        )
+        # a durable commit that writes syncs the log, relaxed commits and all
+        await store.tasks.create_task(a_task(2))
+        await deferLater(reactor, SYNC_WITHIN * 1.5)
+        assert synced == []
+        # with nothing durable after it, the relaxed commit is synced soon
+        await store.tasks.change_task(
+            "task-2", ("pending",), "queued", 102.0, durable=False
+        )
+        await deferLater(reactor, SYNC_WITHIN * 1.5)
+        assert len(synced) == 1
+        # reads and relaxed units that change nothing need no sync
+        await store.tasks.get_task("task-1")
+        await store.tasks.renew_leases("me", ["task-1"], 200.0)
+        await deferLater(reactor, SYNC_WITHIN * 1.5)
+        assert len(synced) == 1
+        await store.tasks.change_task(
+            "task-1", ("queued",), "pending", 103.0, durable=False
+        )
+    finally:
+        await backend.close()
+    assert len(synced) == 2  # closing syncs what is left
 
 
 @pytest_twisted.ensureDeferred
