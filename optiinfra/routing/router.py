@@ -218,6 +218,11 @@ class Router:
         dispatcher is woken.  Either way the answer says C{pending}, as the
         contract does: that is what the task was when it was accepted.
 
+        A claimed task is committed first, then sent, then synced to disk, and
+        only then answered: it is stored before it goes out (a crash loses
+        nothing), and accepted only once a power cut cannot lose it either;
+        its call need not wait for the disk.
+
         Any task type an agent offers can be routed: the contract's list is
         enforced where customers submit (L{optiinfra.routing.parse}), while
         plan steps name the operations of their templates.
@@ -251,7 +256,9 @@ class Router:
             )
         )
         try:
-            stored, created = await self.tasks.create_task(task, claim)
+            stored, created = await self.tasks.create_task(
+                task, claim, durable=claim is None
+            )
         except BaseException:
             if agent is not None:
                 self._unreserve(agent)
@@ -265,6 +272,13 @@ class Router:
                     task_id=stored.id,
                 )
             return stored, False
+        if agent is not None and stored.status == SENT:
+            self._metrics.dispatch_latency.observe(0.0)
+            self._start(stored, agent)
+        else:
+            self.wake()
+        if claim is not None:
+            await self.tasks.sync()
         self._metrics.submitted.labels(task.task_type).inc()
         _log.info(
             "task submitted",
@@ -273,11 +287,6 @@ class Router:
             priority=task.priority,
             request_id=request_id,
         )
-        if agent is not None and stored.status == SENT:
-            self._metrics.dispatch_latency.observe(0.0)
-            self._start(stored, agent)
-        else:
-            self.wake()
         return task, True
 
     def _reserve_at_once(self, task: Task, now: float) -> Agent | None:

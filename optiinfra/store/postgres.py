@@ -129,6 +129,18 @@ class PostgresBackend:
 
         return self.run(relaxed)
 
+    def sync(self) -> Deferred[None]:
+        """
+        Fires once every commit so far, relaxed ones too, is on disk: a
+        transaction given an id commits synchronously, and the server's log
+        is flushed in order, up to and past everything committed before it.
+        """
+
+        def barrier(tx: Transaction) -> None:
+            tx.execute("SELECT pg_current_xact_id()")
+
+        return self.run(barrier)
+
     def in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
         return f"{column} = ANY(?)", [list(values)]
 

@@ -12,7 +12,8 @@ recover (a claim, an agent's answer) may be committed I{relaxed}
 (L{SQLiteBackend.run_relaxed}, C{synchronous=NORMAL}): it is on disk with the
 next durable commit, or within L{SYNC_WITHIN} seconds, whichever is first.  The
 log is written in order, so a durable commit never survives without the relaxed
-ones before it.
+ones before it.  L{SQLiteBackend.sync} waits for the disk on a thread of its
+own, so that the database thread goes on committing meanwhile.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
 import structlog
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -48,6 +49,54 @@ _MAX_BATCH = 256
 SYNC_WITHIN: Final = 0.2
 
 
+class _Thread:
+    """
+    One thread running calls in turn, each answered on the reactor thread: a
+    plain thread and a queue, not a Twisted thread pool, whose bookkeeping
+    per call cost more than a short unit of work itself.
+    """
+
+    def __init__(self, reactor: IReactorThreads, name: str) -> None:
+        self._reactor = reactor
+        self._name = name
+        #: What the thread runs next; None stops it.
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self._name)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread once what is queued has run."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def call(self, call: Callable[..., T], *args: Any) -> Deferred[T]:
+        done: Deferred[T] = Deferred()
+
+        def job() -> None:
+            try:
+                result = call(*args)
+            except BaseException:
+                self._reactor.callFromThread(done.errback, Failure())
+            else:
+                self._reactor.callFromThread(done.callback, result)
+
+        self._jobs.put(job)
+        return done
+
+
 class _SQLiteTransaction:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
@@ -66,9 +115,8 @@ class SQLiteBackend:
     def __init__(self, path: Path, reactor: IReactorThreads) -> None:
         self.path = path
         self._reactor = reactor
-        #: What the database thread runs next; None stops it.
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._database = _Thread(reactor, "sqlite")
+        self._syncer = _Thread(reactor, "sqlite-sync")
         self._clock = (
             cast(IReactorTime, reactor) if IReactorTime.providedBy(reactor) else None
         )
@@ -78,9 +126,11 @@ class SQLiteBackend:
         self._pumping = False
         #: The setting of C{synchronous} on the connection: FULL when True.
         self._synchronous_full = True
-        #: Relaxed commits are waiting for an fsync (see L{_sync_soon}).
-        self._unsynced = False
         self._sync_call: IDelayedCall | None = None
+        #: Waiting for the next fsync of the log, and whether one is going on.
+        self._sync_waiting: list[Deferred[None]] = []
+        self._syncing = False
+        self._closed = False
 
     def open(self) -> None:
         try:
@@ -101,33 +151,8 @@ class SQLiteBackend:
             _log.info("schema migrated", backend=self.name, versions=applied)
 
     def start(self) -> None:
-        """
-        Start the database thread: a plain thread and a queue, not a Twisted
-        thread pool, whose bookkeeping per call cost more than a short unit
-        of work itself.
-        """
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="sqlite")
-            self._thread.start()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
-
-    def _in_thread(self, call: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run C{call} on the database thread; its result on the reactor's."""
-        done: Deferred[T] = Deferred()
-
-        def job() -> None:
-            try:
-                result = call(*args)
-            except BaseException:
-                self._reactor.callFromThread(done.errback, Failure())
-            else:
-                self._reactor.callFromThread(done.callback, result)
-
-        self._jobs.put(job)
-        return done
+        self._database.start()
+        self._syncer.start()
 
     def _transaction(self, work: Callable[[Transaction], T], write: bool) -> T:
         connection = self._connection
@@ -165,6 +190,36 @@ class SQLiteBackend:
         """
         return self._enqueue(work, False)
 
+    def sync(self) -> Deferred[None]:
+        """
+        Fires once every commit so far, relaxed ones too, is on disk.  Calls
+        made while an fsync is going on share the next one.
+        """
+        if self._closed:
+            return fail(StoreUnavailable("the SQLite store is closed"))
+        done: Deferred[None] = Deferred()
+        self._sync_waiting.append(done)
+        if not self._syncing:
+            self._next_sync()
+        return done
+
+    def _next_sync(self) -> None:
+        waiting, self._sync_waiting = self._sync_waiting, []
+        self._syncing = True
+        synced = self._syncer.call(self._fsync_log)
+
+        def answer(result: Failure | None) -> None:
+            self._syncing = False
+            for done in waiting:
+                if isinstance(result, Failure):
+                    done.errback(result)
+                else:
+                    done.callback(None)
+            if self._sync_waiting:
+                self._next_sync()
+
+        synced.addBoth(answer)
+
     def _enqueue(self, work: Callable[[Transaction], T], durable: bool) -> Deferred[T]:
         done: Deferred[T] = Deferred()
         self._queue.append((work, done, durable))
@@ -176,11 +231,11 @@ class SQLiteBackend:
     def _pump(self) -> None:
         batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
         durable = any(unit[2] for unit in batch)
-        ran = self._in_thread(self._batch, [work for work, _, _ in batch], durable)
+        ran = self._database.call(self._batch, [work for work, _, _ in batch], durable)
 
         def deliver(ran: tuple[list[tuple[bool, Any]], bool]) -> None:
-            outcomes, unsynced = ran
-            if unsynced:
+            outcomes, relaxed = ran
+            if relaxed:
                 self._sync_soon()
             for (_, done, _), (ok, value) in zip(batch, outcomes, strict=True):
                 if ok:
@@ -209,14 +264,14 @@ class SQLiteBackend:
         self._sync_call = self._clock.callLater(SYNC_WITHIN, self._sync)
 
     def _sync(self) -> None:
-        syncing = self._enqueue(_sync, True)
+        syncing = self.sync()
         # A store that failed or closed meanwhile: close() syncs, or it is lost.
         syncing.addErrback(lambda _: None)
 
     def _batch(
         self, works: list[Callable[[Transaction], Any]], durable: bool = True
     ) -> tuple[list[tuple[bool, Any]], bool]:
-        """The units' outcomes, and whether relaxed commits await an fsync."""
+        """The units' outcomes, and whether they wrote without an fsync."""
         connection = self._connection
         if connection is None:
             raise StoreUnavailable("the SQLite store is closed")
@@ -226,16 +281,7 @@ class SQLiteBackend:
             self._synchronous_full = durable
         changes = connection.total_changes
         outcomes = self._units(works)
-        wrote = connection.total_changes != changes
-        if not durable:
-            self._unsynced = self._unsynced or wrote
-        elif self._unsynced:
-            # A FULL commit that wrote synced the log, relaxed commits and all;
-            # one with nothing to write did not.
-            if not wrote:
-                self._fsync_log()
-            self._unsynced = False
-        return outcomes, self._unsynced
+        return outcomes, not durable and connection.total_changes != changes
 
     def _units(
         self, works: list[Callable[[Transaction], Any]]
@@ -281,23 +327,22 @@ class SQLiteBackend:
         return ""  # BEGIN IMMEDIATE already holds the only write lock
 
     def close(self) -> Deferred[None]:
+        self._closed = True
         if self._sync_call is not None and self._sync_call.active():
             self._sync_call.cancel()
 
         def finish() -> None:
-            if self._unsynced:
-                self._unsynced = False
-                self._fsync_log()
             if self._connection is not None:
+                self._fsync_log()  # relaxed commits too
                 self._connection.close()
                 self._connection = None
 
-        if self._thread is None:  # never started, or closed already
+        self._syncer.stop()
+        if not self._database.running:  # never started, or closed already
             finish()
             return succeed(None)
-        closing = self._in_thread(finish)
-        self._jobs.put(None)  # the thread ends after finishing
-        self._thread = None
+        closing = self._database.call(finish)
+        self._database.stop()
         return closing
 
     def agent_documents_sql(self, where: str) -> str:
@@ -323,7 +368,3 @@ class SQLiteBackend:
             for _ in wanted
         )
         return condition or "1 = 1", list(wanted)
-
-
-def _sync(tx: Transaction) -> None:
-    """A durable unit with nothing to write: its batch syncs the log."""

@@ -14,7 +14,7 @@ from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from optiinfra.routing.model import (
     FINISHED,
@@ -115,6 +115,8 @@ class _Relaxing(Protocol):
 
     def run_relaxed(self, work: Callable[[Transaction], T]) -> Deferred[T]: ...
 
+    def sync(self) -> Deferred[None]: ...
+
 
 @attrs.frozen
 class Claim:
@@ -146,7 +148,7 @@ class TaskStore:
         return backend.run(work)
 
     def create_task(
-        self, task: Task, claim: Claim | None = None
+        self, task: Task, claim: Claim | None = None, *, durable: bool = True
     ) -> Deferred[tuple[Task, bool]]:
         """
         Insert C{task}; with an idempotency key already used, the old task.
@@ -157,6 +159,10 @@ class TaskStore:
         unit of work instead of an insert, a read of due tasks and a claim: the
         task is out in one commit.  Nobody else can have seen the row yet, so
         no compare-and-set is needed.  The task as stored says which happened.
+
+        Not C{durable}, the insert is committed but may wait for the disk (see
+        L{_run_relaxed}): the caller can send the task on and then L{sync}
+        before it tells anyone the task was accepted.
         """
 
         def create(tx: Transaction) -> tuple[Task, bool]:
@@ -199,7 +205,14 @@ class TaskStore:
                 _event(tx, task.id, SENT, task.created_at, claim.detail)
             return stored, True
 
-        return self._backend.run(create)
+        return self._backend.run(create) if durable else self._run_relaxed(create)
+
+    def sync(self) -> Deferred[None]:
+        """Fires once everything committed so far is on disk."""
+        backend = self._backend
+        if isinstance(backend, _Relaxing):
+            return backend.sync()
+        return succeed(None)  # every commit was durable
 
     def get_task(self, task_id: str) -> Deferred[tuple[Task, list[TaskEvent]] | None]:
         def get(tx: Transaction) -> tuple[Task, list[TaskEvent]] | None:
