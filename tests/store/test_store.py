@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from optiinfra.store.interface import IBackend, IStore, StoreError, StoreUnavail
 from optiinfra.store.postgres import PostgresBackend
 from optiinfra.store.schema import LATEST
 from optiinfra.store.sql import SQLStore
-from optiinfra.store.sqlite import SYNC_WITHIN, SQLiteBackend
+from optiinfra.store.sqlite import CHECKPOINT_EVERY, SYNC_WITHIN, SQLiteBackend
 from optiinfra.store.tasks import Claim
 
 from ..databases import postgres_schema, sqlite_path
@@ -509,6 +511,43 @@ async def test_sqlite_syncs_relaxed_commits_soon(
     assert len(synced) == count + 2  # closing syncs what is left
     with pytest.raises(StoreUnavailable):
         await backend.sync()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_checkpoints_off_the_database_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = SQLiteBackend(sqlite_path(tmp_path), reactor)
+    threads: list[str] = []
+    copy = backend._copy_log
+
+    def copy_log() -> None:
+        threads.append(threading.current_thread().name)
+        copy()
+
+    monkeypatch.setattr(backend, "_copy_log", copy_log)
+    backend.open()
+    backend.start()
+    store = SQLStore(backend, reactor)
+    try:
+        [(pages,)] = await backend.run(
+            lambda tx: tx.execute("PRAGMA wal_autocheckpoint"), write=False
+        )
+        assert pages == 0  # never at a commit on the database thread
+        await deferLater(reactor, CHECKPOINT_EVERY * 1.5)
+        assert threads == []  # nothing written, nothing to copy
+        for number in range(20):
+            await store.tasks.create_task(a_task(number))
+        await deferLater(reactor, CHECKPOINT_EVERY * 1.5)
+        assert threads == ["sqlite-sync"]
+    finally:
+        await backend.close()
+    reopened = sqlite3.connect(sqlite_path(tmp_path))
+    try:
+        [(count,)] = reopened.execute("SELECT COUNT(*) FROM tasks").fetchall()
+    finally:
+        reopened.close()
+    assert count == 20
 
 
 @pytest_twisted.ensureDeferred
