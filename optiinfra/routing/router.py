@@ -271,6 +271,8 @@ class Router:
                     "Idempotency-Key was already used for another request",
                     task_id=stored.id,
                 )
+            # Its first submission may still be waiting for the disk.
+            await self.tasks.sync()
             return stored, False
         if agent is not None and stored.status == SENT:
             self._metrics.dispatch_latency.observe(0.0)
