@@ -1,14 +1,8 @@
 """
-One attempt at a task: C{POST http://host:port/task} to an agent.
+One attempt at a task: C{POST http://host:port/task} to an agent, via treq.
 
 The agent's answer decides what happens next, and this module only says which
 kind of answer it was: done, failed for good, or worth another try.
-
-The call goes straight through twisted.web's C{Agent}, the client under treq:
-treq's conveniences (URL parsing and IDNA, cookies, redirects, gzip, a body
-producer that writes the body one reactor turn after the headers) cost about as
-much per call as everything else the router does for a task, and a call to an
-agent needs none of them.
 """
 
 from __future__ import annotations
@@ -17,6 +11,8 @@ from typing import Any, Final
 
 import attrs
 import orjson
+import treq
+from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
@@ -26,9 +22,7 @@ from twisted.web.client import (
     HTTPConnectionPool,
     ResponseFailed,
     ResponseNeverReceived,
-    readBody,
 )
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -88,9 +82,9 @@ class AgentPool(Service):
 @implementer(IBodyProducer)
 class _Body:
     """
-    A request body written whole, with the headers: twisted.web's
-    C{FileBodyProducer} would write it a reactor turn later, in a packet of
-    its own.
+    A request body written whole, with the headers: the C{FileBodyProducer}
+    treq makes of bytes would write it a reactor turn later, in a packet of
+    its own (about 0.3 ms a call).
     """
 
     def __init__(self, data: bytes) -> None:
@@ -115,10 +109,8 @@ class Dispatcher:
     """Sends attempts over a shared connection pool."""
 
     def __init__(self, reactor: Any, pool: HTTPConnectionPool) -> None:
-        # One client for every call.
-        self._agent = WebAgent(reactor, pool=pool)
-        #: (host, port) -> the URL of its task endpoint, encoded once.
-        self._urls: dict[tuple[str, int], bytes] = {}
+        # One client for every call: treq.post would build an Agent each time.
+        self._client = HTTPClient(WebAgent(reactor, pool=pool))
 
     async def send(self, agent: Agent, task: Task, seconds_left: float) -> Outcome:
         """
@@ -126,22 +118,23 @@ class Dispatcher:
         enforces time: cancelling the coroutine's Deferred aborts the call and
         raises L{CancelledError} here.
         """
-        headers = Headers(
-            {
-                b"Content-Type": [b"application/json"],
-                b"X-Deadline-Ms": [b"%d" % max(0, int(seconds_left * 1000))],
-            }
-        )
+        headers: dict[bytes | str, list[bytes | str]] = {
+            "Content-Type": ["application/json"],
+            "X-Deadline-Ms": [str(max(0, int(seconds_left * 1000)))],
+        }
         if task.request_id:
-            headers.setRawHeaders(b"X-Request-ID", [task.request_id.encode()])
+            headers["X-Request-ID"] = [task.request_id]
         if task.traceparent:
-            headers.setRawHeaders(b"traceparent", [task.traceparent.encode()])
-        body = _Body(orjson.dumps(task_body(task, seconds_left)))
+            headers["traceparent"] = [task.traceparent]
+        url = f"http://{agent.host}:{agent.port}/task"
         try:
-            response = await self._agent.request(
-                b"POST", self._url(agent), headers, body
+            response = await self._client.post(
+                url,
+                data=_Body(orjson.dumps(task_body(task, seconds_left))),
+                headers=headers,
+                allow_redirects=False,
             )
-            content = await readBody(response)
+            content = await treq.content(response)
         except (ResponseNeverReceived, ResponseFailed) as error:
             if any(reason.check(CancelledError) for reason in error.reasons):
                 raise CancelledError() from None
@@ -149,16 +142,6 @@ class Dispatcher:
         except (ConnectError, ConnectionLost, TimeoutError) as error:
             return Retryable(f"{type(error).__name__}: {error}".strip())
         return classify(response.code, content)
-
-    def _url(self, agent: Agent) -> bytes:
-        address = (agent.host, agent.port)
-        url = self._urls.get(address)
-        if url is None:
-            host = agent.host.encode("idna")
-            if b":" in host:  # an IPv6 literal
-                host = b"[" + host + b"]"
-            url = self._urls[address] = b"http://%s:%d/task" % (host, agent.port)
-        return url
 
 
 def classify(code: int, content: bytes) -> Outcome:

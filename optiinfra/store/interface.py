@@ -70,6 +70,17 @@ class IBackend(Interface):
         L{StoreUnavailable}.
         """
 
+    def run_relaxed(work: Callable[[Transaction], T]) -> Deferred[T]:
+        """
+        As L{run}, but answered before the commit is on disk: a power cut (not
+        a crash of this process) shortly after may undo it, never half of it
+        and never without what was committed after it.  Only for work that is
+        redone when it is lost (task claims and answers, which leases redo).
+        """
+
+    def sync() -> Deferred[None]:
+        """Fires once every commit so far, relaxed ones too, is on disk."""
+
     def in_list(column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
         """SQL testing C{column} against C{values}, and its parameters."""
 

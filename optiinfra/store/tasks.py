@@ -10,11 +10,11 @@ cancellation.  Each change also appends to C{task_events}, the task's history.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, TypeVar
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 
 from optiinfra.routing.model import (
     FINISHED,
@@ -109,15 +109,6 @@ _AHEAD: Final = (
 )
 
 
-@runtime_checkable
-class _Relaxing(Protocol):
-    """A backend that can commit without waiting for the disk (both can)."""
-
-    def run_relaxed(self, work: Callable[[Transaction], T]) -> Deferred[T]: ...
-
-    def sync(self) -> Deferred[None]: ...
-
-
 @attrs.frozen
 class Claim:
     """An agent this process reserved for a new task, to be sent on insert."""
@@ -142,10 +133,7 @@ class TaskStore:
         What a caller was promised (a stored task, a cancellation) stays
         durable.
         """
-        backend = self._backend
-        if isinstance(backend, _Relaxing):
-            return backend.run_relaxed(work)
-        return backend.run(work)
+        return self._backend.run_relaxed(work)
 
     def create_task(
         self, task: Task, claim: Claim | None = None, *, durable: bool = True
@@ -209,10 +197,7 @@ class TaskStore:
 
     def sync(self) -> Deferred[None]:
         """Fires once everything committed so far is on disk."""
-        backend = self._backend
-        if isinstance(backend, _Relaxing):
-            return backend.sync()
-        return succeed(None)  # every commit was durable
+        return self._backend.sync()
 
     def get_task(self, task_id: str) -> Deferred[tuple[Task, list[TaskEvent]] | None]:
         def get(tx: Transaction) -> tuple[Task, list[TaskEvent]] | None:
