@@ -1964,10 +1964,11 @@ def _components() -> dict[str, Any]:
                 "in": "header",
                 "required": False,
                 "description": (
-                    "Makes the submission safe to repeat: the same key with the "
-                    "same body answers with the task it first created (201, "
-                    "`Idempotent-Replayed: true`) for as long as that task is "
-                    "kept; the same key with another body is a 409. 1 to 255 "
+                    "Makes the request safe to repeat: the same key with the "
+                    "same body answers with what the first one made (the task, "
+                    "201, or the coordination, 200; `Idempotent-Replayed: "
+                    "true`) for as long as that is kept; the same key with "
+                    "another body is a 409. 1 to 255 "
                     "visible ASCII characters; another value is a 400 naming "
                     "`Idempotency-Key`."
                 ),
@@ -2045,6 +2046,11 @@ def _components() -> dict[str, Any]:
                 "The Idempotency-Key was already used with another body; "
                 "`task_id` names the task it created.",
                 {**error, "required": ["task_id"]},
+            ),
+            "CoordinationIdempotencyConflict": _answer(
+                "The Idempotency-Key was already used with another body; "
+                "`coordination_id` names the coordination it made.",
+                {**error, "required": ["coordination_id"]},
             ),
             "TaskFinished": _answer(
                 'The task has already finished: `error` is "task already '
@@ -2494,10 +2500,19 @@ def _coordination_paths() -> dict[str, Any]:
                         "Coordinated: the conflicts and how each was settled, "
                         "the recommendations kept and dropped, the approvals "
                         "asked for and the plans made. Stored: read it again "
-                        "at `/coordination/results/{id}`.",
+                        "at `/coordination/results/{id}`. A repeated request "
+                        "(same Idempotency-Key and body) answers with the "
+                        "result the first one made, and does nothing again.",
                         _schema("CoordinationResult"),
+                        headers={
+                            "Idempotent-Replayed": _ref("headers", "IdempotentReplayed")
+                        },
                     ),
-                    **_errors(*body_errors),
+                    **_errors(
+                        *body_errors,
+                        "409",
+                        specific={"409": "CoordinationIdempotencyConflict"},
+                    ),
                 },
                 description=(
                     "Recommendations already past `expires_at` are dropped. The "
@@ -2514,6 +2529,7 @@ def _coordination_paths() -> dict[str, Any]:
                     "/coordination/approvals/{approval_id}/approve` or "
                     "`/reject` before it expires."
                 ),
+                parameters=[_ref("parameters", "IdempotencyKey")],
                 body=_body(
                     "CoordinationRequest", "The recommendations.", required=True
                 ),

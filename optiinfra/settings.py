@@ -67,6 +67,10 @@ class Settings:
     #: A JSON file of plan templates, by action, over the built-in ones.
     plan_templates_file: Path | None = None
     coordination_interval: float = 1.0
+    #: Retries of each plan step's task (the router's back-off applies).
+    plan_step_retries: int = 1
+    #: Seconds a finished coordination (results, approvals, plans) is kept.
+    coordination_retention: float = 30 * 24 * 3600.0
     #: systemd's notification socket and watchdog period, when run by systemd.
     notify_socket: str | None = None
     watchdog_usec: int | None = None
@@ -190,6 +194,16 @@ def parse_action_pairs(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def parse_retries(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(name, raw, "expected a whole number") from None
+    if not 0 <= value <= 10:
+        raise SettingsError(name, raw, "expected 0 to 10")
+    return value
+
+
 def parse_path(name: str, raw: str) -> Path:
     if not raw.strip():
         raise SettingsError(name, raw, "expected a path")
@@ -246,6 +260,8 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "CONTRADICTORY_ACTIONS": ("contradictory_actions", parse_action_pairs),
     "PLAN_TEMPLATES_FILE": ("plan_templates_file", parse_path),
     "COORDINATION_INTERVAL": ("coordination_interval", parse_positive_seconds),
+    "PLAN_STEP_RETRIES": ("plan_step_retries", parse_retries),
+    "COORDINATION_RETENTION": ("coordination_retention", parse_positive_seconds),
     "NOTIFY_SOCKET": ("notify_socket", parse_text),
     "WATCHDOG_USEC": ("watchdog_usec", parse_microseconds),
 }

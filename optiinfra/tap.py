@@ -284,7 +284,13 @@ def build_service(
     coordination_metrics = CoordinationMetrics(metrics)
     coordinator = Coordinator(
         store.coordination,
-        Executor(store.coordination, router, reactor, coordination_metrics),
+        Executor(
+            store.coordination,
+            router,
+            reactor,
+            coordination_metrics,
+            step_retries=settings.plan_step_retries,
+        ),
         reactor,
         coordination,
         coordination_metrics,
@@ -309,7 +315,10 @@ def build_service(
         router, reactor, interval=1.0, grace=settings.drain_timeout
     ).setServiceParent(top)
     CoordinationService(
-        coordinator, reactor, interval=settings.coordination_interval
+        coordinator,
+        reactor,
+        interval=settings.coordination_interval,
+        retention=settings.coordination_retention,
     ).setServiceParent(top)
     web = HTTPService(
         endpoint,

@@ -18,7 +18,16 @@ from twisted.logger import LogLevel
 
 from optiinfra.auth import Role, generate
 
-from .agents import COMPLETE, FAIL, HANG, FakeAgent, StartAgent, settle, until_sent
+from .agents import (
+    COMPLETE,
+    CRASH,
+    FAIL,
+    HANG,
+    FakeAgent,
+    StartAgent,
+    settle,
+    until_sent,
+)
 from .conftest import LogCapture, RunningService, StartService
 from .databases import postgres_schema
 
@@ -864,3 +873,93 @@ async def test_approvals_page_and_read_back_in_dependency_order(
         assert (page["limit"], page["offset"]) == (2, offset)
         seen += [a["recommendation_id"] for a in page["approvals"]]
     assert sorted(seen) == ["a", "b", "c"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idempotency_key_replays_the_same_coordination(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    service = await start_service(**FAST)
+    agents = await fleet(service, start_agent)
+    body = {
+        "customer_id": CUSTOMER,
+        "recommendations": [rec("once", "performance", action="enable_caching")],
+        "execute_now": True,
+    }
+    key = {"headers": {"Idempotency-Key": "batch-7"}}
+    response = await service.request(
+        "POST", "/coordination/coordinate", json=body, **key
+    )
+    first = await response.json()
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"idempotent-replayed") is None
+    await wait_plan(service, first["execution_plans"][0]["id"])
+    response = await service.request(
+        "POST", "/coordination/coordinate", json=body, **key
+    )
+    again = await response.json()
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"idempotent-replayed") == [b"true"]
+    assert again["id"] == first["id"]
+    assert agents["performance"].task_types == ["enable_caching"]  # not run twice
+    code, other = await call(
+        service,
+        "POST",
+        "/coordination/coordinate",
+        {**body, "execute_now": False},
+        **key,
+    )
+    assert code == 409
+    assert other["coordination_id"] == first["id"]
+    code, bad = await call(
+        service,
+        "POST",
+        "/coordination/coordinate",
+        body,
+        headers={"Idempotency-Key": "a b"},
+    )
+    assert code == 400
+    assert bad["field"] == "Idempotency-Key"
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_coordinations_are_forgotten_after_the_retention(
+    start_service: StartService, start_agent: StartAgent, logs: LogCapture
+) -> None:
+    service = await start_service(**FAST, coordination_retention=0.3)
+    agents = await fleet(service, start_agent)
+    agents["cost"].overrides = {"migrate_workload": HANG}
+    done = await coordinate(service, [rec("quick")], execute_now=True)
+    busy = await coordinate(
+        service, [rec("slow", action="migrate_to_spot")], execute_now=True
+    )
+    await wait_plan(service, done["execution_plans"][0]["id"])
+    await until_sent(agents["cost"], "migrate_workload")
+    await settle(0.6)
+    code, _ = await call(service, "GET", f"/coordination/results/{done['id']}")
+    assert code == 404
+    code, _ = await call(
+        service, "GET", f"/coordination/plans/{done['execution_plans'][0]['id']}"
+    )
+    assert code == 404
+    # a plan still running is never forgotten
+    code, kept = await call(service, "GET", f"/coordination/results/{busy['id']}")
+    assert code == 200
+    assert kept["execution_plans"][0]["status"] == "running"
+    assert "old coordinations purged" in logs.messages()
+
+
+@pytest_twisted.ensureDeferred
+async def test_plan_steps_are_retried_as_configured(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    for retries in (0, 2):
+        service = await start_service(**FAST, plan_step_retries=retries)
+        agents = await fleet(service, start_agent)
+        agents["resource"].behaviour = CRASH  # a 500: worth another try
+        result = await coordinate(
+            service, [rec("r", "resource", action="clean_cache")], execute_now=True
+        )
+        done = await wait_plan(service, result["execution_plans"][0]["id"])
+        assert done["status"] == "rolled_back"
+        assert agents["resource"].task_types == ["clean_cache"] * (retries + 1)

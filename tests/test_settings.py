@@ -200,3 +200,15 @@ def test_invalid_coordination_settings(variable: str, value: str) -> None:
     with pytest.raises(SettingsError) as raised:
         build_settings({variable: value})
     assert raised.value.name == variable
+
+
+def test_plan_step_retries_and_retention() -> None:
+    settings = build_settings(
+        {"PLAN_STEP_RETRIES": "0", "COORDINATION_RETENTION": "3600"}
+    )
+    assert settings.plan_step_retries == 0
+    assert settings.coordination_retention == 3600.0
+    for bad in ("-1", "11", "x"):
+        with pytest.raises(SettingsError) as raised:
+            build_settings({"PLAN_STEP_RETRIES": bad})
+        assert raised.value.name == "PLAN_STEP_RETRIES"

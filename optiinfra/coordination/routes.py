@@ -11,6 +11,7 @@ from optiinfra.coordination.parse import parse_coordination, parse_decision
 from optiinfra.coordination.service import Coordinator
 from optiinfra.coordination.views import approval_view, plan_view
 from optiinfra.errors import InvalidField
+from optiinfra.routing.parse import idempotency_key, request_hash
 from optiinfra.validation import TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.body import read_json
@@ -43,8 +44,15 @@ def mount(app: Klein, coordinator: Coordinator, guard: Guard) -> None:
     @route(app, "/coordination/coordinate", ("POST",))
     async def coordinate(request: IRequest) -> bytes:
         guard.check(request, Permission.OPERATE)
-        parsed = parse_coordination(read_json(request))
-        return render_json(request, await coordinator.coordinate(parsed))
+        document = read_json(request)
+        parsed = parse_coordination(document)
+        key = idempotency_key(request)
+        result, created = await coordinator.coordinate(
+            parsed, key, None if key is None else request_hash(document)
+        )
+        if not created:
+            request.setHeader(b"idempotent-replayed", b"true")
+        return render_json(request, result)
 
     @route(app, "/coordination/approvals", ("GET",))
     async def approvals(request: IRequest) -> bytes:

@@ -74,10 +74,17 @@ class Coordinator:
     def now(self) -> float:
         return round(self._clock.seconds(), 3)
 
-    async def coordinate(self, request: CoordinationRequest) -> dict[str, Any]:
+    async def coordinate(
+        self,
+        request: CoordinationRequest,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
         """
         Resolve C{request}'s conflicts, then for each kept recommendation either
-        make its plan (low risk, or C{auto_approve}) or ask for approval.
+        make its plan (low risk, or C{auto_approve}) or ask for approval; (the
+        result, whether it is new).  An C{idempotency_key} already used for the
+        same request gives the result made then, and nothing is done again.
         """
         now = self.now()
         coordination_id = str(uuid.uuid4())
@@ -144,9 +151,24 @@ class Coordinator:
             "execution_plans": [plan_view(plan) for plan in plans],
             "created_at": rfc3339_ms(now),
         }
-        await self.store.save_result(
-            coordination_id, request.customer_id, now, document, approvals, plans
+        replayed = await self.store.save_result(
+            coordination_id,
+            request.customer_id,
+            now,
+            document,
+            approvals,
+            plans,
+            idempotency_key,
+            request_hash,
         )
+        if replayed is not None:
+            earlier, earlier_hash = replayed
+            if earlier_hash != request_hash:
+                raise Conflict(
+                    "Idempotency-Key was already used for another request",
+                    coordination_id=earlier["id"],
+                )
+            return earlier, False
         for conflict in resolution.conflicts:
             self._metrics.conflicts.labels(conflict.type).inc()
         if plans:
@@ -167,7 +189,7 @@ class Coordinator:
                 **document,
                 "execution_plans": [plan_view(plan) for plan in started],
             }
-        return document
+        return document, True
 
     async def list_approvals(
         self, customer_id: str | None, status: str | None, limit: int, offset: int
@@ -289,6 +311,13 @@ class Coordinator:
         for plan in await self.store.plans_of(approval.coordination_id):
             if approval.recommendation.id in plan.after:
                 self.executor.poke(plan.id)
+
+    async def purge(self, retention: float) -> int:
+        """Forget coordinations older than C{retention} seconds that are done."""
+        purged = await self.store.purge_done(self.now() - retention)
+        if purged:
+            _log.info("old coordinations purged", count=purged)
+        return purged
 
     async def get_plan(self, plan_id: str) -> Plan:
         found = await self.store.get_plan(plan_id)

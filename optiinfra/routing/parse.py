@@ -6,6 +6,7 @@ import re
 from typing import Final
 
 import orjson
+from twisted.web.iweb import IRequest
 
 from optiinfra.errors import InvalidField
 from optiinfra.registry.model import AGENT_TYPES
@@ -65,6 +66,17 @@ def parse_priority(fields: Fields) -> int:
     )
     assert value is not None  # noqa: S101 - defaulted
     return value
+
+
+def idempotency_key(request: IRequest) -> str | None:
+    """The request's C{Idempotency-Key}, checked; None without one."""
+    value = request.getHeader(b"idempotency-key")
+    if value is None:
+        return None
+    key: str = value.decode("latin-1")
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidField("Idempotency-Key", "must be 1-255 visible characters")
+    return key
 
 
 def request_hash(document: object) -> str:

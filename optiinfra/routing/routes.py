@@ -14,8 +14,8 @@ from optiinfra.errors import InvalidField
 from optiinfra.registry.model import AGENT_TYPES
 from optiinfra.routing.model import STATUSES, TASK_TYPES, Task, TaskEvent, TaskQuery
 from optiinfra.routing.parse import (
-    IDEMPOTENCY_KEY,
     TRACEPARENT,
+    idempotency_key,
     parse_task,
     request_hash,
 )
@@ -114,9 +114,7 @@ def mount(app: Klein, router: Router, guard: Guard) -> None:
         guard.check(request, Permission.OPERATE)
         document = read_json(request)
         task_request = parse_task(document, router.config)
-        key = _header(request, b"idempotency-key")
-        if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
-            raise InvalidField("Idempotency-Key", "must be 1-255 visible characters")
+        key = idempotency_key(request)
         traceparent = _header(request, b"traceparent")
         if traceparent is not None and not TRACEPARENT.fullmatch(traceparent):
             traceparent = None  # malformed trace context is dropped, per W3C

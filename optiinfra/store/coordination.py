@@ -25,7 +25,7 @@ from optiinfra.coordination.codec import (
     encode_approval,
     encode_plan,
 )
-from optiinfra.coordination.plans import Plan
+from optiinfra.coordination.plans import ACTIVE, Plan
 from optiinfra.store.interface import IBackend, Transaction
 
 _APPROVAL: Final = "SELECT document, version FROM approvals"
@@ -99,24 +99,41 @@ class CoordinationStore:
         document: Mapping[str, Any],
         approvals: Sequence[Approval],
         plans: Sequence[Plan],
-    ) -> Deferred[None]:
-        """Store one coordination's result, its approvals and plans, together."""
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> Deferred[tuple[dict[str, Any], str | None] | None]:
+        """
+        Store one coordination's result, its approvals and plans, together.
+        With an C{idempotency_key} already used, store nothing and fire with
+        the result stored under it and its request's hash; else None.
+        """
 
-        def save(tx: Transaction) -> None:
+        def save(tx: Transaction) -> tuple[dict[str, Any], str | None] | None:
+            if idempotency_key is not None:
+                rows = tx.execute(
+                    "SELECT document, request_hash FROM coordinations"
+                    " WHERE idempotency_key = ?",
+                    (idempotency_key,),
+                )
+                if rows:
+                    return orjson.loads(rows[0][0]), rows[0][1]
             tx.execute(
-                "INSERT INTO coordinations (id, customer_id, created_at, document)"
-                " VALUES (?, ?, ?, ?)",
+                "INSERT INTO coordinations (id, customer_id, created_at, document,"
+                " idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     coordination_id,
                     customer_id,
                     created_at,
                     orjson.dumps(document).decode(),
+                    idempotency_key,
+                    request_hash,
                 ),
             )
             for approval in approvals:
                 _insert_approval(tx, approval)
             for plan in plans:
                 _insert_plan(tx, plan)
+            return None
 
         return self._backend.run(save)
 
@@ -218,6 +235,34 @@ class CoordinationStore:
         return self._backend.run(expire_due)
 
     # Plans --------------------------------------------------------------------
+
+    def purge_done(self, before: float, limit: int = 100) -> Deferred[int]:
+        """
+        Forget up to C{limit} coordinations made before C{before} whose plans
+        are all finished or never started (their approvals have long expired
+        or been decided); how many.  Active plans are never forgotten.
+        """
+        active = ", ".join("?" * len(ACTIVE))
+
+        def purge(tx: Transaction) -> int:
+            rows = tx.execute(
+                "SELECT id FROM coordinations c WHERE created_at < ? AND NOT EXISTS"
+                f" (SELECT 1 FROM plans p WHERE p.coordination_id = c.id"
+                f" AND p.status IN ({active})) ORDER BY created_at LIMIT ?",
+                (before, *ACTIVE, limit),
+            )
+            if not rows:
+                return 0
+            condition, params = self._backend.in_list(
+                "coordination_id", [row[0] for row in rows]
+            )
+            tx.execute(f"DELETE FROM approvals WHERE {condition}", params)
+            tx.execute(f"DELETE FROM plans WHERE {condition}", params)
+            condition, params = self._backend.in_list("id", [row[0] for row in rows])
+            tx.execute(f"DELETE FROM coordinations WHERE {condition}", params)
+            return len(rows)
+
+        return self._backend.run_relaxed(purge)  # found again if a power cut undoes it
 
     def get_plan(self, plan_id: str) -> Deferred[Plan | None]:
         def get(tx: Transaction) -> Plan | None:

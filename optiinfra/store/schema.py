@@ -117,9 +117,12 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 id TEXT PRIMARY KEY,
                 customer_id TEXT NOT NULL,
                 created_at DOUBLE PRECISION NOT NULL,
-                document TEXT NOT NULL
+                document TEXT NOT NULL,
+                idempotency_key TEXT UNIQUE,
+                request_hash TEXT
             )
             """,
+            "CREATE INDEX coordinations_created ON coordinations (created_at)",
             """
             CREATE TABLE approvals (
                 id TEXT PRIMARY KEY,
