@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import blockingCallFromThread, deferToThread
+
+from optiinfra.coordination.model import Recommendation
 
 from .conftest import RunningService
 
@@ -34,29 +37,8 @@ JSON = st.recursive(
     ),
     max_leaves=8,
 )
-FIELDS = (
-    "id",
-    "agent_id",
-    "agent_type",
-    "customer_id",
-    "type",
-    "title",
-    "description",
-    "action",
-    "risk_level",
-    "estimated_savings",
-    "estimated_impact",
-    "affected_resources",
-    "parameters",
-    "dependencies",
-    "priority",
-    "confidence",
-    "created_at",
-    "expires_at",
-    "status",
-    "metadata",
-    "window",
-)
+#: Every field a recommendation may carry.
+FIELDS = tuple(field.name for field in attrs.fields(Recommendation))
 #: Values that are nearly right: the right type, the wrong content.
 NEAR = st.sampled_from(
     [
