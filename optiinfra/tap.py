@@ -14,7 +14,13 @@ from typing import Any, NoReturn, cast
 from klein import Klein
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorThreads,
+    IReactorTime,
+)
+from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
@@ -294,6 +300,11 @@ def build_service(
         reactor,
         coordination,
         coordination_metrics,
+        offload=lambda work: deferToThreadPool(
+            cast(IReactorFromThreads, reactor),
+            cast(IReactorThreads, reactor).getThreadPool(),
+            work,
+        ),
     )
     coordination_routes.mount(app, coordinator, guard)
     openapi.mount(app)

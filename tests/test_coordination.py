@@ -600,6 +600,13 @@ async def test_bad_input_names_the_field_and_stores_nothing(
         ({"recommendations": [rec("a")]}, "customer_id"),
         ({"customer_id": CUSTOMER, "recommendations": []}, "recommendations"),
         (
+            {
+                "customer_id": CUSTOMER,
+                "recommendations": [rec(f"r{n}") for n in range(101)],
+            },
+            "recommendations",
+        ),
+        (
             {"customer_id": CUSTOMER, "recommendations": [rec("a", risk_level="huge")]},
             "recommendations[0].risk_level",
         ),

@@ -6,11 +6,13 @@ asked for, plans made; and people's decisions turned into work.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Final
 
 import attrs
 import structlog
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 
 from optiinfra.coordination.approvals import (
@@ -25,7 +27,11 @@ from optiinfra.coordination.approvals import (
 )
 from optiinfra.coordination.conflicts import resolve
 from optiinfra.coordination.executor import CoordinationMetrics, Executor
-from optiinfra.coordination.model import CONTRADICTORY_ACTIONS, Recommendation
+from optiinfra.coordination.model import (
+    CONTRADICTORY_ACTIONS,
+    Recommendation,
+    Resolution,
+)
 from optiinfra.coordination.parse import CoordinationRequest
 from optiinfra.coordination.plans import (
     DEFAULT_TEMPLATES,
@@ -44,6 +50,14 @@ from optiinfra.store.coordination import CoordinationStore
 from optiinfra.timefmt import rfc3339_ms
 
 _log = structlog.get_logger("optiinfra.coordination")
+
+#: Runs a piece of pure work somewhere, and says when it is done.
+Offload = Callable[[Callable[[], Resolution]], Deferred[Resolution]]
+
+
+def _here(work: Callable[[], Resolution]) -> Deferred[Resolution]:
+    return maybeDeferred(work)
+
 
 #: Tries at storing a decision when another one lands at the same moment.
 _DECISION_TRIES: Final = 5
@@ -64,12 +78,18 @@ class Coordinator:
         clock: IReactorTime,
         config: CoordinatorConfig,
         metrics: CoordinationMetrics,
+        offload: Offload = _here,
     ) -> None:
+        """
+        C{offload} runs the conflict resolution: a thread in the service, as a
+        crowded batch of 500 takes seconds the reactor must not be blocked for.
+        """
         self.store = store
         self.executor = executor
         self.config = config
         self._clock = clock
         self._metrics = metrics
+        self._offload = offload
 
     def now(self) -> float:
         return round(self._clock.seconds(), 3)
@@ -98,7 +118,9 @@ class Coordinator:
             for rec in request.recommendations
             if rec not in live
         }
-        resolution = resolve(live, request.constraints, self.config.contradictions)
+        resolution = await self._offload(
+            partial(resolve, live, request.constraints, self.config.contradictions)
+        )
         kept_ids = {rec.id for rec in resolution.kept}
         policy = self.config.policy
         approvals: list[Approval] = []
