@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
 import attrs
 import structlog
@@ -27,11 +27,8 @@ from optiinfra.coordination.approvals import (
 )
 from optiinfra.coordination.conflicts import resolve
 from optiinfra.coordination.executor import CoordinationMetrics, Executor
-from optiinfra.coordination.model import (
-    CONTRADICTORY_ACTIONS,
-    Recommendation,
-    Resolution,
-)
+from optiinfra.coordination.model import CONTRADICTORY_ACTIONS, Recommendation
+from optiinfra.coordination.model import Conflict as ConflictRecord
 from optiinfra.coordination.parse import CoordinationRequest
 from optiinfra.coordination.plans import (
     DEFAULT_TEMPLATES,
@@ -51,11 +48,16 @@ from optiinfra.timefmt import rfc3339_ms
 
 _log = structlog.get_logger("optiinfra.coordination")
 
-#: Runs a piece of pure work somewhere, and says when it is done.
-Offload = Callable[[Callable[[], Resolution]], Deferred[Resolution]]
+T = TypeVar("T")
 
 
-def _here(work: Callable[[], Resolution]) -> Deferred[Resolution]:
+class Offload(Protocol):
+    """Runs a piece of pure work somewhere, and says when it is done."""
+
+    def __call__(self, work: Callable[[], T]) -> Deferred[T]: ...
+
+
+def _here(work: Callable[[], T]) -> Deferred[T]:
     return maybeDeferred(work)
 
 
@@ -68,6 +70,91 @@ class CoordinatorConfig:
     policy: ApprovalPolicy = attrs.field(factory=ApprovalPolicy)
     templates: Mapping[str, tuple[StepTemplate, ...]] = DEFAULT_TEMPLATES
     contradictions: tuple[tuple[str, str], ...] = CONTRADICTORY_ACTIONS
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@attrs.frozen
+class Decision:
+    """What coordinating one batch decided, before anything is stored."""
+
+    document: dict[str, Any]
+    approvals: list[Approval]
+    plans: list[Plan]
+    conflicts: tuple[ConflictRecord, ...]
+
+
+def decide(
+    request: CoordinationRequest,
+    coordination_id: str,
+    now: float,
+    config: CoordinatorConfig,
+    new_id: Callable[[], str],
+) -> Decision:
+    """
+    Resolve C{request}'s conflicts, then for each kept recommendation either
+    make its plan (low risk, or C{auto_approve}) or ask for approval; and the
+    result as the API shows it.  Pure (ids from C{new_id}), so it can run on a
+    thread: a crowded batch takes a while.
+    """
+    live = [
+        rec
+        for rec in request.recommendations
+        if rec.expires_at is None or rec.expires_at > now
+    ]
+    stale = {
+        rec.id: "it expired before coordination"
+        for rec in request.recommendations
+        if rec not in live
+    }
+    resolution = resolve(live, request.constraints, config.contradictions, new_id)
+    kept_ids = {rec.id for rec in resolution.kept}
+    approvals: list[Approval] = []
+    plans: list[Plan] = []
+    kept: list[Recommendation] = []
+    for rec in resolution.kept:
+        after = tuple(dep for dep in rec.dependencies if dep in kept_ids)
+        if request.auto_approve or not config.policy.needs_approval(rec):
+            rec = attrs.evolve(rec, status="approved")
+            plans.append(
+                build_plan(new_id(), coordination_id, rec, after, now, config.templates)
+            )
+        else:
+            approvals.append(
+                new_approval(
+                    new_id(),
+                    coordination_id,
+                    rec,
+                    config.policy,
+                    request.execute_now,
+                    after,
+                    now,
+                )
+            )
+        kept.append(rec)
+    dropped = {**stale, **resolution.dropped}
+    document = {
+        "id": coordination_id,
+        "customer_id": request.customer_id,
+        "total_recommendations": len(request.recommendations),
+        "conflicts_detected": len(resolution.conflicts),
+        "conflicts_resolved": len(resolution.conflicts),
+        "recommendations_kept": len(kept),
+        "approvals_required": len(approvals),
+        "auto_approved": len(plans),
+        "conflicts": [conflict_view(c, now) for c in resolution.conflicts],
+        "recommendations": [recommendation_view(rec) for rec in kept],
+        "dropped": [
+            {"id": rec_id, "reason": reason}
+            for rec_id, reason in sorted(dropped.items())
+        ],
+        "approvals": [approval_view(a, now) for a in approvals],
+        "execution_plans": [plan_view(plan) for plan in plans],
+        "created_at": rfc3339_ms(now),
+    }
+    return Decision(document, approvals, plans, resolution.conflicts)
 
 
 class Coordinator:
@@ -101,78 +188,21 @@ class Coordinator:
         request_hash: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """
-        Resolve C{request}'s conflicts, then for each kept recommendation either
-        make its plan (low risk, or C{auto_approve}) or ask for approval; (the
-        result, whether it is new).  An C{idempotency_key} already used for the
-        same request gives the result made then, and nothing is done again.
+        L{decide} for C{request} (on the offload thread), store what it decided,
+        and start the plans with C{execute_now}; (the result, whether it is
+        new).  An C{idempotency_key} already used for the same request gives
+        the result made then, and nothing is done again.
         """
         now = self.now()
-        coordination_id = str(uuid.uuid4())
-        live = [
-            rec
-            for rec in request.recommendations
-            if rec.expires_at is None or rec.expires_at > now
-        ]
-        stale = {
-            rec.id: "it expired before coordination"
-            for rec in request.recommendations
-            if rec not in live
-        }
-        resolution = await self._offload(
-            partial(resolve, live, request.constraints, self.config.contradictions)
+        coordination_id = _new_id()
+        decision = await self._offload(
+            partial(decide, request, coordination_id, now, self.config, _new_id)
         )
-        kept_ids = {rec.id for rec in resolution.kept}
-        policy = self.config.policy
-        approvals: list[Approval] = []
-        plans: list[Plan] = []
-        kept: list[Recommendation] = []
-        for rec in resolution.kept:
-            after = tuple(dep for dep in rec.dependencies if dep in kept_ids)
-            if request.auto_approve or not policy.needs_approval(rec):
-                rec = attrs.evolve(rec, status="approved")
-                plans.append(
-                    build_plan(
-                        str(uuid.uuid4()),
-                        coordination_id,
-                        rec,
-                        after,
-                        now,
-                        self.config.templates,
-                    )
-                )
-            else:
-                approvals.append(
-                    new_approval(
-                        str(uuid.uuid4()),
-                        coordination_id,
-                        rec,
-                        policy,
-                        request.execute_now,
-                        after,
-                        now,
-                    )
-                )
-            kept.append(rec)
-        dropped = {**stale, **resolution.dropped}
-        document = {
-            "id": coordination_id,
-            "customer_id": request.customer_id,
-            "total_recommendations": len(request.recommendations),
-            "conflicts_detected": len(resolution.conflicts),
-            "conflicts_resolved": len(resolution.conflicts),
-            "recommendations_kept": len(kept),
-            "approvals_required": len(approvals),
-            "auto_approved": len(plans),
-            "conflicts": [conflict_view(c, now) for c in resolution.conflicts],
-            "recommendations": [recommendation_view(rec) for rec in kept],
-            "dropped": [
-                {"id": rec_id, "reason": reason}
-                for rec_id, reason in sorted(dropped.items())
-            ],
-            "approvals": [approval_view(a, now) for a in approvals],
-            "execution_plans": [plan_view(plan) for plan in plans],
-            "created_at": rfc3339_ms(now),
-        }
+        document, approvals, plans = (
+            decision.document,
+            decision.approvals,
+            decision.plans,
+        )
         replayed = await self.store.save_result(
             coordination_id,
             request.customer_id,
@@ -191,7 +221,7 @@ class Coordinator:
                     coordination_id=earlier["id"],
                 )
             return earlier, False
-        for conflict in resolution.conflicts:
+        for conflict in decision.conflicts:
             self._metrics.conflicts.labels(conflict.type).inc()
         if plans:
             self._metrics.approvals.labels("auto_approved").inc(len(plans))
@@ -200,8 +230,8 @@ class Coordinator:
             coordination_id=coordination_id,
             customer_id=request.customer_id,
             total=len(request.recommendations),
-            conflicts=len(resolution.conflicts),
-            kept=len(kept),
+            conflicts=len(decision.conflicts),
+            kept=document["recommendations_kept"],
             approvals_required=len(approvals),
             auto_approved=len(plans),
         )
