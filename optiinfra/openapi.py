@@ -1634,6 +1634,7 @@ def _coordination_schemas() -> dict[str, Any]:
                 "steps",
                 "after",
                 "created_at",
+                "requested_at",
                 "started_at",
                 "completed_at",
                 "error",
@@ -1654,6 +1655,14 @@ def _coordination_schemas() -> dict[str, Any]:
                     ),
                 },
                 "created_at": _TIME_MS,
+                "requested_at": {
+                    **time_or_null,
+                    "description": (
+                        "When execution was asked for; null before. A plan "
+                        "still waiting for its dependencies' plans when the "
+                        "longest approval expiry has passed since is cancelled."
+                    ),
+                },
                 "started_at": {
                     **time_or_null,
                     "description": "When its first step started; null before.",

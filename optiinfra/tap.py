@@ -296,6 +296,7 @@ def build_service(
             reactor,
             coordination_metrics,
             step_retries=settings.plan_step_retries,
+            wait_limit=max(coordination.policy.expiry.values()),
         ),
         reactor,
         coordination,

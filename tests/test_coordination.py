@@ -970,3 +970,26 @@ async def test_plan_steps_are_retried_as_configured(
         done = await wait_plan(service, result["execution_plans"][0]["id"])
         assert done["status"] == "rolled_back"
         assert agents["resource"].task_types == ["clean_cache"] * (retries + 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plan_does_not_wait_for_its_dependencies_without_end(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    expiry = {f"approval_expiry_{risk}": 0.4 for risk in ("medium", "high", "critical")}
+    service = await start_service(**FAST, **expiry)
+    agents = await fleet(service, start_agent)
+    result = await coordinate(
+        service, [rec("second", dependencies=["first"]), rec("first")]
+    )
+    plans = {p["recommendation_id"]: p for p in result["execution_plans"]}
+    # only the dependent is executed; nobody executes the plan it waits for
+    code, _ = await call(
+        service, "POST", f"/coordination/plans/{plans['second']['id']}/execute"
+    )
+    assert code == 202
+    done = await wait_plan(service, plans["second"]["id"])
+    assert done["status"] == "cancelled"
+    assert "did not complete within 0.4 s" in done["error"]
+    assert done["requested_at"]
+    assert agents["cost"].received == []

@@ -41,7 +41,7 @@ from optiinfra.coordination.plans import (
     settled,
     step_parameters,
 )
-from optiinfra.errors import Conflict
+from optiinfra.errors import Conflict, NotFound
 from optiinfra.routing import model as tasks
 from optiinfra.routing.model import Task
 from optiinfra.routing.router import Router, TaskRequest
@@ -95,12 +95,19 @@ class Executor:
         clock: IReactorTime,
         metrics: CoordinationMetrics,
         step_retries: int = 1,
+        wait_limit: float = 48 * 3600.0,
     ) -> None:
+        """
+        C{wait_limit}: seconds a plan may wait for its dependencies' plans
+        before it is cancelled, so that no plan waits without end (by default
+        the longest an approval may stay open).
+        """
         self._plans = plans
         self._router = router
         self._clock = clock
         self._metrics = metrics
         self._step_retries = step_retries
+        self._wait_limit = wait_limit
         self._driving: dict[str, Deferred[None]] = {}
         self._again: set[str] = set()
         router.finished_listeners.append(self._task_finished)
@@ -114,10 +121,13 @@ class Executor:
             raise Conflict(
                 f"plan is already {plan.status}", plan_id=plan.id, status=plan.status
             )
-        started = await self._plans.change_plan(attrs.evolve(plan, status=WAITING))
+        started = await self._plans.change_plan(
+            attrs.evolve(plan, status=WAITING, requested_at=self.now())
+        )
         if started is None:  # another request (or replica) got there first
             current = await self._plans.get_plan(plan.id)
-            assert current is not None  # noqa: S101 - plans are never deleted
+            if current is None:  # purged meanwhile
+                raise NotFound("Plan not found", plan_id=plan.id)
             raise Conflict(
                 f"plan is already {current.status}",
                 plan_id=plan.id,
@@ -194,9 +204,15 @@ class Executor:
     async def _begin(self, plan: Plan) -> bool:
         """Start a waiting plan when its dependencies are done; False to wait."""
         blocker = await self._blocker(plan)
-        if blocker is None:
-            return False
         now = self.now()
+        if blocker is None:
+            waited = now - (plan.requested_at or now)
+            if waited < self._wait_limit:
+                return False
+            blocker = (
+                f"its dependencies' plans did not complete within "
+                f"{self._wait_limit:g} s of the request to execute it"
+            )
         if blocker == "":
             changed = attrs.evolve(plan, status=RUNNING, started_at=now)
             _log.info("plan started", plan_id=plan.id, steps=len(plan.steps))

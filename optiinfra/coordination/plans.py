@@ -167,6 +167,8 @@ class Plan:
     status: str = PENDING
     #: Recommendations (of the same coordination) whose plans must complete first.
     after: tuple[str, ...] = ()
+    #: When execution was asked for (the plan went C{waiting}).
+    requested_at: float | None = None
     started_at: float | None = None
     completed_at: float | None = None
     error: str | None = None

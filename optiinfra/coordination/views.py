@@ -126,6 +126,7 @@ def plan_view(plan: Plan) -> dict[str, Any]:
         "status": plan.status,
         "steps": [_step_view(step) for step in plan.steps],
         "after": list(plan.after),
+        "requested_at": rfc3339_ms_or_none(plan.requested_at),
         "created_at": rfc3339_ms_or_none(plan.created_at),
         "started_at": rfc3339_ms_or_none(plan.started_at),
         "completed_at": rfc3339_ms_or_none(plan.completed_at),
