@@ -16,7 +16,7 @@ from optiinfra.validation import TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.body import read_json
 from optiinfra.web.guard import Guard
-from optiinfra.web.query import query_arg, query_page
+from optiinfra.web.query import page_of, query_arg, query_page
 from optiinfra.web.render import render_json
 
 
@@ -71,12 +71,12 @@ def mount(app: Klein, coordinator: Coordinator, guard: Guard) -> None:
         )
         return render_json(
             request,
-            {
-                "approvals": [approval_view(a, now) for a in found],
-                "count": len(found),
-                "limit": page.limit,
-                "offset": page.offset,
-            },
+            page_of(
+                "approvals",
+                [approval_view(a, now) for a in found],
+                page.limit,
+                page.offset,
+            ),
         )
 
     @route(app, "/coordination/approvals/{approval_id}", ("GET",))

@@ -168,8 +168,8 @@ class Coordinator:
         offload: Offload = _here,
     ) -> None:
         """
-        C{offload} runs the conflict resolution: a thread in the service, as a
-        crowded batch of 500 takes seconds the reactor must not be blocked for.
+        C{offload} runs L{decide}: a thread in the service, as a crowded batch
+        takes long enough to hold up every other request on the reactor.
         """
         self.store = store
         self.executor = executor

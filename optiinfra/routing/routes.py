@@ -25,7 +25,7 @@ from optiinfra.validation import TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.body import read_json
 from optiinfra.web.guard import Guard
-from optiinfra.web.query import query_arg, query_page
+from optiinfra.web.query import page_of, query_arg, query_page
 from optiinfra.web.render import render_json
 
 T = TypeVar("T")
@@ -156,12 +156,9 @@ def mount(app: Klein, router: Router, guard: Guard) -> None:
         tasks = await router.list_tasks(query)
         return render_json(
             request,
-            {
-                "tasks": [task_view(task) for task in tasks],
-                "count": len(tasks),
-                "limit": query.limit,
-                "offset": query.offset,
-            },
+            page_of(
+                "tasks", [task_view(task) for task in tasks], query.limit, query.offset
+            ),
         )
 
     @route(app, "/tasks/{task_id}", ("DELETE",))

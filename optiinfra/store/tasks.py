@@ -32,34 +32,8 @@ from optiinfra.store.interface import IBackend, Transaction
 
 T = TypeVar("T")
 
-_FIELDS: Final = (
-    "id",
-    "task_type",
-    "agent_type",
-    "parameters",
-    "priority",
-    "timeout_seconds",
-    "max_retries",
-    "metadata",
-    "status",
-    "created_at",
-    "deadline",
-    "requested_agent",
-    "agent_id",
-    "result",
-    "error",
-    "started_at",
-    "completed_at",
-    "retry_count",
-    "not_before",
-    "owner",
-    "lease_until",
-    "idempotency_key",
-    "request_hash",
-    "traceparent",
-    "request_id",
-    "tried",
-)
+#: The columns are the model's fields, in its order.
+_FIELDS: Final = tuple(field.name for field in attrs.fields(Task))
 _COLUMNS: Final = ", ".join(_FIELDS)
 #: Stored as JSON text.
 _JSON: Final = frozenset({"parameters", "metadata", "result", "tried"})

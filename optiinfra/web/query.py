@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Any, Final
 
 import attrs
 from twisted.web.iweb import IRequest
@@ -37,6 +37,11 @@ def query_number(request: IRequest, name: str, default: int, maximum: int) -> in
     if not _DIGITS.fullmatch(raw) or int(raw) > maximum:
         raise InvalidField(name, f"must be a whole number up to {maximum}")
     return int(raw)
+
+
+def page_of(key: str, items: list[Any], limit: int, offset: int) -> dict[str, Any]:
+    """One page of a listing, as every listing answers: items, count, the page."""
+    return {key: items, "count": len(items), "limit": limit, "offset": offset}
 
 
 def query_page(request: IRequest) -> Page:
