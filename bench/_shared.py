@@ -487,6 +487,57 @@ class Server:
             self._stderr = None
 
 
+def service_server(
+    name: str,
+    cpus: Sequence[str],
+    env: dict[str, str],
+    workdir: Path,
+    stdout: IO[bytes],
+) -> Server:
+    """The service under twistd on a free port, run on C{cpus} (taskset)."""
+    port = free_port()
+    return Server(
+        name=name,
+        argv=[*cpus, *service_argv(port)],
+        env=env,
+        cwd=workdir,
+        stdout=stdout,
+        stderr_path=workdir / f"{name}.stderr",
+        port=port,
+        service=True,
+    )
+
+
+def script_server(
+    name: str,
+    cpus: Sequence[str],
+    script: str,
+    workdir: Path,
+    devnull: IO[bytes],
+    *args: str,
+) -> Server:
+    """A server in C{bench/script} (a baseline, the fast agent) on a free port."""
+    port = free_port()
+    return Server(
+        name=name,
+        argv=[*cpus, sys.executable, str(BENCH / script), "--port", str(port), *args],
+        env=base_environment(),
+        cwd=workdir,
+        stdout=devnull,
+        stderr_path=workdir / f"{name}.stderr",
+        port=port,
+    )
+
+
+def with_service_env(env: dict[str, str], assignments: Sequence[str]) -> dict[str, str]:
+    """C{env} with the --service-env NAME=VALUE assignments over it."""
+    merged = dict(env)
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        merged[key] = value
+    return merged
+
+
 def find_twistd() -> str:
     beside = Path(sys.executable).with_name("twistd")
     if beside.exists():

@@ -15,6 +15,7 @@ are for the operator (and for the README).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -23,15 +24,12 @@ from pathlib import Path
 
 import orjson
 from _shared import (
-    REPO,
-    Server,
     base_environment,
-    free_port,
     guarded,
     http_get,
     http_request,
     say,
-    service_argv,
+    service_server,
 )
 
 #: optiinfra.coordination.parse.MAX_RECOMMENDATIONS (not imported: the bench
@@ -77,23 +75,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=MAX_RECOMMENDATIONS)
     args = parser.parse_args()
-    port = free_port()
     with tempfile.TemporaryDirectory() as state:
-        env = {**base_environment(), "STATE_DIR": state}
-        server = Server(
-            name="service",
-            argv=service_argv(port),
-            env=env,
-            cwd=REPO,
-            stdout=open("/dev/null", "wb"),  # noqa: SIM115 - closed with the process
-            stderr_path=Path(state) / "stderr",
-            port=port,
-            service=True,
+        server = service_server(
+            "service",
+            [],
+            base_environment() | {"STATE_DIR": state},
+            Path(state),
+            open(os.devnull, "wb"),  # noqa: SIM115 - closed with the process
         )
         server.start()
         try:
             server.wait_ready()
-            return measure(port, args.rounds, args.size)
+            return measure(server.port, args.rounds, args.size)
         finally:
             server.stop()
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from _shared import (
-    BENCH,
     NOISE_LIMIT,
     Pinning,
     Server,
@@ -42,7 +41,6 @@ from _shared import (
     choose_cpus,
     connection_list,
     ensure_wrk,
-    free_port,
     guarded,
     http_get,
     machine_info,
@@ -50,7 +48,9 @@ from _shared import (
     noise_note,
     run_wrk,
     say,
-    service_argv,
+    script_server,
+    service_server,
+    with_service_env,
 )
 
 TARGETS = ("service", "klein", "web")
@@ -155,41 +155,24 @@ def build_servers(
     env = base_environment()  # no settings leak in from the caller's shell
     env["LOG_LEVEL"] = "info"  # the access log is on, as in production
     env["STATE_DIR"] = str(workdir / "var")  # a throw-away SQLite store
-    for assignment in args.service_env:
-        key, _, value = assignment.partition("=")
-        env[key] = value
-    ports = {name: free_port() for name in TARGETS}
     gc_flag = ["--tune-gc"] if args.baseline_gc == "tuned" else []
-    argv = {
-        "service": service_argv(ports["service"]),
-        "klein": [
-            sys.executable,
-            str(BENCH / "baseline_klein.py"),
-            "--port",
-            str(ports["klein"]),
-            *gc_flag,
-        ],
-        "web": [
-            sys.executable,
-            str(BENCH / "baseline_web.py"),
-            "--port",
-            str(ports["web"]),
-            *gc_flag,
-        ],
+    cpus = pinning.server
+    servers = {
+        "service": service_server(
+            "service",
+            cpus,
+            with_service_env(env, args.service_env),
+            workdir,
+            service_log,
+        ),
+        "klein": script_server(
+            "klein", cpus, "baseline_klein.py", workdir, devnull, *gc_flag
+        ),
+        "web": script_server(
+            "web", cpus, "baseline_web.py", workdir, devnull, *gc_flag
+        ),
     }
-    return {
-        name: Server(
-            name=name,
-            argv=[*pinning.server, *argv[name]],
-            env=env,
-            cwd=workdir,
-            stdout=service_log if name == "service" else devnull,
-            stderr_path=workdir / f"{name}.stderr",
-            port=ports[name],
-            service=name == "service",
-        )
-        for name in TARGETS
-    }
+    return {name: servers[name] for name in TARGETS}
 
 
 def check_body(server: Server) -> str | None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import http.client
 import json
 import os
 import secrets
@@ -62,16 +61,18 @@ from _shared import (
     connection_list,
     ensure_wrk,
     env_int,
-    free_port,
     guarded,
     http_get,
+    http_request,
     machine_info,
     metric_samples,
     noise_note,
     print_verdict,
     run_wrk,
     say,
-    service_argv,
+    script_server,
+    service_server,
+    with_service_env,
 )
 
 STORES = ("sqlite", "postgresql")
@@ -330,52 +331,18 @@ def build_servers(
         if store == "postgresql":
             assert database is not None
             env["DATABASE_URL"] = database.url
-        for assignment in args.service_env:
-            key, _, value = assignment.partition("=")
-            env[key] = value
-        port = free_port()
-        servers[store] = Server(
-            name=store,
-            argv=[*pinning.server, *service_argv(port)],
-            env=env,
-            cwd=workdir,
-            stdout=logs[store],
-            stderr_path=workdir / f"{store}.stderr",
-            port=port,
-            service=True,
+        servers[store] = service_server(
+            store,
+            pinning.server,
+            with_service_env(env, args.service_env),
+            workdir,
+            logs[store],
         )
-    port = free_port()
     gc_flag = ["--tune-gc"] if args.baseline_gc == "tuned" else []
-    servers["echo"] = Server(
-        name="echo",
-        argv=[
-            *pinning.server,
-            sys.executable,
-            str(BENCH / "baseline_echo.py"),
-            "--port",
-            str(port),
-            *gc_flag,
-        ],
-        env=base_environment(),
-        cwd=workdir,
-        stdout=devnull,
-        stderr_path=workdir / "echo.stderr",
-        port=port,
+    servers["echo"] = script_server(
+        "echo", pinning.server, "baseline_echo.py", workdir, devnull, *gc_flag
     )
     return servers
-
-
-def http_request(
-    port: int, method: str, path: str, body: bytes | None = None, timeout: float = 30
-) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection(INTERFACE, port, timeout=timeout)
-    headers = {"Content-Type": "application/json"} if body is not None else {}
-    try:
-        connection.request(method, path, body=body, headers=headers)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def memory(server: Server) -> dict[str, int]:

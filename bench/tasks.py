@@ -64,7 +64,6 @@ from _shared import (
     base_environment,
     choose_cpus,
     ensure_wrk,
-    free_port,
     guarded,
     http_request,
     machine_info,
@@ -73,7 +72,9 @@ from _shared import (
     print_verdict,
     run_wrk,
     say,
-    service_argv,
+    script_server,
+    service_server,
+    with_service_env,
 )
 
 TASKS_SCRIPT = BENCH / "tasks.lua"
@@ -210,10 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def service_settings(args: argparse.Namespace) -> dict[str, str]:
     settings = dict(SERVICE_SETTINGS)
     settings["AGENT_CONCURRENCY"] = str(args.agent_concurrency)
-    for assignment in args.service_env:
-        key, _, value = assignment.partition("=")
-        settings[key] = value
-    return settings
+    return with_service_env(settings, args.service_env)
 
 
 def build_servers(
@@ -225,32 +223,10 @@ def build_servers(
 ) -> dict[str, Server]:
     env = base_environment() | service_settings(args)
     env["STATE_DIR"] = str(workdir / "var")  # a throw-away SQLite store
-    service_port, klein_port = free_port(), free_port()
     return {
-        "service": Server(
-            name="service",
-            argv=[*pinning.server, *service_argv(service_port)],
-            env=env,
-            cwd=workdir,
-            stdout=service_log,
-            stderr_path=workdir / "service.stderr",
-            port=service_port,
-            service=True,
-        ),
-        "klein": Server(
-            name="klein",
-            argv=[
-                *pinning.server,
-                sys.executable,
-                str(BENCH / "baseline_klein.py"),
-                "--port",
-                str(klein_port),
-            ],
-            env=base_environment(),
-            cwd=workdir,
-            stdout=devnull,
-            stderr_path=workdir / "klein.stderr",
-            port=klein_port,
+        "service": service_server("service", pinning.server, env, workdir, service_log),
+        "klein": script_server(
+            "klein", pinning.server, "baseline_klein.py", workdir, devnull
         ),
     }
 
@@ -258,23 +234,14 @@ def build_servers(
 def agent_server(
     pinning: Pinning, workdir: Path, devnull: IO[bytes], service: Server
 ) -> Server:
-    port = free_port()
-    return Server(
-        name="agent",
-        argv=[
-            *pinning.load,
-            sys.executable,
-            str(BENCH / "fast_agent.py"),
-            "--port",
-            str(port),
-            "--orchestrator",
-            str(service.port),
-        ],
-        env=base_environment(),
-        cwd=workdir,
-        stdout=devnull,
-        stderr_path=workdir / "agent.stderr",
-        port=port,
+    return script_server(
+        "agent",
+        pinning.load,
+        "fast_agent.py",
+        workdir,
+        devnull,
+        "--orchestrator",
+        str(service.port),
     )
 
 
