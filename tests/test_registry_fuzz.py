@@ -489,23 +489,13 @@ class Record:
 
     def refresh(self, effect: Mapping[str, Any], window: tuple[float, float]) -> None:
         """What a repeated registration keeps (id, registered_at) and changes."""
-        for key in (
-            "name",
-            "type",
-            "host",
-            "port",
-            "capabilities",
-            "status",
-            "version",
-            "metadata",
-            "endpoint",
-            "health_check_endpoint",
-        ):
+        for key in REFRESHED:
             setattr(self, key, effect[key])
         self.touch(window)
 
 
-COMPARED: Final = (
+#: What a repeated registration changes.
+REFRESHED: Final = (
     "name",
     "type",
     "host",
@@ -516,8 +506,9 @@ COMPARED: Final = (
     "metadata",
     "endpoint",
     "health_check_endpoint",
-    "registered_at",
 )
+#: What the model and the server must agree on.
+COMPARED: Final = (*REFRESHED, "registered_at")
 
 
 def epoch(stamp: str) -> float:
