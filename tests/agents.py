@@ -14,7 +14,7 @@ import orjson
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
@@ -50,6 +50,8 @@ class FakeAgent(Resource):
         self.in_flight = 0
         self.most_in_flight = 0
         self.port: IListeningPort | None = None
+        #: Set on every answer, to check that the orchestrator keeps no cookies.
+        self.cookie: bytes | None = None
 
     @property
     def tasks(self) -> list[str]:
@@ -100,6 +102,8 @@ class FakeAgent(Resource):
         }[behaviour]
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"application/json")
+        if self.cookie is not None:
+            request.setHeader(b"set-cookie", self.cookie)
         request.write(orjson.dumps({"task_id": body["task_id"], **answer}))
         request.finish()
 
@@ -116,9 +120,15 @@ StartAgent = Callable[..., Any]
 async def start_agent() -> AsyncIterator[StartAgent]:
     running: list[FakeAgent] = []
 
-    async def start(behaviour: str = COMPLETE, delay: float = 0.0) -> FakeAgent:
+    async def start(
+        behaviour: str = COMPLETE, delay: float = 0.0, interface: str = "127.0.0.1"
+    ) -> FakeAgent:
         agent = FakeAgent(behaviour, delay)
-        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        endpoint = (
+            TCP6ServerEndpoint(reactor, 0, interface=interface)
+            if ":" in interface
+            else TCP4ServerEndpoint(reactor, 0, interface=interface)
+        )
         site = Site(agent)
         site.noisy = False
         agent.port = await endpoint.listen(site)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -139,6 +140,43 @@ async def test_with_an_agent_free_a_task_is_sent_as_it_is_stored(
     assert agent.tasks[-1] == created["task_id"]
     metrics = await (await service.get("/metrics")).text()
     assert "optiinfra_task_dispatch_latency_seconds_count 2.0" in metrics
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest_twisted.ensureDeferred
+async def test_an_agent_at_an_ipv6_address_gets_its_tasks(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    service = await start_service(**FAST)
+    agent = await start_agent(COMPLETE, interface="::1")
+    await register(service, agent, host="::1")
+    task = await wait_for(service, await submit(service))
+    assert (task["status"], task["result"]) == ("completed", {"by": agent.name})
+
+
+@pytest_twisted.ensureDeferred
+async def test_cookies_set_by_agents_are_never_sent_back(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    service = await start_service(**FAST)
+    agents = [await start_agent(COMPLETE) for _ in range(2)]
+    for agent in agents:
+        agent.cookie = b"session=from-" + agent.name.encode() + b"; Path=/"
+        await register(service, agent)
+    for task_id in [await submit(service) for _ in range(6)]:
+        assert (await wait_for(service, task_id))["status"] == "completed"
+    received = [r for agent in agents for r in agent.received]
+    assert len(received) == 6
+    assert [r.headers.get("cookie") for r in received] == [None] * 6
 
 
 @pytest_twisted.ensureDeferred
