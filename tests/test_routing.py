@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from optiinfra.routing.loops import RouterService
+
 from .agents import (
     COMPLETE,
     CRASH,
@@ -177,6 +179,38 @@ async def test_cookies_set_by_agents_are_never_sent_back(
     received = [r for agent in agents for r in agent.received]
     assert len(received) == 6
     assert [r.headers.get("cookie") for r in received] == [None] * 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_look_for_waiting_tasks_only_when_some_may_wait(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    service = await start_service(**FAST, agent_concurrency=1)
+    agent = await start_agent(COMPLETE, delay=0.05)
+    await register(service, agent)
+    await wait_for(service, await submit(service))
+    routing = service.top.getServiceNamed("task-router")
+    assert isinstance(routing, RouterService)
+    tasks = routing.router.tasks
+    looks: list[float] = []
+    due_tasks = tasks.due_tasks
+
+    def counted(now: float, limit: int) -> Any:
+        looks.append(now)
+        return due_tasks(now, limit)
+
+    tasks.due_tasks = counted  # type: ignore[method-assign]
+    for _ in range(15):  # one at a time: none ever waits
+        assert (await wait_for(service, await submit(service)))["status"] == "completed"
+    # The periodic pass alone looked (once a second), not one per answer.
+    assert len(looks) <= 1 + (looks[-1] - looks[0] if looks else 0) + 1, looks
+    # Tasks queued behind the busy agent are still sent as its slot frees.
+    looks.clear()
+    queued = [await submit(service) for _ in range(4)]
+    for task_id in queued:
+        assert (await wait_for(service, task_id))["status"] == "completed"
+    assert agent.tasks[-4:] == queued
+    assert len(looks) >= 3
 
 
 @pytest_twisted.ensureDeferred

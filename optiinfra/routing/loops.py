@@ -23,19 +23,19 @@ class RouterService(Every):
         self, router: Router, clock: IReactorTime, interval: float, grace: float
     ) -> None:
         super().__init__("task-router", interval, clock)
-        self._router = router
+        self.router = router
         self._grace = grace
 
     async def run_once(self) -> None:
         # A lost store is the store watch's to report; try again next time.
         with suppress(StoreUnavailable):
-            await self._router.housekeeping()
+            await self.router.housekeeping()
 
     def stopService(self) -> Deferred[None]:
         stopped = super().stopService()
 
         async def drain() -> None:
             await stopped
-            await self._router.drain(self._grace)
+            await self.router.drain(self._grace)
 
         return ensureDeferred(drain())

@@ -181,6 +181,12 @@ class Router:
         self._wake_call: IDelayedCall | None = None
         self._passing = False
         self._again = False
+        #: Whether tasks may be waiting for a free agent: cleared by a pass that
+        #: left none, set by anything that may have made some.
+        self._maybe_waiting = True
+        #: Bumped whenever work may have appeared: a pass begun before does not
+        #: clear L{_maybe_waiting}.
+        self._work_generation = 0
         #: Agent type -> (when read, its agents).
         self._agent_cache: dict[str, tuple[float, list[Agent]]] = {}
         #: Bumped by every registry change: a read begun before is not kept.
@@ -341,7 +347,25 @@ class Router:
     # Dispatching --------------------------------------------------------------
 
     def wake(self) -> None:
-        """Look for work soon (a task arrived, an agent appeared or freed up)."""
+        """
+        Look for work soon: a task may be waiting (one arrived or is due for a
+        retry, an agent appeared or recovered, the periodic pass).
+        """
+        self._work_generation += 1
+        self._maybe_waiting = True
+        self._pass_soon()
+
+    def _freed(self) -> None:
+        """
+        An agent's slot came free: look for work only when some may wait.  A
+        pass for every answer, finding nothing, would cost a store round trip
+        per task.  Tasks queued by another replica are found by the periodic
+        pass (L{housekeeping}), which always looks.
+        """
+        if self._maybe_waiting:
+            self._pass_soon()
+
+    def _pass_soon(self) -> None:
         if self._wake_call is None or not self._wake_call.active():
             self._wake_call = self._clock.callLater(0, self._run_pass)
 
@@ -362,7 +386,7 @@ class Router:
         self._passing = False
         if self._again:
             self._again = False
-            self.wake()
+            self._pass_soon()
 
     async def dispatch_pass(self) -> None:
         """Time out the late, recover the abandoned, send what can be sent."""
@@ -377,8 +401,11 @@ class Router:
                 _log.warn("task recovered from a stopped orchestrator", task_id=task.id)
         if self._draining():
             return
+        generation = self._work_generation
         due = await self.tasks.due_tasks(now, self.config.batch)
+        left_waiting = len(due) >= self.config.batch
         if not due:
+            self._none_waiting(generation)
             return
         agents = await self._agents(now, {task.agent_type for task in due})
         known = {agent.id for agent in agents}
@@ -396,6 +423,7 @@ class Router:
             if isinstance(choice, str):
                 changes.append(ensureDeferred(self._refuse(task, choice, now)))
             elif choice is None:
+                left_waiting = True
                 if task.status == PENDING:
                     changes.append(ensureDeferred(self._queue(task, now)))
             else:
@@ -403,6 +431,13 @@ class Router:
                 self.breakers.sent(choice.id)
                 changes.append(ensureDeferred(self._claim(task, choice, now)))
         await gatherResults(changes, consumeErrors=True)
+        if not left_waiting:
+            self._none_waiting(generation)
+
+    def _none_waiting(self, generation: int) -> None:
+        """A pass left nothing waiting; unless work appeared since it began."""
+        if generation == self._work_generation:
+            self._maybe_waiting = False
 
     async def _refuse(self, task: Task, reason: str, now: float) -> None:
         failed = await self.tasks.change_task(
@@ -573,7 +608,7 @@ class Router:
                 error=failure.getErrorMessage(),
             )
         )
-        settled.addBoth(lambda _: self.wake())
+        settled.addBoth(lambda _: self._freed())
         return settled
 
     async def _settle(
