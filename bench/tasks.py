@@ -16,6 +16,9 @@ Starts, as child processes:
   agent       bench/fast_agent.py on the load CPU: registers itself (type cost,
               capability analyze_cost), heartbeats, answers every POST /task at
               once; it also holds the paced client of the latency phase
+  relay       bench/baseline_relay.py, same CPU as the service: bare Klein
+              taking POST /tasks and making the one treq call to the agent,
+              nothing else -- the floor of a task with Klein + treq
 
 Then:
 
@@ -27,6 +30,9 @@ Then:
               (last completion - first submission)
   health      GET /health at 50 connections, the service and bare Klein,
               interleaved with the throughput runs in rotating order
+  relay       the same wrk POST /tasks at 50 connections against the relay,
+              --health-duration seconds, in the same rotation; it answers
+              after the agent did, so its 201s/s are tasks/s
   latency     the agent's process submits 100 tasks/s for 10 s on a fixed
               schedule; per task, added latency = (completion logged by the
               service - POST /tasks sent) - (agent answered - agent received)
@@ -84,10 +90,16 @@ TASK_BODY = '{"task_type":"analyze_cost","agent_type":"cost"}'
 #: agent's 8 slots are not what limits the rate.
 SERVICE_SETTINGS = {"LOG_LEVEL": "info", "AGENT_CONCURRENCY": "64"}
 HEALTH_TARGETS = ("service", "klein")
+#: The bare Klein + treq relay (bench/baseline_relay.py): context, not a target.
+RELAY = "relay"
+#: Below this share of its core, the relay was held back by something else (the
+#: load CPU): its rate understates the floor, and the report says so.
+RELAY_SATURATED = 0.9
 LABELS = {
     "tasks": "tasks, service",
     "service": "GET /health, service",
     "klein": "GET /health, bare Klein",
+    RELAY: "tasks, bare Klein + treq relay",
 }
 FINISHED = ("completed", "failed", "timeout", "cancelled")
 #: The service's log times are truncated to the millisecond: a time logged as
@@ -245,12 +257,49 @@ def agent_server(
     )
 
 
+def relay_server(
+    pinning: Pinning, workdir: Path, devnull: IO[bytes], agent: Server
+) -> Server:
+    """The bare Klein + treq relay, on the server CPU, calling C{agent}."""
+    return script_server(
+        RELAY,
+        pinning.server,
+        "baseline_relay.py",
+        workdir,
+        devnull,
+        "--agent-port",
+        str(agent.port),
+    )
+
+
 def agent_call(
     agent: Server, method: str, path: str, document: object = None
 ) -> tuple[int, Any]:
     body = None if document is None else orjson.dumps(document)
     status, payload = http_request(agent.port, method, path, body, timeout=30)
     return status, orjson.loads(payload) if payload else None
+
+
+def check_relay(relay: Server) -> None:
+    """One task through the relay: it must reach the agent and answer 201."""
+    try:
+        status, body = http_request(
+            relay.port, "POST", "/tasks", TASK_BODY.encode(), timeout=10
+        )
+    except OSError as error:
+        raise BenchError(
+            f"the relay could not be asked to relay a task: {error!r}\n"
+            f"{relay.diagnostics()}"
+        ) from None
+    try:
+        answer = orjson.loads(body) if status == 201 else None
+    except orjson.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict) or "task_id" not in answer:
+        raise BenchError(
+            f"the relay could not relay a task to the agent: it answered {status} "
+            f"{body[:200]!r}\n{relay.diagnostics()}"
+        )
 
 
 # The service's own records --------------------------------------------------
@@ -443,6 +492,59 @@ def throughput_run(
     }
 
 
+# The relay ---------------------------------------------------------------------
+
+
+def settle_agent(agent: Server, timeout: float = 5.0) -> dict[str, Any]:
+    """
+    The agent's counters once they stop moving (unchanged over 0.1 s): calls
+    the relay had in flight when wrk stopped have landed by then, and none can
+    land after the next run has reset the counters.
+    """
+    _, stats = agent_call(agent, "GET", "/bench/stats")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        _, now = agent_call(agent, "GET", "/bench/stats")
+        if now["answered"] == stats["answered"]:
+            return dict(now)
+        stats = now
+    raise BenchError(
+        f"the agent was still answering {timeout:g} s after a relay run ended"
+    )
+
+
+def relay_run(
+    args: argparse.Namespace,
+    wrk: str,
+    pinning: Pinning,
+    relay: Server,
+    agent: Server,
+    seconds: int,
+) -> dict[str, Any]:
+    """
+    wrk POST /tasks (tasks.lua) against the relay for C{seconds}.  It answers
+    201 only after the agent did, so wrk's rate is tasks completed per second.
+    The agent's counters are reset first and read once they are still: the
+    calls it answered are the 201s plus those in flight when wrk stopped.
+    """
+    agent_call(agent, "POST", "/bench/reset")
+    figures = run_wrk(
+        wrk,
+        pinning,
+        relay,
+        args.connections,
+        seconds,
+        path="/tasks",
+        script=TASKS_SCRIPT,
+        load_processes=[agent],
+    )
+    stats = settle_agent(agent)
+    figures["agent_answered"] = stats["answered"]
+    figures["agent_duplicates"] = stats["duplicates"]
+    return figures
+
+
 # Latency ---------------------------------------------------------------------
 
 
@@ -625,19 +727,25 @@ def benchmark(args: argparse.Namespace) -> int:
         ):
             servers = build_servers(args, pinning, workdir, service_log, devnull)
             agent = agent_server(pinning, workdir, devnull, servers["service"])
-            running = [*servers.values(), agent]
+            relay = relay_server(pinning, workdir, devnull, agent)
+            running = [*servers.values(), agent, relay]
             try:
                 for server in servers.values():
                     server.start()
                 for server in servers.values():
                     server.wait_ready()
+                # The agent registers with the service: started once it is up.
                 agent.start()
+                relay.start()
                 agent.wait_ready()
+                relay.wait_ready()
+                check_relay(relay)
+                servers[RELAY] = relay
                 _, health = agent_call(agent, "GET", "/health")
                 info["agent_id"] = health["agent_id"]
                 say(
-                    f"service, bare Klein and the fast agent are up (agent "
-                    f"{health['agent_id']} registered); {pinning.note}"
+                    f"service, bare Klein, the relay and the fast agent are up "
+                    f"(agent {health['agent_id']} registered); {pinning.note}"
                 )
                 return measure(
                     args, wrk, pinning, servers, agent, ServiceLog(log_path), info
@@ -658,28 +766,30 @@ def measure(
 ) -> int:
     service = servers["service"]
     estimate = (
-        args.rounds * (args.duration + 2 + 2 * args.health_duration)
+        args.rounds * (args.duration + 2 + 3 * args.health_duration)
         + args.warmup
-        + 2
+        + 3
         + args.latency_seconds
         + 5
     )
     say(
         f"{args.rounds} rounds of {args.duration} s of submissions + 2 x "
-        f"{args.health_duration} s of GET /health, then {args.latency_seconds:g} s "
-        f"at {args.rate:g} tasks/s: ~{estimate:.0f} s"
+        f"{args.health_duration} s of GET /health + {args.health_duration} s of "
+        f"tasks through the relay, then {args.latency_seconds:g} s at "
+        f"{args.rate:g} tasks/s: ~{estimate:.0f} s"
     )
     everything_before = task_counts(service)
     if args.warmup:
         warm = throughput_run(args, wrk, pinning, service, agent, log, args.warmup)
         for name in HEALTH_TARGETS:
             run_wrk(wrk, pinning, servers[name], args.connections, 1)
+        relay_run(args, wrk, pinning, servers[RELAY], agent, 1)
         say(
             f"warmed up: {warm['tasks']:,} tasks in {warm['span_s']:.1f} s, "
-            "1 s of /health per target"
+            "1 s of /health per target, 1 s of the relay"
         )
 
-    kinds = ("tasks", *HEALTH_TARGETS)
+    kinds = ("tasks", *HEALTH_TARGETS, RELAY)
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for number in range(args.rounds):
         shift = number % len(kinds)
@@ -699,6 +809,19 @@ def measure(
                     f"{figures['server_cpu']:.0%}, load CPU {figures['load_cpu']:.0%}"
                     + noise_note(figures)
                     + ("" if figures["all_completed"] else "  NOT ALL COMPLETED")
+                )
+            elif kind == RELAY:
+                figures = relay_run(
+                    args, wrk, pinning, servers[RELAY], agent, args.health_duration
+                )
+                runs[kind].append(figures)
+                say(
+                    prefix + f"relay   {figures['rps']:>7,.0f} tasks/s        p50 "
+                    f"{figures['p50_ms']:.2f} ms  p99 {figures['p99_ms']:.2f} ms  "
+                    f"{figures['cpu_us_per_request']:,.0f} us CPU/task, server CPU "
+                    f"{figures['server_cpu']:.0%}"
+                    + noise_note(figures)
+                    + (f"  ERRORS {figures['errors']}" if figures["errors"] else "")
                 )
             else:
                 figures = run_wrk(
@@ -726,7 +849,7 @@ def measure(
     _, agent_health = agent_call(agent, "GET", "/health")
     info["loadavg_after"] = os.getloadavg()
 
-    summary = summarise(runs)
+    summary = summarise(runs, args.target_rate)
     results = checks(args, summary, runs, latency, totals)
     print_report(args, info, pinning, summary, runs, latency, totals)
     noisy = sum(bool(run["noisy"]) for kind in runs.values() for run in kind) + bool(
@@ -765,6 +888,9 @@ def measure(
                         "service_settings": service_settings(args),
                         "task_body": TASK_BODY,
                         "load_generator": "wrk -t1 --latency -s bench/tasks.lua",
+                        "relay": "bench/baseline_relay.py: bare Klein POST /tasks, "
+                        "one treq call to the agent, no store/logging/metrics",
+                        "relay_duration_s": args.health_duration,
                     },
                     "runs": runs,
                     "summary": summary,
@@ -794,7 +920,9 @@ def _median(runs: Sequence[dict[str, Any]], key: str) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def summarise(
+    runs: dict[str, list[dict[str, Any]]], target_rate: float
+) -> dict[str, Any]:
     tasks = runs["tasks"]
     summary: dict[str, Any] = {
         "tasks": {
@@ -811,7 +939,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             )
         }
     }
-    for name in HEALTH_TARGETS:
+    for name in (*HEALTH_TARGETS, RELAY):
         summary[name] = {
             key: _median(runs[name], key)
             for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request", "server_cpu")
@@ -823,6 +951,17 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     summary["tasks_over_klein_health"] = (
         summary["tasks"]["completed_per_s"] / summary["klein"]["rps"]
     )
+    # The relay: the floor of a task with Klein + treq on this machine.
+    relay = summary[RELAY]
+    summary["tasks_over_relay"] = summary["tasks"]["completed_per_s"] / relay["rps"]
+    summary["task_cpu_in_relay_tasks"] = (
+        summary["tasks"]["cpu_us_per_task"] / relay["cpu_us_per_request"]
+    )
+    #: What the relay's CPU per task would allow with its core 100% busy: more
+    #: than its rate when something else (the load CPU) held it back.
+    summary["relay_rate_at_full_cpu"] = 1e6 / relay["cpu_us_per_request"]
+    summary["target_rate"] = target_rate
+    summary["target_above_relay"] = target_rate > relay["rps"]
     return summary
 
 
@@ -941,26 +1080,32 @@ def print_report(
 
     print()
     print(
-        f"Beside it, GET /health at {args.connections} connections "
-        f"({args.health_duration} s runs interleaved with the rounds above)"
+        f"Beside it, GET /health at {args.connections} connections, and POST /tasks "
+        f"through the bare Klein + treq relay ({args.health_duration} s runs "
+        "interleaved with the rounds above)"
     )
     header = (
-        f"  {'target':<26}{'req/s':>9}{'p50':>11}{'p99':>11}{'CPU/req':>11}"
+        f"  {'target':<32}{'req/s':>9}{'p50':>11}{'p99':>11}{'CPU/req':>11}"
         f"{'errors':>8}"
     )
     print(header)
     print("  " + "-" * (len(header) - 2))
-    for name in HEALTH_TARGETS:
+
+    def row(name: str) -> None:
         m = summary[name]
         print(
-            f"  {LABELS[name]:<26}{m['rps']:>9,.0f}{m['p50_ms']:>8.2f} ms"
+            f"  {LABELS[name]:<32}{m['rps']:>9,.0f}{m['p50_ms']:>8.2f} ms"
             f"{m['p99_ms']:>8.2f} ms{m['cpu_us_per_request']:>8,.0f} us"
             f"{m['errors']:>8}"
         )
+
+    for name in HEALTH_TARGETS:
+        row(name)
     print(
-        f"  {'tasks, service (end to end)':<26}{t['completed_per_s']:>9,.0f}"
+        f"  {'tasks, service (end to end)':<32}{t['completed_per_s']:>9,.0f}"
         f"{'':>22}{t['cpu_us_per_task']:>8,.0f} us"
     )
+    row(RELAY)
     cost = t["cpu_us_per_task"] / summary["service"]["cpu_us_per_request"]
     print(
         f"  one task costs {cost:.1f}"
@@ -968,6 +1113,23 @@ def print_report(
         f"{summary['tasks_over_service_health']:.2f}x its /health req/s, "
         f"{summary['tasks_over_klein_health']:.2f}x bare Klein's"
     )
+    relay = summary[RELAY]
+    print(
+        f"  the service completes tasks at {summary['tasks_over_relay']:.2f}x the "
+        f"relay's rate; one task costs {summary['task_cpu_in_relay_tasks']:.1f} "
+        "relay tasks in CPU"
+    )
+    print(
+        f"  the bare Klein + treq floor on this machine is {relay['rps']:,.0f} "
+        f"tasks/s (relay's CPU {relay['server_cpu']:.0%}): the "
+        f"{args.target_rate:,.0f}/s target is "
+        f"{'above' if summary['target_above_relay'] else 'below'} it"
+    )
+    if relay["server_cpu"] < RELAY_SATURATED:
+        print(
+            f"  (the relay's core was not saturated: at its CPU per task, a full "
+            f"core would relay ~{summary['relay_rate_at_full_cpu']:,.0f} tasks/s)"
+        )
 
     added = latency["added_ms"]
     print()
