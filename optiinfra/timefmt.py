@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 
@@ -17,31 +18,49 @@ def go_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def _second_text(whole: int) -> str:
+    """
+    C{2025-10-16T10:00:00}: the year always in four digits, as RFC 3339 wants
+    (C{strftime}'s C{%Y} writes the year 999 as C{999} on glibc).
+    """
+    moment = datetime.fromtimestamp(whole, UTC)
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+        f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
+    )
+
+
 def rfc3339(seconds: float) -> str:
     """A UTC time as RFC 3339 with whole seconds: C{2025-10-16T10:00:00Z}."""
-    return datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{_second_text(math.floor(seconds))}Z"
 
 
+#: The last whole second formatted, and its text up to the milliseconds.
 _second: list[tuple[int, str]] = [(-1, "")]
 
 
-def rfc3339_ms_fast(seconds: float) -> str:
+def rfc3339_ms(seconds: float) -> str:
     """
-    L{rfc3339_ms} for the access log: the formatted second is kept until the
-    clock moves past it, which saves the strftime on almost every request.
+    A UTC time as RFC 3339 with milliseconds: C{2025-10-16T10:00:00.250Z}.
+
+    Every log line and task view formats a time, mostly within the same second
+    as the last one: the formatted second is kept until the time moves past
+    it, which saves a C{strftime} on almost every call.  Rounded to the
+    microsecond first, as L{datetime.fromtimestamp} does, then truncated to the
+    millisecond.
     """
-    whole = int(seconds)
+    fraction, whole_float = math.modf(seconds)
+    whole = int(whole_float)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
     cached_second, prefix = _second[0]
     if whole != cached_second:
-        prefix = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        prefix = f"{_second_text(whole)}."
         _second[0] = (whole, prefix)
-    return f"{prefix}{int((seconds - whole) * 1000):03d}Z"
-
-
-def rfc3339_ms(seconds: float) -> str:
-    """A UTC time as RFC 3339 with milliseconds: C{2025-10-16T10:00:00.250Z}."""
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return f"{prefix}{micros // 1000:03d}Z"
 
 
 def rfc3339_ms_or_none(seconds: float | None) -> str | None:
