@@ -13,19 +13,24 @@ CPU.  It
   ``{"task_id":...,"status":"completed","result":{},"execution_time_ms":0}``,
   noting per task when the request reached it and when it answered (the
   agent's own time, to be subtracted from the submit-to-complete latency);
-- on demand, submits tasks to the orchestrator at a steady rate (an open-loop
-  client over keep-alive connections: each request goes out at its scheduled
-  time whether or not earlier ones were answered), noting when each was sent
-  and accepted.  Client and agent share this process, hence one clock, so the
-  time from sending ``POST /tasks`` to the agent receiving the task is exact.
+- on demand, submits tasks to the orchestrator (or to another port) at a
+  steady rate (an open-loop client over keep-alive connections: each request
+  goes out at its scheduled time whether or not earlier ones were answered),
+  noting when each was sent and accepted.  Client and agent share this
+  process, hence one clock, so the time from sending ``POST /tasks`` to the
+  agent receiving the task is exact.
 
 Control (JSON), for the harness:
 
   GET  /health         200 once registered, with the agent id; 503 before
   GET  /bench/stats    tasks answered, first receipt, last answer, duplicates
   POST /bench/reset    forget the tasks answered so far
-  POST /bench/pace     {"rate": 100, "seconds": 10, "body": "...", "connections": 8}
-                       starts a paced run (202); 409 while one runs
+  POST /bench/pace     {"rate": 100, "seconds": 10, "body": "...", "connections": 8,
+                        "port": 8084}
+                       starts a paced run (202); 409 while one runs.  "port" is
+                       where the tasks go on 127.0.0.1 (optional: the
+                       orchestrator's port by default; bench/tasks.py also
+                       points it at the bare Klein + treq relay)
   GET  /bench/pace     202 while running; 200 with one row per task when done
 
 Times are ``time.time()`` (the orchestrator stamps its log lines with the same
@@ -331,15 +336,19 @@ class FastAgent(Resource):
         return _reply(request, {"error": "not found"}, 404)
 
     def _start_pace(self, request: Any) -> bytes:
-        if self.orchestrator is None:
-            return _reply(request, {"error": "started without --orchestrator"}, 400)
+        options = orjson.loads(request.content.read())
+        # Where the tasks go: the orchestrator unless told otherwise.
+        port = options.get("port", self.orchestrator)
+        if port is None:
+            return _reply(
+                request, {"error": "no port given, started without --orchestrator"}, 400
+            )
         if self.pace is not None and not self.pace.done:
             return _reply(request, {"error": "a paced run is going on"}, 409)
-        options = orjson.loads(request.content.read())
         rate = float(options["rate"])
         count = max(1, round(rate * float(options["seconds"])))
         self.pace = PacedRun(
-            self.orchestrator,
+            int(port),
             rate,
             count,
             options["body"].encode(),

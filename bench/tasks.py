@@ -2,8 +2,8 @@
 Tasks end to end: throughput and the orchestrator's added latency, with a fast
 local agent, beside GET /health from the same run.
 
-    python bench/tasks.py                  # 3 rounds x 5 s of submissions, ~55 s
-    python bench/tasks.py --quick          # 1 round x 3 s, ~20 s
+    python bench/tasks.py                  # 3 rounds x 5 s of submissions, ~75 s
+    python bench/tasks.py --quick          # 1 round x 3 s, ~30 s
     python bench/tasks.py --json out.json --strict
 
 Starts, as child processes:
@@ -36,6 +36,11 @@ Then:
   latency     the agent's process submits 100 tasks/s for 10 s on a fixed
               schedule; per task, added latency = (completion logged by the
               service - POST /tasks sent) - (agent answered - agent received)
+  relay       then the same paced phase (rate, seconds, body, connections)
+    latency   against the relay, the agent's records reset first; per task,
+              added latency = (201 received - POST /tasks sent) - (agent
+              answered - agent received): the floor of the added latency with
+              Klein + treq, beside the service's
 
 Exit status: 0 after a completed run whatever the figures (1 on FAIL only with
 --strict); 2 when the benchmark could not run.  See bench/README.md.
@@ -102,6 +107,8 @@ LABELS = {
     RELAY: "tasks, bare Klein + treq relay",
 }
 FINISHED = ("completed", "failed", "timeout", "cancelled")
+#: Keep-alive connections of the paced client, in both latency phases.
+PACE_CONNECTIONS = 8
 #: The service's log times are truncated to the millisecond: a time logged as
 #: T happened in [T, T + 1 ms); the middle is the best estimate.
 LOG_RESOLUTION_S = 0.001
@@ -581,6 +588,46 @@ def fetch_histories(service: Server, task_ids: Sequence[str]) -> dict[str, Any]:
     return documents
 
 
+def paced_run(args: argparse.Namespace, agent: Server, target: Server) -> Any:
+    """
+    The agent's paced client submits C{TASK_BODY} to C{target} at
+    C{--rate} for C{--latency-seconds}: its report once every task was
+    answered, with per row [scheduled, sent, 201 received, status code, task
+    id, agent received, agent answered].
+    """
+    status, answer = agent_call(
+        agent,
+        "POST",
+        "/bench/pace",
+        {
+            "rate": args.rate,
+            "seconds": args.latency_seconds,
+            "body": TASK_BODY,
+            "connections": PACE_CONNECTIONS,
+            "port": target.port,
+        },
+    )
+    if status != 202:
+        raise BenchError(f"the agent would not start the paced run: {answer}")
+    deadline = time.monotonic() + args.latency_seconds + 60
+    while True:
+        time.sleep(0.25)
+        status, report = agent_call(agent, "GET", "/bench/pace")
+        if status == 200:
+            return report
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"the paced run against {target.name} did not end: {report}\n"
+                f"{agent.diagnostics()}"
+            )
+
+
+def _achieved_rate(rows: Sequence[Sequence[Any]]) -> float:
+    if len(rows) > 1 and rows[-1][1] and rows[0][1]:
+        return (len(rows) - 1) / (rows[-1][1] - rows[0][1])
+    return float("nan")
+
+
 def latency_phase(
     args: argparse.Namespace,
     pinning: Pinning,
@@ -593,24 +640,7 @@ def latency_phase(
     log.skip()
     window = CpuWindow(pinning, [service], [agent])
     window.start()
-    status, answer = agent_call(
-        agent,
-        "POST",
-        "/bench/pace",
-        {"rate": args.rate, "seconds": args.latency_seconds, "body": TASK_BODY},
-    )
-    if status != 202:
-        raise BenchError(f"the agent would not start the paced run: {answer}")
-    deadline = time.monotonic() + args.latency_seconds + 60
-    while True:
-        time.sleep(0.25)
-        status, report = agent_call(agent, "GET", "/bench/pace")
-        if status == 200:
-            break
-        if time.monotonic() > deadline:
-            raise BenchError(
-                f"the paced run did not end: {report}\n{agent.diagnostics()}"
-            )
+    report = paced_run(args, agent, service)
     counts = wait_finished(service, agent, before, timeout=40)
     usage = window.stop()
     finished = log.finished()
@@ -681,9 +711,7 @@ def latency_phase(
         "rate": args.rate,
         "seconds": args.latency_seconds,
         "tasks": len(rows),
-        "achieved_rate": (len(rows) - 1) / (rows[-1][1] - rows[0][1])
-        if len(rows) > 1 and rows[-1][1] and rows[0][1]
-        else float("nan"),
+        "achieved_rate": _achieved_rate(rows),
         "measured": len(added),
         "problems": dict(problems),
         "counted": counts,
@@ -707,6 +735,79 @@ def latency_phase(
         "other_on_load_cpu": usage["other_on_load_cpu"],
         "noisy": usage["noisy"],
     }
+
+
+def relay_latency_phase(
+    args: argparse.Namespace, pinning: Pinning, relay: Server, agent: Server
+) -> dict[str, Any]:
+    """
+    The paced phase again, same rate, seconds, body and connections, against
+    the relay.  The relay answers 201 only after the agent answered it, so a
+    task is complete when its 201 arrives: per task, added = (201 received -
+    sent) - (agent answered - agent received), matched by task id with the
+    agent's records, which are reset first (the service's phase must not mix
+    in).
+    """
+    agent_call(agent, "POST", "/bench/reset")
+    window = CpuWindow(pinning, [relay], [agent])
+    window.start()
+    report = paced_run(args, agent, relay)
+    usage = window.stop()
+    stats = settle_agent(agent)
+
+    rows = report["rows"]
+    added, to_agent, back, agent_own, late = [], [], [], [], []
+    slow: list[tuple[float, float, str]] = []
+    problems: Counter[str] = Counter()
+    for scheduled, sent, answered_201, code, task_id, received, answered in rows:
+        if code != 201 or task_id is None:
+            problems[f"POST /tasks answered {code}"] += 1
+            continue
+        late.append((sent - scheduled) * 1000)
+        if received is None:
+            problems["never reached the agent (by its records)"] += 1
+            continue
+        own = answered - received
+        agent_own.append(own * 1000)
+        added.append((answered_201 - sent - own) * 1000)
+        slow.append((added[-1], sent - rows[0][1], task_id))
+        to_agent.append((received - sent) * 1000)
+        back.append((answered_201 - answered) * 1000)
+    return {
+        "target": "bench/baseline_relay.py",
+        "rate": args.rate,
+        "seconds": args.latency_seconds,
+        "tasks": len(rows),
+        "achieved_rate": _achieved_rate(rows),
+        "measured": len(added),
+        "problems": dict(problems),
+        "agent_answered": stats["answered"],
+        "agent_duplicates": stats["duplicates"],
+        "added_ms": spread(added),
+        "to_agent_ms": spread(to_agent),
+        "back_ms": spread(back),
+        "agent_own_ms": spread(agent_own),
+        "client_late_ms": spread(late),
+        "connections_opened": report["connections_opened"],
+        "waited_for_connection": report["waited_for_connection"],
+        "slowest": sorted(slow, reverse=True)[:10],
+        "server_cpu": usage["server_cpu"],
+        "other_on_server_cpu": usage["other_on_server_cpu"],
+        "other_on_load_cpu": usage["other_on_load_cpu"],
+        "noisy": usage["noisy"],
+    }
+
+
+def service_over_relay(
+    latency: dict[str, Any], relay_latency: dict[str, Any]
+) -> dict[str, float]:
+    """
+    The service's added-latency percentiles minus the relay's: what the
+    service adds on top of the Klein + treq floor (differences of
+    percentiles, not percentiles of a difference: the tasks are not paired).
+    """
+    service, relay = latency["added_ms"], relay_latency["added_ms"]
+    return {key: service[key] - relay[key] for key in ("p50", "p90", "p99", "mean")}
 
 
 # The run ----------------------------------------------------------------------
@@ -769,14 +870,15 @@ def measure(
         args.rounds * (args.duration + 2 + 3 * args.health_duration)
         + args.warmup
         + 3
-        + args.latency_seconds
-        + 5
+        + 2 * args.latency_seconds
+        + 6
     )
     say(
         f"{args.rounds} rounds of {args.duration} s of submissions + 2 x "
         f"{args.health_duration} s of GET /health + {args.health_duration} s of "
         f"tasks through the relay, then {args.latency_seconds:g} s at "
-        f"{args.rate:g} tasks/s: ~{estimate:.0f} s"
+        f"{args.rate:g} tasks/s to the service and as long to the relay: "
+        f"~{estimate:.0f} s"
     )
     everything_before = task_counts(service)
     if args.warmup:
@@ -844,6 +946,15 @@ def measure(
         f"added p50 {added['p50']:.2f} ms, p99 {added['p99']:.2f} ms"
         + noise_note(latency)
     )
+    say(f"relay latency: {args.rate:g} tasks/s for {args.latency_seconds:g} s ...")
+    relay_latency = relay_latency_phase(args, pinning, servers[RELAY], agent)
+    relay_latency["service_minus_relay_ms"] = service_over_relay(latency, relay_latency)
+    floor = relay_latency["added_ms"]
+    say(
+        f"relay latency: {relay_latency['measured']:,} of "
+        f"{relay_latency['tasks']:,} tasks measured, added p50 {floor['p50']:.2f} "
+        f"ms, p99 {floor['p99']:.2f} ms" + noise_note(relay_latency)
+    )
     totals = _delta(task_counts(service), everything_before)
     totals["unfinished"] = unfinished(service)
     _, agent_health = agent_call(agent, "GET", "/health")
@@ -851,11 +962,13 @@ def measure(
 
     summary = summarise(runs, args.target_rate)
     results = checks(args, summary, runs, latency, totals)
-    print_report(args, info, pinning, summary, runs, latency, totals)
-    noisy = sum(bool(run["noisy"]) for kind in runs.values() for run in kind) + bool(
-        latency["noisy"]
+    print_report(args, info, pinning, summary, runs, latency, relay_latency, totals)
+    noisy = (
+        sum(bool(run["noisy"]) for kind in runs.values() for run in kind)
+        + bool(latency["noisy"])
+        + bool(relay_latency["noisy"])
     )
-    total_runs = sum(len(kind) for kind in runs.values()) + 1
+    total_runs = sum(len(kind) for kind in runs.values()) + 2
     if noisy:
         print(
             f"warning: {noisy} of {total_runs} runs had other load above "
@@ -891,10 +1004,12 @@ def measure(
                         "relay": "bench/baseline_relay.py: bare Klein POST /tasks, "
                         "one treq call to the agent, no store/logging/metrics",
                         "relay_duration_s": args.health_duration,
+                        "pace_connections": PACE_CONNECTIONS,
                     },
                     "runs": runs,
                     "summary": summary,
                     "latency": latency,
+                    "relay_latency": relay_latency,
                     "totals": totals,
                     "agent": agent_health,
                     "checks": results,
@@ -1020,6 +1135,57 @@ def _ms(spread_ms: dict[str, float]) -> str:
     )
 
 
+def print_relay_latency(latency: dict[str, Any], relay: dict[str, Any]) -> None:
+    """The relay's paced phase, in the columns of the service's rows."""
+    print(
+        f"  then the same client, rate, body and connections against the relay "
+        f"(bare Klein + treq, no store): {relay['tasks']:,} tasks, achieved "
+        f"{relay['achieved_rate']:.1f}/s, {relay['measured']:,} measured"
+    )
+    rows = (
+        ("relay added: 201 received minus the agent's time", relay["added_ms"]),
+        ("  POST /tasks sent -> agent received (exact)", relay["to_agent_ms"]),
+        ("  agent answered -> 201 received (exact)", relay["back_ms"]),
+        ("the agent's own time (received -> answered)", relay["agent_own_ms"]),
+        ("client lateness (sent - scheduled)", relay["client_late_ms"]),
+    )
+    for label, values in rows:
+        print(f"  {label:<52}{_ms(values)}")
+    slowest = ", ".join(
+        f"{ms:.1f} ms at {at:.2f} s" for ms, at, _ in relay["slowest"][:6]
+    )
+    print(f"  slowest (seconds into the phase): {slowest}")
+    if relay["problems"]:
+        print(f"  RELAY PROBLEMS: {relay['problems']}")
+    print(
+        f"  relay CPU {relay['server_cpu']:.0%} during its phase; the client used "
+        f"{relay['connections_opened']} connections; "
+        f"{relay['waited_for_connection']} tasks waited for a free one"
+        + noise_note(relay)
+    )
+    floor, service = relay["added_ms"], latency["added_ms"]
+    over = relay["service_minus_relay_ms"]
+    print(
+        f"  the Klein + treq floor of the added latency on this machine: p50 "
+        f"{floor['p50']:.2f} ms, p99 {floor['p99']:.2f} ms; the service's: p50 "
+        f"{service['p50']:.2f} ms ({over['p50']:+.2f} ms over the floor), p99 "
+        f"{service['p99']:.2f} ms ({over['p99']:+.2f} ms)"
+    )
+    print(
+        "  (differences of percentiles.  The relay's figure ends when its 201 "
+        "reaches the client, the service's when it\n  logs the completion (its "
+        "201 went out earlier): writing an answer counts in the relay's only, "
+        "which\n  slightly favours the service)"
+    )
+    if over["p50"] < 0 or over["p99"] < 0:
+        print(
+            "  (below the floor at a percentile: the two phases ran at different "
+            "moments of a noisy machine, and the\n  service's call to the agent "
+            "costs less than the relay's plain treq call (bench/README.md): the "
+            "floor is\n  that of the stack used plainly)"
+        )
+
+
 def print_report(
     args: argparse.Namespace,
     info: dict[str, Any],
@@ -1027,6 +1193,7 @@ def print_report(
     summary: dict[str, Any],
     runs: dict[str, list[dict[str, Any]]],
     latency: dict[str, Any],
+    relay_latency: dict[str, Any],
     totals: dict[str, int],
 ) -> None:
     settings = " ".join(f"{k}={v}" for k, v in service_settings(args).items())
@@ -1173,6 +1340,7 @@ def print_report(
         f"{latency['waited_for_connection']} tasks waited for a free one"
         + noise_note(latency)
     )
+    print_relay_latency(latency, relay_latency)
     print()
     print(
         f"In all (warm-up included): {totals['finished']:,} tasks finished, "
