@@ -70,6 +70,9 @@ def _reply(request: Any, document: object, code: int = 200) -> bytes:
 
 # The paced client ---------------------------------------------------------------
 
+#: Seconds a finished paced run waits for the calls of tasks already accepted.
+_CALLS_GRACE = 5.0
+
 
 class _Submitter(Protocol):
     """One keep-alive connection to the orchestrator, one request at a time."""
@@ -142,6 +145,7 @@ class PacedRun:
         self.lost_connections = 0
         self.waited = 0
         self.done = False
+        self.done_at = 0.0
         self.start = 0.0
         factory = ClientFactory()
         factory.protocol = lambda: _Submitter(self)  # type: ignore[assignment]
@@ -214,6 +218,7 @@ class PacedRun:
     def _finish_if_done(self) -> None:
         if self.next >= self.count and not self.outstanding and not self.done:
             self.done = True
+            self.done_at = time.time()
             for submitter in list(self.idle):
                 submitter.transport.loseConnection()
 
@@ -322,7 +327,13 @@ class FastAgent(Resource):
             run = self.pace
             if run is None:
                 return _reply(request, {"error": "no paced run"}, 404)
-            if not run.done:
+            if not run.done or (
+                # The service answers 201 once its insert is on disk, which can
+                # be before its call has reached this agent: wait for the calls
+                # of every accepted task, for a while.
+                time.time() - run.done_at < _CALLS_GRACE
+                and any(row[3] == 201 and row[4] not in self.tasks for row in run.rows)
+            ):
                 return _reply(
                     request,
                     {"running": True, "sent": run.next, "count": run.count},
