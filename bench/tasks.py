@@ -57,11 +57,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+import attrs
 import orjson
 from _shared import (
     BENCH,
@@ -431,6 +432,21 @@ def wait_finished(
 # Throughput ------------------------------------------------------------------
 
 
+def begin_phase(
+    pinning: Pinning, service: Server, agent: Server, log: ServiceLog
+) -> tuple[dict[str, float], CpuWindow]:
+    """
+    Before a phase of tasks through the service: the agent's records reset,
+    the service's counts so far, its log read to the end, the CPU window open.
+    """
+    agent_call(agent, "POST", "/bench/reset")
+    before = task_counts(service)
+    log.skip()
+    window = CpuWindow(pinning, [service], [agent])
+    window.start()
+    return before, window
+
+
 def throughput_run(
     args: argparse.Namespace,
     wrk: str,
@@ -441,11 +457,7 @@ def throughput_run(
     seconds: int,
 ) -> dict[str, Any]:
     """Submit for C{seconds} at full speed, then wait until all are finished."""
-    agent_call(agent, "POST", "/bench/reset")
-    before = task_counts(service)
-    log.skip()
-    window = CpuWindow(pinning, [service], [agent])
-    window.start()
+    before, window = begin_phase(pinning, service, agent, log)
     first = time.time()  # before wrk starts: the window can only be longer
     wrk_figures = run_wrk(
         wrk,
@@ -628,6 +640,86 @@ def _achieved_rate(rows: Sequence[Sequence[Any]]) -> float:
     return float("nan")
 
 
+@attrs.define
+class PerTask:
+    """A paced run's tasks, figure by figure (ms), and why any was left out."""
+
+    added: list[float] = attrs.Factory(list)
+    to_agent: list[float] = attrs.Factory(list)
+    back: list[float] = attrs.Factory(list)
+    accepted: list[float] = attrs.Factory(list)
+    agent_own: list[float] = attrs.Factory(list)
+    late: list[float] = attrs.Factory(list)
+    #: Added ms, seconds into the phase, task id.
+    slow: list[tuple[float, float, str]] = attrs.Factory(list)
+    problems: Counter[str] = attrs.Factory(Counter)
+
+
+def per_task(
+    rows: Sequence[Sequence[Any]],
+    completed: Callable[[str, float], float | str],
+) -> PerTask:
+    """
+    Each accepted task's figures from the paced client's rows and the agent's
+    records: C{completed(task id, 201 received)} says when the task completed
+    (a problem when it did not), which is all the two targets differ in.
+    """
+    tasks = PerTask()
+    for scheduled, sent, answered_201, code, task_id, received, answered in rows:
+        if code != 201 or task_id is None:
+            tasks.problems[f"POST /tasks answered {code}"] += 1
+            continue
+        tasks.accepted.append((answered_201 - sent) * 1000)
+        tasks.late.append((sent - scheduled) * 1000)
+        if received is None:
+            tasks.problems["never reached the agent"] += 1
+            continue
+        done = completed(task_id, answered_201)
+        if isinstance(done, str):
+            tasks.problems[done] += 1
+            continue
+        own = answered - received
+        tasks.agent_own.append(own * 1000)
+        tasks.added.append((done - sent - own) * 1000)
+        tasks.slow.append((tasks.added[-1], sent - rows[0][1], task_id))
+        tasks.to_agent.append((received - sent) * 1000)
+        tasks.back.append((done - answered) * 1000)
+    return tasks
+
+
+def paced_figures(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    tasks: PerTask,
+    usage: dict[str, Any],
+) -> dict[str, Any]:
+    """What a paced phase reports, whichever target it ran against."""
+    rows = report["rows"]
+    return {
+        "rate": args.rate,
+        "seconds": args.latency_seconds,
+        "tasks": len(rows),
+        "achieved_rate": _achieved_rate(rows),
+        "measured": len(tasks.added),
+        "problems": dict(tasks.problems),
+        "added_ms": spread(tasks.added),
+        "to_agent_ms": spread(tasks.to_agent),
+        "back_ms": spread(tasks.back),
+        "accepted_ms": spread(tasks.accepted),
+        "agent_own_ms": spread(tasks.agent_own),
+        "client_late_ms": spread(tasks.late),
+        "connections_opened": report["connections_opened"],
+        "waited_for_connection": report["waited_for_connection"],
+        # The slowest tasks: added ms, seconds into the phase, task id.  Stalls
+        # that come back at a fixed period point at a timer in the service.
+        "slowest": sorted(tasks.slow, reverse=True)[:10],
+        "server_cpu": usage["server_cpu"],
+        "other_on_server_cpu": usage["other_on_server_cpu"],
+        "other_on_load_cpu": usage["other_on_load_cpu"],
+        "noisy": usage["noisy"],
+    }
+
+
 def latency_phase(
     args: argparse.Namespace,
     pinning: Pinning,
@@ -635,39 +727,21 @@ def latency_phase(
     agent: Server,
     log: ServiceLog,
 ) -> dict[str, Any]:
-    agent_call(agent, "POST", "/bench/reset")
-    before = task_counts(service)
-    log.skip()
-    window = CpuWindow(pinning, [service], [agent])
-    window.start()
+    before, window = begin_phase(pinning, service, agent, log)
     report = paced_run(args, agent, service)
     counts = wait_finished(service, agent, before, timeout=40)
     usage = window.stop()
     finished = log.finished()
 
     rows = report["rows"]
-    added, to_agent, back, accepted, agent_own, late = [], [], [], [], [], []
-    slow: list[tuple[float, float, str]] = []
-    problems: Counter[str] = Counter()
-    for scheduled, sent, answered_201, code, task_id, received, answered in rows:
-        if code != 201 or task_id is None:
-            problems[f"POST /tasks answered {code}"] += 1
-            continue
-        accepted.append((answered_201 - sent) * 1000)
-        late.append((sent - scheduled) * 1000)
-        if received is None:
-            problems["never reached the agent"] += 1
-            continue
+
+    def logged(task_id: str, _: float) -> float | str:
         done = finished.get(task_id)
         if done is None or done[1] != "completed":
-            problems[f"not completed ({done[1] if done else 'no log line'})"] += 1
-            continue
-        own = answered - received
-        agent_own.append(own * 1000)
-        added.append((done[0] - sent - own) * 1000)
-        slow.append((added[-1], sent - rows[0][1], task_id))
-        to_agent.append((received - sent) * 1000)
-        back.append((done[0] - answered) * 1000)
+            return f"not completed ({done[1] if done else 'no log line'})"
+        return done[0]
+
+    tasks = per_task(rows, logged)
 
     # Where the time goes, from the service's stored history (ms resolution).
     ids = [row[4] for row in rows if row[4] is not None]
@@ -708,32 +782,12 @@ def latency_phase(
             stages[stage].append((end - start) * 1000)
     example = next(iter(documents.values()), None)
     return {
-        "rate": args.rate,
-        "seconds": args.latency_seconds,
-        "tasks": len(rows),
-        "achieved_rate": _achieved_rate(rows),
-        "measured": len(added),
-        "problems": dict(problems),
+        **paced_figures(args, report, tasks, usage),
         "counted": counts,
-        "added_ms": spread(added),
-        "to_agent_ms": spread(to_agent),
-        "back_ms": spread(back),
-        "accepted_ms": spread(accepted),
-        "agent_own_ms": spread(agent_own),
-        "client_late_ms": spread(late),
-        "connections_opened": report["connections_opened"],
-        "waited_for_connection": report["waited_for_connection"],
         "stages_ms": {stage: spread(values) for stage, values in stages.items()},
         "histories": len(documents),
         "history_shapes": dict(shapes),
         "example": example,
-        # The slowest tasks: added ms, seconds into the phase, task id.  Stalls
-        # that come back at a fixed period point at a timer in the service.
-        "slowest": sorted(slow, reverse=True)[:10],
-        "server_cpu": usage["server_cpu"],
-        "other_on_server_cpu": usage["other_on_server_cpu"],
-        "other_on_load_cpu": usage["other_on_load_cpu"],
-        "noisy": usage["noisy"],
     }
 
 
@@ -756,45 +810,12 @@ def relay_latency_phase(
     stats = settle_agent(agent)
 
     rows = report["rows"]
-    added, to_agent, back, agent_own, late = [], [], [], [], []
-    slow: list[tuple[float, float, str]] = []
-    problems: Counter[str] = Counter()
-    for scheduled, sent, answered_201, code, task_id, received, answered in rows:
-        if code != 201 or task_id is None:
-            problems[f"POST /tasks answered {code}"] += 1
-            continue
-        late.append((sent - scheduled) * 1000)
-        if received is None:
-            problems["never reached the agent (by its records)"] += 1
-            continue
-        own = answered - received
-        agent_own.append(own * 1000)
-        added.append((answered_201 - sent - own) * 1000)
-        slow.append((added[-1], sent - rows[0][1], task_id))
-        to_agent.append((received - sent) * 1000)
-        back.append((answered_201 - answered) * 1000)
+    tasks = per_task(rows, lambda _, answered_201: answered_201)
     return {
         "target": "bench/baseline_relay.py",
-        "rate": args.rate,
-        "seconds": args.latency_seconds,
-        "tasks": len(rows),
-        "achieved_rate": _achieved_rate(rows),
-        "measured": len(added),
-        "problems": dict(problems),
+        **paced_figures(args, report, tasks, usage),
         "agent_answered": stats["answered"],
         "agent_duplicates": stats["duplicates"],
-        "added_ms": spread(added),
-        "to_agent_ms": spread(to_agent),
-        "back_ms": spread(back),
-        "agent_own_ms": spread(agent_own),
-        "client_late_ms": spread(late),
-        "connections_opened": report["connections_opened"],
-        "waited_for_connection": report["waited_for_connection"],
-        "slowest": sorted(slow, reverse=True)[:10],
-        "server_cpu": usage["server_cpu"],
-        "other_on_server_cpu": usage["other_on_server_cpu"],
-        "other_on_load_cpu": usage["other_on_load_cpu"],
-        "noisy": usage["noisy"],
     }
 
 
@@ -1135,6 +1156,22 @@ def _ms(spread_ms: dict[str, float]) -> str:
     )
 
 
+def print_phase_end(figures: dict[str, Any], whose: str) -> None:
+    """A paced phase's slowest tasks, problems, and CPU (C{whose}: the target)."""
+    slowest = ", ".join(
+        f"{ms:.1f} ms at {at:.2f} s" for ms, at, _ in figures["slowest"][:6]
+    )
+    print(f"  slowest (seconds into the phase): {slowest}")
+    if figures["problems"]:
+        print(f"  {whose.upper()} PROBLEMS: {figures['problems']}")
+    print(
+        f"  {whose} CPU {figures['server_cpu']:.0%} during the phase; the client "
+        f"used {figures['connections_opened']} connections; "
+        f"{figures['waited_for_connection']} tasks waited for a free one"
+        + noise_note(figures)
+    )
+
+
 def print_relay_latency(latency: dict[str, Any], relay: dict[str, Any]) -> None:
     """The relay's paced phase, in the columns of the service's rows."""
     print(
@@ -1151,18 +1188,7 @@ def print_relay_latency(latency: dict[str, Any], relay: dict[str, Any]) -> None:
     )
     for label, values in rows:
         print(f"  {label:<52}{_ms(values)}")
-    slowest = ", ".join(
-        f"{ms:.1f} ms at {at:.2f} s" for ms, at, _ in relay["slowest"][:6]
-    )
-    print(f"  slowest (seconds into the phase): {slowest}")
-    if relay["problems"]:
-        print(f"  RELAY PROBLEMS: {relay['problems']}")
-    print(
-        f"  relay CPU {relay['server_cpu']:.0%} during its phase; the client used "
-        f"{relay['connections_opened']} connections; "
-        f"{relay['waited_for_connection']} tasks waited for a free one"
-        + noise_note(relay)
-    )
+    print_phase_end(relay, "relay")
     floor, service = relay["added_ms"], latency["added_ms"]
     over = relay["service_minus_relay_ms"]
     print(
@@ -1328,18 +1354,7 @@ def print_report(
         f"{shape} x{n:,}" for shape, n in latency["history_shapes"].items()
     )
     print(f"  histories: {shapes}")
-    slowest = ", ".join(
-        f"{ms:.1f} ms at {at:.2f} s" for ms, at, _ in latency["slowest"][:6]
-    )
-    print(f"  slowest (seconds into the phase): {slowest}")
-    if latency["problems"]:
-        print(f"  PROBLEMS: {latency['problems']}")
-    print(
-        f"  server CPU {latency['server_cpu']:.0%} during the phase; the client "
-        f"used {latency['connections_opened']} connections; "
-        f"{latency['waited_for_connection']} tasks waited for a free one"
-        + noise_note(latency)
-    )
+    print_phase_end(latency, "server")
     print_relay_latency(latency, relay_latency)
     print()
     print(
