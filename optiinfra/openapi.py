@@ -752,8 +752,11 @@ def _task_schemas() -> dict[str, Any]:
         },
         "TaskId": {
             "type": "string",
-            "description": "A UUID, given by the service.",
-            "examples": ["0b9c3f5e-8d4a-4c1e-9f55-2a7e6b1d3c40"],
+            "description": (
+                "A UUID given by the service (version 7: ids sort by creation "
+                "time, to the millisecond)."
+            ),
+            "examples": ["019abb1e-7c2a-7d41-9f55-2a7e6b1d3c40"],
         },
         "TaskRequest": {
             "type": "object",

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from optiinfra.errors import Conflict, NotFound
+from optiinfra.ids import time_ordered_id
 from optiinfra.metrics import LATENCY_BUCKETS
 from optiinfra.registry.model import Agent, AgentQuery
 from optiinfra.registry.service import Registry
@@ -235,7 +236,7 @@ class Router:
         """
         now = self.now()
         task = Task(
-            id=str(uuid.uuid4()),
+            id=time_ordered_id(now),
             task_type=request.task_type,
             agent_type=request.agent_type,
             parameters=request.parameters,
