@@ -124,6 +124,13 @@ class _AgentURL(EncodedURL):
 
     _text: str
 
+    @classmethod
+    def of(cls, text: str) -> _AgentURL:
+        """C{text}, already in URI form."""
+        url = cast(_AgentURL, cls.from_text(text))
+        url._text = text
+        return url
+
     def to_uri(self) -> EncodedURL:
         return self
 
@@ -138,13 +145,11 @@ _ADDRESSES: Final = 4096
 @lru_cache(maxsize=_ADDRESSES)
 def agent_url(host: str, port: int) -> EncodedURL:
     """Where an agent at C{host:port} takes tasks."""
-    text = f"http://{f'[{host}]' if ':' in host else host}:{port}/task"
-    plain = EncodedURL.from_text(text)
-    if ":" not in host:
-        text = plain.to_uri().to_text()  # a non-ASCII name, IDNA-encoded
-    url = cast(_AgentURL, _AgentURL.from_text(text))
-    url._text = text
-    return url
+    if ":" in host:  # an IPv6 literal
+        return _AgentURL.of(f"http://[{host}]:{port}/task")
+    # A name that is not ASCII is IDNA-encoded here, once.
+    named = EncodedURL.from_text(f"http://{host}:{port}/task")
+    return _AgentURL.of(named.to_uri().to_text())
 
 
 @implementer(IAgentEndpointFactory)
@@ -182,9 +187,9 @@ class Dispatcher:
     def __init__(self, reactor: Any, pool: HTTPConnectionPool) -> None:
         # One client for every call: treq.post would build an Agent each time.
         agent = WebAgent.usingEndpointFactory(reactor, _Endpoints(reactor), pool)
-        self._client = HTTPClient(agent, cookiejar=_no_cookies())
-        #: Given on every call, so that treq does not make an empty jar each time.
+        #: Also given on every call, so that treq does not make a jar each time.
         self._cookies = _no_cookies()
+        self._client = HTTPClient(agent, cookiejar=self._cookies)
 
     async def send(self, agent: Agent, task: Task, seconds_left: float) -> Outcome:
         """
