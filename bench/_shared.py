@@ -80,7 +80,11 @@ def health_body(request: Any, now: float, started: float) -> bytes:
     return json_response(request, body)
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(
+    description: str,
+    more: Callable[[argparse.ArgumentParser], object] | None = None,
+) -> argparse.Namespace:
+    """A baseline server's options; C{more} adds its own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--interface", default="127.0.0.1")
@@ -89,6 +93,8 @@ def parse_args(description: str) -> argparse.Namespace:
         action="store_true",
         help="apply the service's GC tuning (gc.freeze, thresholds 20000/20/20)",
     )
+    if more is not None:
+        more(parser)
     return parser.parse_args()
 
 
@@ -145,6 +151,26 @@ def add_timing_options(
             default=env_int(variable, default),
             help=f"{what} [{variable}, {default}]",
         )
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, strict: str) -> None:
+    """--strict (C{strict}: when it exits 1), --json, --no-pin and --no-install."""
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit 1 when {strict} (default: exit 0)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the figures here")
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the servers and the load generators to separate CPUs",
+    )
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="fail instead of installing wrk with apt-get when it is missing",
+    )
 
 
 def print_verdict(missed: list[str], checks: int) -> bool:

@@ -26,7 +26,7 @@ import uuid
 from typing import Any
 
 import orjson
-from _shared import health_body, json_response, serve
+from _shared import health_body, json_response, parse_args, serve
 from klein import Klein
 from treq.client import HTTPClient
 from twisted.internet import reactor
@@ -37,29 +37,17 @@ from twisted.web.server import Site
 _HEADERS = {"Content-Type": "application/json"}
 
 
-def parse_args() -> argparse.Namespace:
-    # The options of _shared.parse_args, and the agent's port.
-    parser = argparse.ArgumentParser(
-        description="bare Klein + treq relay baseline for tasks"
-    )
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--interface", default="127.0.0.1")
+def _agent_port(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--agent-port",
         type=int,
         required=True,
         help="the agent's port on 127.0.0.1: every task is sent there",
     )
-    parser.add_argument(
-        "--tune-gc",
-        action="store_true",
-        help="apply the service's GC tuning (gc.freeze, thresholds 20000/20/20)",
-    )
-    return parser.parse_args()
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args("bare Klein + treq relay baseline for tasks", _agent_port)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
     client = HTTPClient(Agent(reactor, pool=pool))

@@ -36,6 +36,7 @@ from _shared import (
     NOISE_LIMIT,
     Pinning,
     Server,
+    add_run_options,
     add_timing_options,
     base_environment,
     choose_cpus,
@@ -97,12 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="target ratio of service to bare Klein throughput [0.9]",
     )
     parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="exit 1 when the service misses the target (default: exit 0)",
-    )
-    parser.add_argument("--json", metavar="FILE", help="also write the figures here")
-    parser.add_argument(
         "--service-log",
         metavar="FILE",
         default=os.devnull,
@@ -124,16 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stock: the baselines keep CPython's GC defaults; tuned: they get "
         "the service's gc.freeze() and thresholds too [stock]",
     )
-    parser.add_argument(
-        "--no-pin",
-        action="store_true",
-        help="do not pin the servers and wrk to separate CPUs",
-    )
-    parser.add_argument(
-        "--no-install",
-        action="store_true",
-        help="fail instead of installing wrk with apt-get when it is missing",
-    )
+    add_run_options(parser, strict="the service misses the target")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 2, 1

@@ -54,6 +54,7 @@ from _shared import (
     BenchError,
     Pinning,
     Server,
+    add_run_options,
     add_timing_options,
     base_environment,
     choose_cpus,
@@ -175,12 +176,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="target GET /agents p99 in ms [100]",
     )
     parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="exit 1 when a target is missed (default: exit 0)",
-    )
-    parser.add_argument("--json", metavar="FILE", help="also write the figures here")
-    parser.add_argument(
         "--service-log",
         metavar="FILE",
         default=os.devnull,
@@ -215,16 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="measure the SQLite store only",
     )
-    parser.add_argument(
-        "--no-pin",
-        action="store_true",
-        help="do not pin the servers and the load generators to separate CPUs",
-    )
-    parser.add_argument(
-        "--no-install",
-        action="store_true",
-        help="fail instead of installing wrk with apt-get when it is missing",
-    )
+    add_run_options(parser, strict="a target is missed")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup, args.list_duration = 1, 2, 1, 2

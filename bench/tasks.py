@@ -72,6 +72,7 @@ from _shared import (
     CpuWindow,
     Pinning,
     Server,
+    add_run_options,
     add_timing_options,
     base_environment,
     choose_cpus,
@@ -179,12 +180,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="target p99 of the added latency, ms [5]",
     )
     parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="exit 1 when a target is missed (default: exit 0)",
-    )
-    parser.add_argument("--json", metavar="FILE", help="also write the figures here")
-    parser.add_argument(
         "--service-log",
         metavar="FILE",
         help="keep the service's JSON log here (by default it goes to a file in "
@@ -200,16 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "with a clean environment, LOG_LEVEL=info, AGENT_CONCURRENCY=64 and a "
         "throw-away STATE_DIR",
     )
-    parser.add_argument(
-        "--no-pin",
-        action="store_true",
-        help="do not pin the servers and the load generators to separate CPUs",
-    )
-    parser.add_argument(
-        "--no-install",
-        action="store_true",
-        help="fail instead of installing wrk with apt-get when it is missing",
-    )
+    add_run_options(parser, strict="a target is missed")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 3, 1
