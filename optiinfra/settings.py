@@ -57,6 +57,8 @@ class Settings:
     result_ttl: float = 3600.0
     breaker_threshold: int = 5
     breaker_cooldown: float = 30.0
+    #: Waiting tasks (every replica's) beyond which submissions get 429.
+    max_waiting_tasks: int = 10_000
     #: Coordination: how long approvals stay open, by risk, and who must agree.
     approval_expiry_medium: float = 48 * 3600.0
     approval_expiry_high: float = 24 * 3600.0
@@ -253,6 +255,7 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "RESULT_TTL": ("result_ttl", parse_positive_seconds),
     "BREAKER_THRESHOLD": ("breaker_threshold", parse_count),
     "BREAKER_COOLDOWN": ("breaker_cooldown", parse_positive_seconds),
+    "MAX_WAITING_TASKS": ("max_waiting_tasks", parse_count),
     "APPROVAL_EXPIRY_MEDIUM": ("approval_expiry_medium", parse_positive_seconds),
     "APPROVAL_EXPIRY_HIGH": ("approval_expiry_high", parse_positive_seconds),
     "APPROVAL_EXPIRY_CRITICAL": ("approval_expiry_critical", parse_positive_seconds),

@@ -282,9 +282,11 @@ def build_service(
             result_ttl=settings.result_ttl,
             breaker_threshold=settings.breaker_threshold,
             breaker_cooldown=settings.breaker_cooldown,
+            max_waiting=settings.max_waiting_tasks,
         ),
         metrics,
         draining=lambda: readiness.draining,
+        stalled=lambda reason: readiness.set_failing("dispatch", reason),
     )
     routing_routes.mount(app, router, guard)
     coordination_metrics = CoordinationMetrics(metrics)
@@ -324,7 +326,10 @@ def build_service(
     Sweeper(registry, reactor).setServiceParent(top)
     AgentPool(pool).setServiceParent(top)
     RouterService(
-        router, reactor, interval=1.0, grace=settings.drain_timeout
+        router,
+        reactor,
+        interval=router.config.pass_interval,
+        grace=settings.drain_timeout,
     ).setServiceParent(top)
     CoordinationService(
         coordinator,

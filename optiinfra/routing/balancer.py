@@ -18,6 +18,10 @@ class Outstanding:
     def __getitem__(self, agent_id: str) -> int:
         return self._counts.get(agent_id, 0)
 
+    def agents(self) -> list[str]:
+        """The agents with calls outstanding."""
+        return list(self._counts)
+
     def started(self, agent_id: str) -> None:
         self._counts[agent_id] = self[agent_id] + 1
 

@@ -22,17 +22,19 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    FirstError,
     ensureDeferred,
     gatherResults,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from optiinfra.errors import Conflict, NotFound
+from optiinfra.errors import Conflict, NotFound, Overloaded
 from optiinfra.ids import time_ordered_id
 from optiinfra.metrics import LATENCY_BUCKETS
 from optiinfra.registry.model import Agent, AgentQuery
 from optiinfra.registry.service import Registry
+from optiinfra.routing.admission import RETRY_AFTER, Admission, Backlog
 from optiinfra.routing.balancer import Outstanding, pick
 from optiinfra.routing.breaker import HALF_OPEN, OPEN, Breakers
 from optiinfra.routing.dispatch import Completed, Dispatcher, Failed, Outcome, Retryable
@@ -87,6 +89,13 @@ class RouterConfig:
     breaker_threshold: int = 5
     breaker_cooldown: float = 30.0
     batch: int = 200
+    #: Beyond this many waiting tasks (every replica's), submissions get 429.
+    max_waiting: int = 10_000
+    #: Seconds between periodic passes (L{Router.housekeeping}).
+    pass_interval: float = 1.0
+    #: Periodic passes without a completed dispatch pass, while work waits and
+    #: an agent is free, before the dispatcher is reported stalled.
+    stall_passes: int = 3
 
 
 @attrs.frozen
@@ -132,6 +141,23 @@ class RouterMetrics:
             "Tasks waiting for an agent or a retry, as of the last count.",
             registry=registry,
         )
+        self.oldest_wait = Gauge(
+            "optiinfra_oldest_waiting_task_seconds",
+            "How long the longest-waiting due task had waited, as of the last count.",
+            registry=registry,
+        )
+        self.refused = Counter(
+            "optiinfra_tasks_refused",
+            "Submissions refused at the door (429), by reason: backlog (too many"
+            " waiting) or queue_delay (it would time out before its turn).",
+            ("reason",),
+            registry=registry,
+        )
+        self.pass_failures = Counter(
+            "optiinfra_dispatch_pass_failures",
+            "Dispatch passes that failed; their reserved slots were released.",
+            registry=registry,
+        )
         self._breakers = breakers
         registry.register(self)
 
@@ -163,6 +189,7 @@ class Router:
         metrics: CollectorRegistry,
         draining: Callable[[], bool] = lambda: False,
         rng: random.Random | None = None,
+        stalled: Callable[[str | None], object] = lambda reason: None,
     ) -> None:
         self.tasks = tasks
         self.config = config
@@ -177,7 +204,13 @@ class Router:
         )
         self.outstanding = Outstanding()
         self._metrics = RouterMetrics(metrics, self.breakers)
+        self.admission = Admission(config.max_waiting)
+        #: Told why the dispatcher is stalled, or None once it passes again.
+        self._stalled = stalled
         self._calls: dict[str, Deferred[Any]] = {}
+        #: The agent each call in flight went to: with L{outstanding}, the
+        #: slot accounting (see L{unbalanced_slots}).
+        self._call_agents: dict[str, str] = {}
         self._cut: dict[str, str] = {}
         self._wake_call: IDelayedCall | None = None
         self._passing = False
@@ -194,6 +227,8 @@ class Router:
         self._agent_generation = 0
         self._agents_refreshing: set[str] = set()
         self._last_settled = float("-inf")
+        #: When a dispatch pass last ran to its end.
+        self._last_pass = clock.seconds()
         #: Called with each task that reaches a final status in this process.
         self.finished_listeners: list[Callable[[Task], object]] = []
         registry.listeners.append(self._agents_changed)
@@ -233,8 +268,17 @@ class Router:
         Any task type an agent offers can be routed: the contract's list is
         enforced where customers submit (L{optiinfra.routing.parse}), while
         plan steps name the operations of their templates.
+
+        Refused with L{Overloaded} (from memory, without touching the store)
+        when it cannot be done in time: see L{optiinfra.routing.admission}.
         """
         now = self.now()
+        refusal = self.admission.refuse(
+            request.agent_type, request.priority, request.timeout_seconds, now
+        )
+        if refusal is not None:
+            self._metrics.refused.labels(refusal.reason).inc()
+            raise Overloaded(refusal.message, RETRY_AFTER, field=refusal.field)
         task = Task(
             id=time_ordered_id(now),
             task_type=request.task_type,
@@ -285,6 +329,7 @@ class Router:
             self._metrics.dispatch_latency.observe(0.0)
             self._start(stored, agent)
         else:
+            self.admission.queued()
             self.wake()
         if claim is not None:
             await self.tasks.sync()
@@ -312,8 +357,7 @@ class Router:
         choice = self._choose(task, agents, now)
         if not isinstance(choice, Agent):
             return None
-        self.outstanding.started(choice.id)
-        self.breakers.sent(choice.id)
+        self._reserve(choice)
         return choice
 
     async def get(self, task_id: str) -> tuple[Task, list[TaskEvent]]:
@@ -341,6 +385,8 @@ class Router:
             raise Conflict(
                 f"task already {current.status}", task_id=task_id, status=current.status
             )
+        if task_id not in self._calls:
+            self.admission.dequeued()  # a guess: it may be another replica's call
         self._ended(task, CANCELLED, None)
         self._cut_short(task_id, _CANCELLED)
         return task
@@ -376,12 +422,25 @@ class Router:
             return
         self._passing = True
         passing = ensureDeferred(self.dispatch_pass())
-        passing.addErrback(
-            lambda failure: _log.error(
-                "dispatch pass failed", error=failure.getErrorMessage()
-            )
-        )
+        passing.addCallbacks(self._pass_ok, self._pass_failed)
         passing.addBoth(self._pass_done)
+
+    def _pass_ok(self, _: object) -> None:
+        self._last_pass = self._clock.seconds()
+
+    def _pass_failed(self, failure: Failure) -> None:
+        """
+        Logged once; whatever the pass reserved was released as it failed (see
+        L{_claim} and L{_start}), so the next pass starts from a true count.
+        """
+        self._metrics.pass_failures.inc()
+        if isinstance(failure.value, FirstError):
+            failure = failure.value.subFailure
+        _log.error(
+            "dispatch pass failed",
+            error=failure.getErrorMessage(),
+            exception=failure.getTraceback(),
+        )
 
     def _pass_done(self, _: object) -> None:
         self._passing = False
@@ -394,10 +453,7 @@ class Router:
         now = self.now()
         if now - self._last_settled >= _SETTLE_EVERY:
             self._last_settled = now
-            for task in await self.tasks.expire_waiting(now):
-                self._ended(
-                    task, TIMEOUT, "the deadline passed before an agent took it"
-                )
+            self._expired(await self.tasks.expire_waiting(now))
             for task in await self.tasks.recover_abandoned(now):
                 _log.warn("task recovered from a stopped orchestrator", task_id=task.id)
         if self._draining():
@@ -417,23 +473,39 @@ class Router:
             if found is not None:
                 agents.append(found)
         # Every change is issued at once and awaited together, so the store
-        # commits them as one batch; an agent's slot is reserved as it is chosen.
+        # commits them as one batch.  An agent's slot is reserved as it is
+        # chosen and handed to L{_claim}, which releases it on every path that
+        # does not end in a call: a failure anywhere leaves no slot behind.
         changes: list[Deferred[None]] = []
-        for task in due:
-            choice = self._choose(task, agents, now)
-            if isinstance(choice, str):
-                changes.append(ensureDeferred(self._refuse(task, choice, now)))
-            elif choice is None:
-                left_waiting = True
-                if task.status == PENDING:
-                    changes.append(ensureDeferred(self._queue(task, now)))
-            else:
-                self.outstanding.started(choice.id)
-                self.breakers.sent(choice.id)
-                changes.append(ensureDeferred(self._claim(task, choice, now)))
-        await gatherResults(changes, consumeErrors=True)
+        try:
+            for task in due:
+                choice = self._choose(task, agents, now)
+                if isinstance(choice, str):
+                    changes.append(ensureDeferred(self._refuse(task, choice, now)))
+                elif choice is None:
+                    left_waiting = True
+                    if task.status == PENDING:
+                        changes.append(ensureDeferred(self._queue(task, now)))
+                else:
+                    self._reserve(choice)
+                    changes.append(ensureDeferred(self._claim(task, choice, now)))
+        finally:
+            await gatherResults(changes, consumeErrors=True)
         if not left_waiting:
             self._none_waiting(generation)
+
+    def _expired(self, tasks: list[Task]) -> None:
+        """Tasks that timed out waiting: one log line for all of them."""
+        if not tasks:
+            return
+        self.admission.dequeued(len(tasks))
+        for task in tasks:
+            self._ended(task, TIMEOUT, None, log=False)
+        _log.warn(
+            "tasks timed out waiting for an agent",
+            count=len(tasks),
+            task_ids=[task.id for task in tasks[:20]],
+        )
 
     def _none_waiting(self, generation: int) -> None:
         """A pass left nothing waiting; unless work appeared since it began."""
@@ -451,6 +523,7 @@ class Router:
             durable=False,
         )
         if failed is not None:
+            self.admission.dequeued()
             self._ended(failed, FAILED, reason)
 
     async def _queue(self, task: Task, now: float) -> None:
@@ -459,6 +532,7 @@ class Router:
         )
 
     async def _claim(self, task: Task, agent: Agent, now: float) -> None:
+        """Claim C{task} for C{agent}, whose slot is reserved, and call it."""
         try:
             claimed = await self.tasks.change_task(
                 task.id,
@@ -474,12 +548,13 @@ class Router:
                 },
                 durable=False,
             )
-        except Exception:
+        except BaseException:
             self._unreserve(agent)
             raise
         if claimed is None:  # cancelled, or another replica took it
             self._unreserve(agent)
             return
+        self.admission.dequeued()
         if task.started_at is None:
             self._metrics.dispatch_latency.observe(max(0.0, now - task.created_at))
         self._start(claimed, agent)
@@ -565,22 +640,94 @@ class Router:
         by_id: dict[str, Agent] = {a.id: a for a in untried}
         return by_id[pick(tuple(by_id), self.outstanding, self._rng)]
 
+    def _reserve(self, agent: Agent) -> None:
+        """A slot of C{agent} (and its breaker's trial), for a call about to go."""
+        self.outstanding.started(agent.id)
+        self.breakers.sent(agent.id)
+
     def _unreserve(self, agent: Agent) -> None:
         self.outstanding.finished(agent.id)
         self.breakers.released(agent.id)
 
+    def unbalanced_slots(self) -> dict[str, tuple[int, int]]:
+        """
+        Agents whose reserved slots differ from the calls in flight to them:
+        (slots, calls).  Empty whenever no pass or submission is half done:
+        the invariant that keeps a lost slot from starving an agent for good.
+        """
+        calls: dict[str, int] = {}
+        for agent_id in self._call_agents.values():
+            calls[agent_id] = calls.get(agent_id, 0) + 1
+        agents = set(calls) | set(self.outstanding.agents())
+        return {
+            agent_id: (self.outstanding[agent_id], calls.get(agent_id, 0))
+            for agent_id in agents
+            if self.outstanding[agent_id] != calls.get(agent_id, 0)
+        }
+
     def _start(self, task: Task, agent: Agent) -> None:
-        """Call C{agent}; its slot and any breaker trial are already reserved."""
+        """
+        Call C{agent} for C{task}, claimed for it; its slot and any breaker
+        trial are reserved, and are released however this ends.  A task whose
+        deadline passed while it was claimed ends C{timeout} with no call.
+        """
         now = self.now()
         seconds_left = task.deadline - now
+        if seconds_left <= 0:
+            self._unreserve(agent)
+            self._record(
+                self._finish(
+                    task,
+                    TIMEOUT,
+                    now,
+                    error="the deadline passed before the call went out",
+                ),
+                task,
+            )
+            return
         budget = min(self.config.attempt_timeout, seconds_left)
         why = _DEADLINE if budget >= seconds_left else _ATTEMPT
+        try:
+            timer = self._clock.callLater(budget, self._cut_short, task.id, why)
+        except BaseException:
+            self._unreserve(agent)
+            self._record(self._hand_back_claim(task, now), task)
+            raise
         call: Deferred[Outcome] = Deferred.fromCoroutine(
             self._dispatcher.send(agent, task, seconds_left)
         )
         self._calls[task.id] = call
-        timer = self._clock.callLater(budget, self._cut_short, task.id, why)
+        self._call_agents[task.id] = agent.id
         call.addBoth(self._answered, task, agent, timer, budget)
+
+    async def _hand_back_claim(self, task: Task, now: float) -> None:
+        """Put a task claimed by this process back in the queue, uncalled."""
+        back = await self.tasks.change_task(
+            task.id,
+            IN_FLIGHT,
+            RETRYING,
+            now,
+            owner=self.owner,
+            detail="not sent: the dispatcher failed; dispatching again",
+            changes={"owner": None, "lease_until": None, "not_before": now},
+            durable=False,
+        )
+        if back is not None:
+            self.admission.queued()
+            self.wake()
+
+    def _record(self, recording: Any, task: Task) -> Deferred[None]:
+        """Run a recording of C{task}'s fate; a failure is logged, not lost."""
+        recorded: Deferred[None] = ensureDeferred(recording)
+        recorded.addErrback(
+            lambda failure: _log.error(
+                "could not record a task's outcome",
+                task_id=task.id,
+                error=failure.getErrorMessage(),
+            )
+        )
+        recorded.addBoth(lambda _: self._freed())
+        return recorded
 
     def _cut_short(self, task_id: str, why: str) -> None:
         call = self._calls.get(task_id)
@@ -599,18 +746,10 @@ class Router:
         if timer.active():
             timer.cancel()
         self._calls.pop(task.id, None)
+        self._call_agents.pop(task.id, None)
         self.outstanding.finished(agent.id)
         why = self._cut.pop(task.id, None)
-        settled = ensureDeferred(self._settle(task, agent, outcome, why, budget))
-        settled.addErrback(
-            lambda failure: _log.error(
-                "could not record a task's outcome",
-                task_id=task.id,
-                error=failure.getErrorMessage(),
-            )
-        )
-        settled.addBoth(lambda _: self._freed())
-        return settled
+        return self._record(self._settle(task, agent, outcome, why, budget), task)
 
     async def _settle(
         self,
@@ -698,6 +837,7 @@ class Router:
             durable=False,
         )
         if retried is not None:
+            self.admission.queued()
             _log.info(
                 "task will be retried",
                 task_id=task.id,
@@ -737,12 +877,16 @@ class Router:
             return
         self._ended(finished, status, error)
 
-    def _ended(self, task: Task, status: str, error: str | None) -> None:
+    def _ended(
+        self, task: Task, status: str, error: str | None, *, log: bool = True
+    ) -> None:
         self._metrics.finished.labels(task.task_type, task.agent_id or "", status).inc()
         for listener in self.finished_listeners:
             listener(task)
-        log = _log.info if status == COMPLETED else _log.warn
-        log(
+        if not log:
+            return
+        write = _log.info if status == COMPLETED else _log.warn
+        write(
             "task finished",
             task_id=task.id,
             status=status,
@@ -772,9 +916,36 @@ class Router:
         purged = await self.tasks.purge_finished(now - self.config.result_ttl)
         if purged:
             _log.info("finished tasks purged", count=purged)
-        self._metrics.queue_depth.set(await self.tasks.count_waiting())
+        self.admission.counted(Backlog(await self.tasks.backlog()), now)
+        self._metrics.queue_depth.set(self.admission.waiting)
+        self._metrics.oldest_wait.set(self.admission.oldest_wait(now))
+        self._check_stalled()
         await self.renew()
         self.wake()
+
+    def _check_stalled(self) -> None:
+        """
+        Report a dispatcher that has not finished a pass for several periodic
+        passes while tasks wait and an agent has a free slot; and its recovery.
+        """
+        since = self._clock.seconds() - self._last_pass
+        limit = self.config.stall_passes * self.config.pass_interval
+        stalled = (
+            since > limit and self.admission.waiting > 0 and self._an_agent_is_free()
+        )
+        self._stalled(
+            f"no dispatch pass has finished for {since:.0f} s while tasks wait"
+            if stalled
+            else None
+        )
+
+    def _an_agent_is_free(self) -> bool:
+        return any(
+            self.breakers.allows(agent.id)
+            and self.outstanding[agent.id] < self.config.per_agent_limit
+            for _, agents in self._agent_cache.values()
+            for agent in agents
+        )
 
     async def drain(self, grace: float) -> None:
         """Let calls in flight finish for C{grace} seconds, then hand them back."""

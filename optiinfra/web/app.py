@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from optiinfra.errors import Conflict, InvalidField, NotFound
+from optiinfra.errors import Conflict, InvalidField, NotFound, Overloaded
 from optiinfra.store.interface import StoreUnavailable
 from optiinfra.web.front import FastRoutes
 from optiinfra.web.guard import Forbidden, Unauthenticated
@@ -97,6 +97,10 @@ def render_failure(request: IRequest, failure: Failure) -> bytes:
         return render_error(request, 404, error.message, **error.fields)
     if isinstance(error, Conflict):
         return render_error(request, 409, error.message, **error.fields)
+    if isinstance(error, Overloaded):
+        request.setHeader(b"retry-after", b"%d" % error.retry_after)
+        extra = {} if error.field is None else {"field": error.field}
+        return render_error(request, 429, error.message, **extra, **error.fields)
     if isinstance(error, Unauthenticated):
         request.setHeader(b"www-authenticate", b'Bearer realm="optiinfra"')
         return render_error(
