@@ -19,6 +19,16 @@ Checkpoints (copying the log into the database file, two fsyncs) run on that
 thread too, on a connection of their own, every L{CHECKPOINT_EVERY} seconds
 while there are writes: left to SQLite they ran on the database thread at the
 commit that filled 1,000 pages, which stalled every unit queued behind it.
+
+A passive checkpoint never stops the writer, and so, under steady writes, never
+catches up with it: the log is only started again from its beginning when a
+write begins with every frame already copied, and there is always a tail.  Left
+so, the log grew by ~25 KB a task without end (3 GB in four minutes at 500
+tasks/s).  So once the log passes L{WAL_RESTART_BYTES}, the database thread
+itself, between two batches, copies the short tail the passive checkpoint left
+and truncates the log (C{wal_checkpoint(TRUNCATE)}): a pause of a few
+milliseconds, since the passive one did the bulk of the copying off the thread.
+C{journal_size_limit} caps what a log left behind by any other path keeps.
 """
 
 from __future__ import annotations
@@ -54,6 +64,10 @@ _MAX_BATCH = 256
 SYNC_WITHIN: Final = 0.2
 #: Seconds between checkpoints while there are writes.
 CHECKPOINT_EVERY: Final = 0.5
+#: A log larger than this, all but its tail copied, is truncated.
+WAL_RESTART_BYTES: Final = 8 * 1024 * 1024
+#: What SQLite keeps of a log it starts again (C{journal_size_limit}).
+WAL_LIMIT_BYTES: Final = 64 * 1024 * 1024
 
 
 class _Thread:
@@ -119,8 +133,14 @@ class _SQLiteTransaction:
 class SQLiteBackend:
     name = "sqlite"
 
-    def __init__(self, path: Path, reactor: IReactorThreads) -> None:
+    def __init__(
+        self,
+        path: Path,
+        reactor: IReactorThreads,
+        wal_restart_bytes: int = WAL_RESTART_BYTES,
+    ) -> None:
         self.path = path
+        self.wal_restart_bytes = wal_restart_bytes
         self._reactor = reactor
         self._database = _Thread(reactor, "sqlite")
         self._syncer = _Thread(reactor, "sqlite-sync")
@@ -153,6 +173,7 @@ class SQLiteBackend:
             # crash; group commit keeps the cost per heartbeat small.
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute("PRAGMA busy_timeout=5000")
+            connection.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
             if self._clock is not None:  # checkpoints are ours: see the module
                 connection.execute("PRAGMA wal_autocheckpoint=0")
                 self._checkpointer = sqlite3.connect(
@@ -291,6 +312,7 @@ class SQLiteBackend:
 
     def _checkpoint(self) -> None:
         checkpointing = self._syncer.call(self._copy_log)
+        checkpointing.addCallback(self._restart_log_if_large)
         checkpointing.addErrback(
             lambda failure: _log.warn(
                 "checkpoint failed", backend=self.name, error=failure.getErrorMessage()
@@ -305,6 +327,34 @@ class SQLiteBackend:
         """
         if self._checkpointer is not None:
             self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def wal_bytes(self) -> int:
+        """The size of the write-ahead log file now (0 when there is none)."""
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return 0
+
+    def _restart_log_if_large(self, _: object = None) -> Deferred[None] | None:
+        if self._closed or self.wal_bytes() < self.wal_restart_bytes:
+            return None
+        return self._database.call(self._truncate_log)
+
+    def _truncate_log(self) -> None:
+        """
+        Copy what is left of the log and truncate it, on the database thread
+        between batches (no write of ours is open).  A reader outside this
+        process holding an old snapshot makes it give up at once rather than
+        stall the writer: the next checkpoint tries again.
+        """
+        connection = self._connection
+        if connection is None:
+            return
+        connection.execute("PRAGMA busy_timeout=0")
+        try:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            connection.execute("PRAGMA busy_timeout=5000")
 
     def _sync(self) -> None:
         syncing = self.sync()
