@@ -913,13 +913,13 @@ class Router:
     async def housekeeping(self) -> None:
         """The periodic pass: purge old results, count the queue, dispatch."""
         now = self.now()
+        self._check_stalled()  # first: a failing store must not hide a stall
         purged = await self.tasks.purge_finished(now - self.config.result_ttl)
         if purged:
             _log.info("finished tasks purged", count=purged)
         self.admission.counted(Backlog(await self.tasks.backlog()), now)
         self._metrics.queue_depth.set(self.admission.waiting)
         self._metrics.oldest_wait.set(self.admission.oldest_wait(now))
-        self._check_stalled()
         await self.renew()
         self.wake()
 
