@@ -761,7 +761,11 @@ class Router:
     ) -> None:
         now = self.now()
         if isinstance(outcome, Failure):
-            if not outcome.check(CancelledError):
+            # A call this process cut short fails with whatever the call was
+            # doing: CancelledError, or, while connecting, Twisted's
+            # ConnectingCancelledError or DNSLookupError.  Each is the cut,
+            # never the agent's fault (it must not count against its breaker).
+            if why is None and not outcome.check(CancelledError):
                 outcome = Retryable(f"dispatch error: {outcome.getErrorMessage()}")
             elif why == _DEADLINE:
                 self._metrics.attempts.labels("deadline").inc()
