@@ -26,12 +26,17 @@ Control (JSON), for the harness:
   GET  /bench/stats    tasks answered, first receipt, last answer, duplicates
   POST /bench/reset    forget the tasks answered so far
   POST /bench/pace     {"rate": 100, "seconds": 10, "body": "...", "connections": 8,
-                        "port": 8084}
+                        "port": 8084, "rows": true, "window": null}
                        starts a paced run (202); 409 while one runs.  "port" is
                        where the tasks go on 127.0.0.1 (optional: the
                        orchestrator's port by default; bench/tasks.py also
-                       points it at the bare Klein + treq relay)
-  GET  /bench/pace     202 while running; 200 with one row per task when done
+                       points it at the bare Klein + treq relay).  "rows":
+                       false keeps only counts (for long runs: bench/soak.py).
+                       "window": N instead of a rate, a closed loop: a task
+                       goes out whenever fewer than N accepted tasks have not
+                       yet reached this agent, for "seconds"
+  GET  /bench/pace     202 while running (with the answers' status codes so far);
+                       200 with one row per task when done
 
 Times are ``time.time()`` (the orchestrator stamps its log lines with the same
 clock).  Not a test fixture: it imports nothing from tests/.
@@ -42,7 +47,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import orjson
@@ -87,7 +92,8 @@ class _Submitter(Protocol):
 
     def send(self, index: int, request: bytes) -> None:
         self.waiting = index
-        self.run.rows[index][1] = time.time()
+        if self.run.keep_rows:
+            self.run.rows[index][1] = time.time()
         self.transport.write(request)
 
     def dataReceived(self, data: bytes) -> None:
@@ -125,17 +131,31 @@ class PacedRun:
     """
 
     def __init__(
-        self, port: int, rate: float, count: int, body: bytes, connections: int
+        self,
+        port: int,
+        rate: float,
+        count: int,
+        body: bytes,
+        connections: int,
+        keep_rows: bool = True,
+        window: int | None = None,
+        seconds: float = 0.0,
     ) -> None:
         self.rate = rate
         self.count = count
+        self.keep_rows = keep_rows
+        #: Closed loop: at most this many accepted tasks not yet at the agent.
+        self.window = window
+        self.seconds = seconds
+        self.reached = 0  # tasks of this run that reached the agent
+        self.codes: Counter[int] = Counter()
         self.request = (
             f"POST /tasks HTTP/1.1\r\nHost: {INTERFACE}:{port}\r\n"
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode() + body
         self.rows: list[list[Any]] = [
-            [0.0, None, None, None, None] for _ in range(count)
+            [0.0, None, None, None, None] for _ in range(count if keep_rows else 0)
         ]
         self.idle: deque[_Submitter] = deque()
         self.backlog: deque[int] = deque()
@@ -171,10 +191,19 @@ class PacedRun:
 
     def _tick(self) -> None:
         now = time.time()
+        if self.window is not None:
+            if now >= self.start + self.seconds:
+                self.count = self.next  # no more: the run ends as answers arrive
+                self._finish_if_done()
+                return
+            self._fill()
+            reactor.callLater(0.05, self._tick)  # the time limit, if nothing moves
+            return
         while self.next < self.count and self.start + self.next / self.rate <= now:
             index = self.next
             self.next += 1
-            self.rows[index][0] = self.start + index / self.rate
+            if self.keep_rows:
+                self.rows[index][0] = self.start + index / self.rate
             self.outstanding += 1
             if len(self.backlog) >= len(self.idle):
                 self.waited += 1  # no free connection for it
@@ -184,6 +213,21 @@ class PacedRun:
             due = self.start + self.next / self.rate
             reactor.callLater(max(0.0, due - time.time()), self._tick)
 
+    def _fill(self) -> None:
+        """The closed loop: top the window of tasks not yet at the agent up."""
+        while self.next - self.reached < (self.window or 0):
+            self.next += 1
+            self.count = self.next + 1  # open-ended until the time is over
+            self.outstanding += 1
+            self.backlog.append(self.next - 1)
+        self._drain_backlog()
+
+    def seen(self) -> None:
+        """A task of this run reached the agent."""
+        self.reached += 1
+        if self.window is not None and self.count > self.next and self.start:
+            self._fill()
+
     def _drain_backlog(self) -> None:
         while self.backlog and self.idle:
             self.idle.popleft().send(self.backlog.popleft(), self.request)
@@ -191,12 +235,16 @@ class PacedRun:
     def answered(
         self, submitter: _Submitter, index: int, at: float, code: int, body: bytes
     ) -> None:
-        row = self.rows[index]
-        row[2], row[3] = at, code
-        try:
-            row[4] = orjson.loads(body).get("task_id")
-        except (orjson.JSONDecodeError, AttributeError):
-            row[4] = None
+        self.codes[code] += 1
+        if code != 201 and self.window is not None:
+            self.reached += 1  # refused: it will never reach the agent
+        if self.keep_rows:
+            row = self.rows[index]
+            row[2], row[3] = at, code
+            try:
+                row[4] = orjson.loads(body).get("task_id")
+            except (orjson.JSONDecodeError, AttributeError):
+                row[4] = None
         self.outstanding -= 1
         self.idle.append(submitter)
         self._drain_backlog()
@@ -211,7 +259,9 @@ class PacedRun:
         self.lost_connections += 1
         if with_task is not None:  # never answered: counted as such
             self.outstanding -= 1
-            self.rows[with_task][3] = 0
+            self.codes[0] += 1
+            if self.keep_rows:
+                self.rows[with_task][3] = 0
         self._connect()
         self._finish_if_done()
 
@@ -229,6 +279,7 @@ class PacedRun:
             "connections_opened": self.opened,
             "connections_lost": self.lost_connections,
             "waited_for_connection": self.waited,
+            "codes": {str(code): n for code, n in sorted(self.codes.items())},
             "rows": self.rows,
         }
 
@@ -291,6 +342,8 @@ class FastAgent(Resource):
             answered = time.time()
             if task_id in self.tasks:
                 self.duplicates += 1
+            if self.pace is not None:
+                self.pace.seen()
             self.tasks[task_id] = (received, answered)
             if self.first_received is None:
                 self.first_received = received
@@ -336,7 +389,12 @@ class FastAgent(Resource):
             ):
                 return _reply(
                     request,
-                    {"running": True, "sent": run.next, "count": run.count},
+                    {
+                        "running": True,
+                        "sent": run.next,
+                        "count": run.count,
+                        "codes": {str(c): n for c, n in sorted(run.codes.items())},
+                    },
                     202,
                 )
             report = run.report()
@@ -356,14 +414,19 @@ class FastAgent(Resource):
             )
         if self.pace is not None and not self.pace.done:
             return _reply(request, {"error": "a paced run is going on"}, 409)
-        rate = float(options["rate"])
-        count = max(1, round(rate * float(options["seconds"])))
+        seconds = float(options["seconds"])
+        window = options.get("window")
+        rate = float(options.get("rate") or 1.0)
+        count = 1 if window else max(1, round(rate * seconds))
         self.pace = PacedRun(
             int(port),
             rate,
             count,
             options["body"].encode(),
             int(options.get("connections", 8)),
+            keep_rows=bool(options.get("rows", True)) and not window,
+            window=None if window is None else int(window),
+            seconds=seconds,
         )
         return _reply(request, {"started": True, "count": count}, 202)
 

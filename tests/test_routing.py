@@ -195,9 +195,9 @@ async def test_answers_look_for_waiting_tasks_only_when_some_may_wait(
     looks: list[float] = []
     due_tasks = tasks.due_tasks
 
-    def counted(now: float, limit: int) -> Any:
+    def counted(now: float, limit: int, *kinds: Any) -> Any:
         looks.append(now)
-        return due_tasks(now, limit)
+        return due_tasks(now, limit, *kinds)
 
     async def no_periodic_pass() -> None:
         """Off, so that every look below was made by a submission or an answer."""

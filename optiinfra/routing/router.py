@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from optiinfra.errors import Conflict, NotFound, Overloaded
 from optiinfra.ids import time_ordered_id
 from optiinfra.metrics import LATENCY_BUCKETS
-from optiinfra.registry.model import Agent, AgentQuery
+from optiinfra.registry.model import AGENT_TYPES, Agent, AgentQuery
 from optiinfra.registry.service import Registry
 from optiinfra.routing.admission import RETRY_AFTER, Admission, Backlog
 from optiinfra.routing.balancer import Outstanding, pick
@@ -65,6 +65,9 @@ _DRAIN: Final = "drain"
 
 #: Seconds between looks for late or abandoned tasks during dispatch passes.
 _SETTLE_EVERY: Final = 0.25
+#: Due tasks read beyond the free slots, for tasks that cannot go after all
+#: (their agent is busy after all, or offers nothing they ask for).
+_SLACK: Final = 8
 #: Seconds a pass may reuse the agents read by an earlier one.
 _AGENTS_FOR: Final = 1.0
 #: Seconds a submission may still use agents read that long ago, while they
@@ -215,6 +218,8 @@ class Router:
         self._wake_call: IDelayedCall | None = None
         self._passing = False
         self._again = False
+        #: Whether the next pass reads a full batch (see L{dispatch_pass}).
+        self._full_pass = False
         #: Whether tasks may be waiting for a free agent: cleared by a pass that
         #: left none, set by anything that may have made some.
         self._maybe_waiting = True
@@ -298,7 +303,7 @@ class Router:
             traceparent=traceparent,
             request_id=request_id,
         )
-        agent = self._reserve_at_once(task, now)
+        agent, busy = self._reserve_at_once(task, now)
         claim = (
             None
             if agent is None
@@ -308,7 +313,7 @@ class Router:
         )
         try:
             stored, created = await self.tasks.create_task(
-                task, claim, durable=claim is None
+                task, claim, durable=claim is None, busy=busy
             )
         except BaseException:
             if agent is not None:
@@ -343,22 +348,23 @@ class Router:
         )
         return task, True
 
-    def _reserve_at_once(self, task: Task, now: float) -> Agent | None:
+    def _reserve_at_once(self, task: Task, now: float) -> tuple[Agent | None, bool]:
         """
         The agent to claim C{task} for as it is stored, its slot reserved; None
         to leave the task to a dispatch pass (draining, no agent read lately,
-        none free, or the task asks for one that cannot take it).
+        none free, or the task asks for one that cannot take it); and whether
+        that is because every agent that could take it is busy.
         """
         if self._draining():
-            return None
+            return None, False
         agents = self._recent_agents(task.agent_type, now)
         if agents is None:
-            return None
+            return None, False
         choice = self._choose(task, agents, now)
         if not isinstance(choice, Agent):
-            return None
+            return None, choice is None
         self._reserve(choice)
-        return choice
+        return choice, False
 
     async def get(self, task_id: str) -> tuple[Task, list[TaskEvent]]:
         found = await self.tasks.get_task(task_id)
@@ -393,13 +399,14 @@ class Router:
 
     # Dispatching --------------------------------------------------------------
 
-    def wake(self) -> None:
+    def wake(self, full: bool = False) -> None:
         """
         Look for work soon: a task may be waiting (one arrived or is due for a
-        retry, an agent appeared or recovered, the periodic pass).
+        retry, an agent appeared or recovered, the periodic pass: C{full}).
         """
         self._work_generation += 1
         self._maybe_waiting = True
+        self._full_pass = self._full_pass or full
         self._pass_soon()
 
     def _freed(self) -> None:
@@ -421,7 +428,8 @@ class Router:
             self._again = True
             return
         self._passing = True
-        passing = ensureDeferred(self.dispatch_pass())
+        full, self._full_pass = self._full_pass, False
+        passing = ensureDeferred(self.dispatch_pass(full))
         passing.addCallbacks(self._pass_ok, self._pass_failed)
         passing.addBoth(self._pass_done)
 
@@ -448,8 +456,13 @@ class Router:
             self._again = False
             self._pass_soon()
 
-    async def dispatch_pass(self) -> None:
-        """Time out the late, recover the abandoned, send what can be sent."""
+    async def dispatch_pass(self, full: bool = True) -> None:
+        """
+        Time out the late, recover the abandoned, send what can be sent.  Not
+        C{full}, only tasks that free slots can take are read (see below); the
+        periodic pass is full, and so also refuses tasks that can never go
+        where they asked and marks those left waiting C{queued}.
+        """
         now = self.now()
         if now - self._last_settled >= _SETTLE_EVERY:
             self._last_settled = now
@@ -459,8 +472,20 @@ class Router:
         if self._draining():
             return
         generation = self._work_generation
-        due = await self.tasks.due_tasks(now, self.config.batch)
-        left_waiting = len(due) >= self.config.batch
+        if full:
+            due = await self.tasks.due_tasks(now, self.config.batch)
+            limit = self.config.batch
+        else:
+            # Read only as many due tasks as there are free slots, of the
+            # types that have them: under a backlog a slot frees with every
+            # answer, and reading a full batch each time made every completion
+            # cost a read of hundreds of rows.
+            free = self._free_slots(await self._agents(now, set(AGENT_TYPES)), now)
+            if not free:
+                return  # nothing can go out; an answer or the next pass looks again
+            limit = min(self.config.batch, sum(free.values()) + _SLACK)
+            due = await self.tasks.due_tasks(now, limit, sorted(free))
+        left_waiting = len(due) >= limit
         if not due:
             self._none_waiting(generation)
             return
@@ -506,6 +531,20 @@ class Router:
             count=len(tasks),
             task_ids=[task.id for task in tasks[:20]],
         )
+
+    def _free_slots(self, agents: list[Agent], now: float) -> dict[str, int]:
+        """Free slots by agent type, of the agents a task could be sent to."""
+        silent = self._registry.config.unreachable_after
+        free: dict[str, int] = {}
+        for agent in agents:
+            left = self.config.per_agent_limit - self.outstanding[agent.id]
+            if (
+                left > 0
+                and agent.status_at(now, silent) in ("healthy", "degraded")
+                and self.breakers.allows(agent.id)
+            ):
+                free[agent.type] = free.get(agent.type, 0) + left
+        return free
 
     def _none_waiting(self, generation: int) -> None:
         """A pass left nothing waiting; unless work appeared since it began."""
@@ -925,7 +964,7 @@ class Router:
         self._metrics.queue_depth.set(self.admission.waiting)
         self._metrics.oldest_wait.set(self.admission.oldest_wait(now))
         await self.renew()
-        self.wake()
+        self.wake(full=True)
 
     def _check_stalled(self) -> None:
         """

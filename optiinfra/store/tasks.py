@@ -20,6 +20,7 @@ from optiinfra.routing.model import (
     FINISHED,
     IN_FLIGHT,
     PENDING,
+    QUEUED,
     RETRYING,
     SENT,
     TIMEOUT,
@@ -110,7 +111,12 @@ class TaskStore:
         return self._backend.run_relaxed(work)
 
     def create_task(
-        self, task: Task, claim: Claim | None = None, *, durable: bool = True
+        self,
+        task: Task,
+        claim: Claim | None = None,
+        *,
+        durable: bool = True,
+        busy: bool = False,
     ) -> Deferred[tuple[Task, bool]]:
         """
         Insert C{task}; with an idempotency key already used, the old task.
@@ -121,6 +127,8 @@ class TaskStore:
         unit of work instead of an insert, a read of due tasks and a claim: the
         task is out in one commit.  Nobody else can have seen the row yet, so
         no compare-and-set is needed.  The task as stored says which happened.
+        A new task that is not sent (C{busy}: every agent that could take it
+        is busy; or one is free but tasks wait before it) is stored C{queued}.
 
         Not C{durable}, the insert is committed but may wait for the disk (see
         L{_run_relaxed}): the caller can send the task on and then L{sync}
@@ -158,13 +166,17 @@ class TaskStore:
                     lease_until=claim.lease_until,
                     started_at=task.created_at,
                 )
+            elif (claim is not None or busy) and task.status == PENDING:
+                stored = attrs.evolve(task, status=QUEUED)
             tx.execute(
                 f"INSERT INTO tasks ({_COLUMNS}) VALUES ({_marks(_FIELDS)})",
                 [_encode(f, getattr(stored, f)) for f in _FIELDS],
             )
             _event(tx, task.id, task.status, task.created_at, None)
-            if claim is not None and stored is not task:
+            if claim is not None and stored.status == SENT:
                 _event(tx, task.id, SENT, task.created_at, claim.detail)
+            elif stored.status != task.status:
+                _event(tx, task.id, QUEUED, task.created_at, "no agent free")
             return stored, True
 
         return self._backend.run(create) if durable else self._run_relaxed(create)
@@ -208,15 +220,23 @@ class TaskStore:
 
         return self._backend.run(list_, write=False)
 
-    def due_tasks(self, now: float, limit: int) -> Deferred[list[Task]]:
-        """Waiting tasks whose back-off is over, most urgent first."""
+    def due_tasks(
+        self, now: float, limit: int, agent_types: Sequence[str] | None = None
+    ) -> Deferred[list[Task]]:
+        """Waiting tasks whose back-off is over (of C{agent_types}), most urgent
+        first."""
+        kinds = ""
+        params: list[Any] = [*WAITING, now, now]
+        if agent_types is not None:
+            kinds = f" AND agent_type IN ({_marks(agent_types)})"
+            params.extend(agent_types)
 
         def due(tx: Transaction) -> list[Task]:
             rows = tx.execute(
                 f"SELECT {_COLUMNS} FROM tasks WHERE status IN ({_marks(WAITING)})"
-                " AND not_before <= ? AND deadline > ?"
+                f" AND not_before <= ? AND deadline > ?{kinds}"
                 " ORDER BY priority DESC, created_at, id LIMIT ?",
-                (*WAITING, now, now, limit),
+                (*params, limit),
             )
             return [_task(row) for row in rows]
 

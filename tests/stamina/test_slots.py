@@ -90,10 +90,10 @@ class FlakyTasks(TaskStore):
             return fail(StoreUnavailable("the disk is full"))
         return super().change_task(*args, **kwargs)
 
-    def due_tasks(self, now: float, limit: int) -> Deferred[list[Task]]:
+    def due_tasks(self, now: float, limit: int, *kinds: Any) -> Deferred[list[Task]]:
         if self.reads_fail:
             return fail(RuntimeError("a bug in the dispatch pass"))
-        return super().due_tasks(now, limit)
+        return super().due_tasks(now, limit, *kinds)
 
 
 class World:

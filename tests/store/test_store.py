@@ -447,7 +447,7 @@ async def test_a_new_task_waits_behind_a_due_one_as_urgent(store: IStore) -> Non
     await tasks.create_task(a_task(5, status="queued", deadline=100.0))
     for number, priority in ((6, 5), (7, 10)):
         stored, _ = await tasks.create_task(a_task(number, priority=priority), CLAIM)
-        assert (stored.status, stored.owner) == ("pending", None)
+        assert (stored.status, stored.owner) == ("queued", None)
     stored, _ = await tasks.create_task(a_task(8, priority=15), CLAIM)
     assert stored.status == "sent"
     stored, _ = await tasks.create_task(a_task(9, agent_type="performance"), CLAIM)
