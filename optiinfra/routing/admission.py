@@ -3,21 +3,25 @@ Admission: refuse a task at the door, before it reaches the store, when it
 cannot be done in time.
 
 Taking every task while the agents fall behind fills the store with tasks that
-will only time out, and each of them costs a write, a read and an expiry that
-the tasks which could still run are waiting for.  So two questions are asked of
-every submission, from memory alone:
+will only time out, and each of them costs a write, reads and an expiry that
+the tasks which could still run are waiting for: under three times the load it
+could carry, the orchestrator completed a fifth of what it did unloaded.  So
+every submission is asked, from memory alone:
 
  - are more tasks waiting than an operator allows (C{MAX_WAITING_TASKS})?
- - has the longest-waiting task of the same agent type, at least as urgent,
-   already waited longer than this one's whole timeout?  The queue is served
-   by priority, then in order, so this task would start after it: the wait that
-   task has seen is the best honest estimate of this one's.  It needs no guess
-   at the agents' speed, and it holds with replicas, because it is read from
-   the store every replica writes to.
+ - would it wait for an agent more than half its timeout?  The queue is served
+   by priority, then in order: the tasks ahead of it (waiting for the same
+   agent type, at least as urgent) divided by the rate at which such tasks
+   start now is its expected wait (Little's law).  Half, because the other
+   half is the agent's to do the work in.
+ - with no start to measure a rate from: has the longest-waiting task ahead
+   of it already waited longer than its whole timeout?
 
-The store is counted once a second (L{Backlog}); between counts this process
-adds what it queued and takes away what it took from the queue, so a burst is
-seen before the next count.
+The store is counted once a second (L{Backlog}), every replica's tasks; between
+counts this process adds what it queued and takes away what it took from the
+queue, so a burst is seen before the next count.  The start rate is this
+process's own: with several replicas each sees only its share of the starts,
+so each refuses somewhat early, never late.
 """
 
 from __future__ import annotations
@@ -30,8 +34,13 @@ import attrs
 #: Seconds a refused client is told to wait: the backlog is counted again by then.
 RETRY_AFTER: Final = 1
 #: A count older than this says nothing about the queue now (the store may be
-#: down, or the count failing): the queue-delay rule is not applied on it.
+#: down, or the count failing): the queue-delay rules are not applied on it.
 STALE_AFTER: Final = 10.0
+#: The share of its timeout a task may expect to wait for an agent.
+WAIT_SHARE: Final = 0.5
+#: Seconds of starts the start rate is measured over, in this many buckets.
+RATE_SECONDS: Final = 2.0
+_BUCKETS: Final = 8
 
 
 @attrs.frozen
@@ -45,6 +54,14 @@ class Backlog:
     def total(self) -> int:
         return sum(count for count, _ in self.by_kind.values())
 
+    def ahead(self, agent_type: str, priority: int) -> int:
+        """Waiting tasks of C{agent_type} served before one of C{priority}."""
+        return sum(
+            count
+            for (kind, urgency), (count, _) in self.by_kind.items()
+            if kind == agent_type and urgency >= priority
+        )
+
     def oldest_due(self, agent_type: str | None = None, priority: int = 0) -> float:
         """When the longest-waiting task (of a type, at least as urgent) was due."""
         return min(
@@ -54,6 +71,32 @@ class Backlog:
                 if (agent_type is None or kind == agent_type) and urgency >= priority
             ),
             default=float("inf"),
+        )
+
+
+class StartRate:
+    """Calls started per second by agent type, over the last L{RATE_SECONDS}."""
+
+    def __init__(self) -> None:
+        #: Agent type -> per bucket: (the bucket's number, starts in it).
+        self._buckets: dict[str, list[tuple[int, int]]] = {}
+
+    def started(self, agent_type: str, now: float) -> None:
+        number = int(now * _BUCKETS / RATE_SECONDS)
+        buckets = self._buckets.setdefault(agent_type, [(-1, 0)] * _BUCKETS)
+        slot = number % _BUCKETS
+        seen, count = buckets[slot]
+        buckets[slot] = (number, count + 1 if seen == number else 1)
+
+    def per_second(self, agent_type: str, now: float) -> float:
+        newest = int(now * _BUCKETS / RATE_SECONDS)
+        return (
+            sum(
+                count
+                for number, count in self._buckets.get(agent_type, ())
+                if newest - _BUCKETS < number <= newest
+            )
+            / RATE_SECONDS
         )
 
 
@@ -71,25 +114,27 @@ class Admission:
 
     def __init__(self, max_waiting: int) -> None:
         self.max_waiting = max_waiting
+        self.starts = StartRate()
         self._backlog = Backlog()
         self._counted_at = float("-inf")
-        #: Queued (+) and taken from the queue (-) by this process since the count.
-        self._change = 0
+        #: Agent type -> queued (+) and taken from the queue (-) by this
+        #: process since the count.
+        self._change: dict[str, int] = {}
 
     def counted(self, backlog: Backlog, now: float) -> None:
         self._backlog = backlog
         self._counted_at = now
-        self._change = 0
+        self._change = {}
 
-    def queued(self, count: int = 1) -> None:
-        self._change += count
+    def queued(self, agent_type: str, count: int = 1) -> None:
+        self._change[agent_type] = self._change.get(agent_type, 0) + count
 
-    def dequeued(self, count: int = 1) -> None:
-        self._change -= count
+    def dequeued(self, agent_type: str, count: int = 1) -> None:
+        self.queued(agent_type, -count)
 
     @property
     def waiting(self) -> int:
-        return max(0, self._backlog.total + self._change)
+        return max(0, self._backlog.total + sum(self._change.values()))
 
     def oldest_wait(self, now: float) -> float:
         """Seconds the longest-waiting due task had waited at the last count."""
@@ -108,8 +153,23 @@ class Admission:
             )
         if now - self._counted_at > STALE_AFTER:
             return None
-        due = self._backlog.oldest_due(agent_type, priority)
-        waited = self._counted_at - due
+        ahead = max(
+            0,
+            self._backlog.ahead(agent_type, priority) + self._change.get(agent_type, 0),
+        )
+        rate = self.starts.per_second(agent_type, now)
+        if ahead and rate:
+            wait = ahead / rate
+            if wait >= timeout_seconds * WAIT_SHARE:
+                return Refusal(
+                    "queue_delay",
+                    f"{ahead} tasks for {agent_type} agents wait before this one"
+                    f" and such tasks start about {rate:.0f} a second: it would"
+                    f" wait about {wait:.1f} s of its {timeout_seconds:g} s",
+                    field="timeout_seconds",
+                )
+            return None
+        waited = self._counted_at - self._backlog.oldest_due(agent_type, priority)
         if waited >= timeout_seconds:
             return Refusal(
                 "queue_delay",

@@ -334,7 +334,7 @@ class Router:
             self._metrics.dispatch_latency.observe(0.0)
             self._start(stored, agent)
         else:
-            self.admission.queued()
+            self.admission.queued(task.agent_type)
             self.wake()
         if claim is not None:
             await self.tasks.sync()
@@ -392,7 +392,8 @@ class Router:
                 f"task already {current.status}", task_id=task_id, status=current.status
             )
         if task_id not in self._calls:
-            self.admission.dequeued()  # a guess: it may be another replica's call
+            # A guess: it may have been another replica's call.
+            self.admission.dequeued(task.agent_type)
         self._ended(task, CANCELLED, None)
         self._cut_short(task_id, _CANCELLED)
         return task
@@ -523,8 +524,8 @@ class Router:
         """Tasks that timed out waiting: one log line for all of them."""
         if not tasks:
             return
-        self.admission.dequeued(len(tasks))
         for task in tasks:
+            self.admission.dequeued(task.agent_type)
             self._ended(task, TIMEOUT, None, log=False)
         _log.warn(
             "tasks timed out waiting for an agent",
@@ -562,7 +563,7 @@ class Router:
             durable=False,
         )
         if failed is not None:
-            self.admission.dequeued()
+            self.admission.dequeued(task.agent_type)
             self._ended(failed, FAILED, reason)
 
     async def _queue(self, task: Task, now: float) -> None:
@@ -593,7 +594,7 @@ class Router:
         if claimed is None:  # cancelled, or another replica took it
             self._unreserve(agent)
             return
-        self.admission.dequeued()
+        self.admission.dequeued(task.agent_type)
         if task.started_at is None:
             self._metrics.dispatch_latency.observe(max(0.0, now - task.created_at))
         self._start(claimed, agent)
@@ -732,6 +733,7 @@ class Router:
             self._unreserve(agent)
             self._record(self._hand_back_claim(task, now), task)
             raise
+        self.admission.starts.started(task.agent_type, now)
         call: Deferred[Outcome] = Deferred.fromCoroutine(
             self._dispatcher.send(agent, task, seconds_left)
         )
@@ -752,7 +754,7 @@ class Router:
             durable=False,
         )
         if back is not None:
-            self.admission.queued()
+            self.admission.queued(task.agent_type)
             self.wake()
 
     def _record(self, recording: Any, task: Task) -> Deferred[None]:
@@ -880,7 +882,7 @@ class Router:
             durable=False,
         )
         if retried is not None:
-            self.admission.queued()
+            self.admission.queued(task.agent_type)
             _log.info(
                 "task will be retried",
                 task_id=task.id,

@@ -7,15 +7,17 @@ import pytest_twisted
 
 from optiinfra.routing.admission import Admission, Backlog
 
-from ..agents import HANG, StartAgent
+from ..agents import HANG, StartAgent, until_sent
 from ..conftest import StartService
 from ..test_routing import TASK, call, register
 
 NOW = 1000.0
 
 
-def counted(by_kind: dict[tuple[str, int], tuple[int, float]]) -> Admission:
-    admission = Admission(max_waiting=100)
+def counted(
+    by_kind: dict[tuple[str, int], tuple[int, float]], max_waiting: int = 100
+) -> Admission:
+    admission = Admission(max_waiting)
     admission.counted(Backlog(by_kind), NOW)
     return admission
 
@@ -29,16 +31,37 @@ def test_a_task_is_taken_while_the_queue_moves() -> None:
 def test_too_many_waiting_is_refused_whatever_the_task() -> None:
     admission = counted({("cost", 5): (99, NOW)})
     assert admission.refuse("performance", 15, 300.0, NOW) is None
-    admission.queued()  # this process queued one since the count
+    admission.queued("cost")  # this process queued one since the count
     refusal = admission.refuse("performance", 15, 300.0, NOW)
     assert refusal is not None
     assert refusal.reason == "backlog"
     assert "100 tasks are waiting" in refusal.message
-    admission.dequeued(2)
+    admission.dequeued("cost", 2)
     assert admission.refuse("performance", 15, 300.0, NOW) is None
 
 
-def test_a_task_that_would_time_out_before_its_turn_is_refused() -> None:
+def test_a_task_that_would_wait_more_than_half_its_timeout_is_refused() -> None:
+    admission = counted(
+        {("cost", 5): (300, NOW - 1.0), ("cost", 9): (100, NOW)}, max_waiting=10_000
+    )
+    for tick in range(200):  # 100 starts a second over the last two seconds
+        admission.starts.started("cost", NOW - 1.99 + tick / 100)
+    assert admission.starts.per_second("cost", NOW) == pytest.approx(100, rel=0.15)
+    refusal = admission.refuse("cost", 5, 7.0, NOW)  # 400 ahead: ~4 s of its 7
+    assert refusal is not None
+    assert refusal.reason == "queue_delay"
+    assert refusal.field == "timeout_seconds"
+    assert "400 tasks for cost agents wait before this one" in refusal.message
+    assert admission.refuse("cost", 5, 10.0, NOW) is None
+    assert admission.refuse("cost", 9, 7.0, NOW) is None  # only 100 before it
+    # Those started by this process since the count are no longer ahead.
+    admission.dequeued("cost", 200)
+    assert admission.refuse("cost", 5, 7.0, NOW) is None
+    # Starts long gone say nothing of the rate now: the oldest-wait rule then.
+    assert admission.starts.per_second("cost", NOW + 5) == 0
+
+
+def test_without_starts_a_task_older_than_the_timeout_ahead_refuses() -> None:
     admission = counted({("cost", 5): (3, NOW - 12.0), ("cost", 9): (1, NOW - 1.0)})
     refusal = admission.refuse("cost", 5, 10.0, NOW)
     assert refusal is not None
@@ -70,10 +93,12 @@ async def test_past_the_waiting_limit_submissions_get_429(
     agent = await start_agent(HANG)
     await register(service, agent)
     accepted = []
-    for _ in range(3):  # one goes out and hangs, two wait
+    for number in range(3):  # one goes out and hangs, two wait
         code, body = await call(service, "POST", "/tasks", TASK)
         assert code == 201, body
         accepted.append(body["task_id"])
+        if number == 0:
+            await until_sent(agent, "analyze_cost")
     response = await service.request("POST", "/tasks", json=TASK)
     assert response.code == 429
     assert response.headers.getRawHeaders(b"retry-after") == [b"1"]
