@@ -58,7 +58,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 _JSON = [b"application/json"]
 
@@ -305,9 +305,10 @@ class _Channel(HTTPChannel):
 class FastAgent(Resource):
     isLeaf = True
 
-    def __init__(self, orchestrator: int | None) -> None:
+    def __init__(self, orchestrator: int | None, delay: float = 0.0) -> None:
         super().__init__()
         self.orchestrator = orchestrator
+        self.delay = delay
         self.agent_id: str | None = None
         self.problem: str | None = None
         self.pace: PacedRun | None = None
@@ -348,6 +349,9 @@ class FastAgent(Resource):
             if self.first_received is None:
                 self.first_received = received
             self.last_answered = answered
+            if self.delay:  # a slower agent: each task takes this long
+                reactor.callLater(self.delay, _finish, request, body)
+                return NOT_DONE_YET  # type: ignore[no-any-return]
             return body
         if request.path == b"/bench/reset":
             self.reset()
@@ -470,6 +474,12 @@ class FastAgent(Resource):
             print(f"heartbeat failed: {error!r}", file=sys.stderr, flush=True)
 
 
+def _finish(request: Any, body: bytes) -> None:
+    if not request.finished and not request._disconnected:
+        request.write(body)
+        request.finish()
+
+
 def _sleep(seconds: float) -> Any:
     from twisted.internet.task import deferLater
 
@@ -487,8 +497,14 @@ def main() -> None:
     parser.add_argument(
         "--heartbeat", type=float, default=10.0, help="seconds between heartbeats"
     )
+    parser.add_argument(
+        "--delay",
+        type=float,
+        default=0.0,
+        help="seconds each task takes (default: answered at once)",
+    )
     args = parser.parse_args()
-    agent = FastAgent(args.orchestrator)
+    agent = FastAgent(args.orchestrator, args.delay)
     root = Site(agent, parsePOSTFormSubmission=False)
     root.protocol = _Channel
     if args.orchestrator is not None:

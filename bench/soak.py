@@ -6,7 +6,11 @@ Stamina: minutes of overload, then minutes at a steady load under capacity.
 
 The service (twistd, embedded SQLite store, on the server CPU) and the fast
 agent (bench/fast_agent.py, which also holds the load client, on the load CPU)
-run as in bench/tasks.py.  Phases, in one run:
+run as in bench/tasks.py.  The agent takes --agent-delay seconds a task and
+the service sends it --agent-concurrency at once, so, as in the field, the
+agents are what limits the rate (about concurrency / delay tasks a second).
+--agent-delay 0 makes the orchestrator's own CPU the limit instead: a harsher
+test, since every refusal then costs capacity.  Phases, in one run:
 
   capacity  a closed loop (the next task goes out when one reaches the agent,
             at most 32 on their way): completions per second with no queue
@@ -69,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overload", type=float, default=3.0)
     parser.add_argument("--steady", type=float, default=0.8)
     parser.add_argument("--window", type=float, default=30.0, help="seconds a row")
+    parser.add_argument("--agent-delay", type=float, default=0.02)
+    parser.add_argument("--agent-concurrency", type=int, default=8)
     add_run_options(parser, strict="a target is missed")
     args = parser.parse_args(argv)
     if args.quick:
@@ -254,7 +260,11 @@ def benchmark(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="optiinfra-soak-") as tmp:
         workdir = Path(tmp)
         state = workdir / "var"
-        env = base_environment() | {"STATE_DIR": str(state), "LOG_LEVEL": "warn"}
+        env = base_environment() | {
+            "STATE_DIR": str(state),
+            "LOG_LEVEL": "warn",
+            "AGENT_CONCURRENCY": str(args.agent_concurrency),
+        }
         with open(os.devnull, "wb") as devnull:
             service = service_server("service", pinning.server, env, workdir, devnull)
             agent = script_server(
@@ -265,6 +275,8 @@ def benchmark(args: argparse.Namespace) -> int:
                 devnull,
                 "--orchestrator",
                 str(service.port),
+                "--delay",
+                str(args.agent_delay),
             )
             try:
                 service.start()
