@@ -288,7 +288,7 @@ def build_service(
         draining=lambda: readiness.draining,
         stalled=lambda reason: readiness.set_failing("dispatch", reason),
     )
-    routing_routes.mount(app, router, guard)
+    routing_routes.mount(app, router, guard, fast)
     coordination_metrics = CoordinationMetrics(metrics)
     coordinator = Coordinator(
         store.coordination,
