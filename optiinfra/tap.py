@@ -317,6 +317,9 @@ def build_service(
         metrics=HttpMetrics(metrics),
         access_log=access_log or AccessLog(real_stdout(), LEVELS[settings.log_level]),
         max_body_bytes=settings.max_body_bytes,
+        header_timeout=settings.header_timeout,
+        min_body_rate=settings.min_body_rate,
+        max_connections=settings.max_connections,
     )
     top = OrderedServices()
     StoreService(store).setServiceParent(top)

@@ -1,0 +1,405 @@
+"""
+The edges of HTTP, in process over real sockets: bodies nested too deep or with
+integers too wide, paths Werkzeug would redirect, what Twisted refuses, slow
+clients and too many connections.  tests/integration/test_http_edges.py does the
+same against a real twistd.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import orjson
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from werkzeug.routing import RequestRedirect
+
+from optiinfra.web.app import render_failure
+from optiinfra.web.body import MAX_DEPTH
+
+from .conftest import LogCapture, RunningService, StartService
+
+
+def nested(depth: int) -> bytes:
+    """C{depth} levels of arrays and objects around a 1, as JSON text."""
+    opening = "".join('{"a":' if level % 2 else "[" for level in range(depth))
+    closing = "".join("}" if level % 2 else "]" for level in reversed(range(depth)))
+    return f"{opening}1{closing}".encode()
+
+
+def embed(document: dict[str, Any], deep: bytes) -> bytes:
+    """C{document} as JSON, with C{deep} where it says C{"DEEP"}."""
+    return orjson.dumps(document).replace(b'"DEEP"', deep)
+
+
+def port_of(service: RunningService) -> int:
+    return int(service.url.rsplit(":", 1)[1])
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send C{data}, then read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def split(answer: bytes) -> tuple[int, bytes, dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head, orjson.loads(body)
+
+
+async def post(service: RunningService, path: str, document: Any, **kw: Any) -> Any:
+    response = await service.request(
+        "POST",
+        path,
+        data=document if isinstance(document, bytes) else orjson.dumps(document),
+        headers={"Content-Type": "application/json", **kw.pop("headers", {})},
+        **kw,
+    )
+    return response.code, await response.json()
+
+
+REGISTER = {"name": "cost-1", "type": "cost", "host": "127.0.0.1", "port": 8001}
+TASK = {"task_type": "analyze_cost", "agent_type": "cost"}
+
+
+# Bodies ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 256, 1024, 1025, 5000])
+@pytest_twisted.ensureDeferred
+async def test_deep_parameters_are_a_400_naming_the_field(
+    service: RunningService, depth: int
+) -> None:
+    for headers in ({}, {"Idempotency-Key": f"deep-{depth}"}):
+        code, body = await post(
+            service,
+            "/tasks",
+            embed({**TASK, "parameters": {"x": "DEEP"}}, nested(depth)),
+            headers=headers,
+        )
+        assert code == 400, body
+        assert "nest" in body["detail"]
+        assert str(MAX_DEPTH) in body["detail"]
+        if depth < 1000:  # past 1,024 in all, orjson refuses the whole body
+            assert body["field"] == "parameters"
+
+
+@pytest_twisted.ensureDeferred
+async def test_deep_fields_everywhere_are_400s(service: RunningService) -> None:
+    deep = "DEEP"
+    cases = [
+        ("/agents/register", {**REGISTER, "metadata": {"x": deep}}, "metadata"),
+        ("/agents/whoever/heartbeat", {"metadata": {"x": deep}}, "metadata"),
+        (
+            "/api/v1/agents/register",
+            {"agent_id": "a1", "agent_type": "cost", "metadata": {"d": deep}},
+            "metadata",
+        ),
+        (
+            "/coordination/coordinate",
+            {"customer_id": "c", "recommendations": [{"metadata": {"x": deep}}]},
+            "recommendations",
+        ),
+    ]
+    for path, document, field in cases:
+        code, body = await post(service, path, embed(document, nested(300)))
+        assert (code, body["field"]) == (400, field), (path, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nesting_up_to_the_limit_is_kept(service: RunningService) -> None:
+    deepest = nested(MAX_DEPTH - 2)  # with {"parameters": {"x": ...}} around it
+    document = embed({**TASK, "parameters": {"x": "DEEP"}}, deepest)
+    code, created = await post(service, "/tasks", document)
+    assert code == 201, created
+    response = await service.get(f"/tasks/{created['task_id']}")
+    assert response.code == 200
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        b"123456789012345678901234567890",
+        b"18446744073709551616",
+        b"-9223372036854775809",
+        b"9" * 300,  # longer ones orjson refuses itself, as infinite
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_integers_beyond_64_bits_are_refused(
+    service: RunningService, literal: bytes
+) -> None:
+    raw = b'{"task_type":"analyze_cost","agent_type":"cost","parameters":{"n":[1,%s]}}'
+    response = await service.request(
+        "POST",
+        "/tasks",
+        data=raw % literal,
+        headers={"Content-Type": "application/json"},
+    )
+    body = await response.json()
+    assert response.code == 400, body
+    assert body["field"] == "parameters.n[1]"
+    assert "between" in body["detail"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_64_bit_integers_and_big_floats_are_kept_exactly(
+    service: RunningService,
+) -> None:
+    parameters = {"top": 2**64 - 1, "bottom": -(2**63), "float": 1.5e300}
+    code, created = await post(service, "/tasks", {**TASK, "parameters": parameters})
+    assert code == 201, created
+    response = await service.get(f"/tasks/{created['task_id']}")
+    assert response.code == 200
+    await response.content()
+
+
+# Paths ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "//agents//register",
+        "//agents/register",
+        "/agents//register",
+        "/agents/register//",
+        "//api/v1/agents/register",
+        "/api/v1//agents/register",
+        "/api/v1/agents//register",
+        "/agents//a1/heartbeat",
+        "/api/v1/agents//a1/heartbeat",
+        "//api/v1/agents/heartbeat",
+        "//agents/a1/heartbeat",
+        "/tasks//x",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_doubled_slashes_are_a_json_404_not_a_redirect(
+    service: RunningService, path: str
+) -> None:
+    response = await service.request(
+        "POST", path, data=orjson.dumps(REGISTER), allow_redirects=False
+    )
+    assert response.code == 404, await response.text()
+    assert (await response.json())["error"] == "not found"
+
+
+def test_a_redirect_always_says_where_to() -> None:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([b""])
+    body = render_failure(request, Failure(RequestRedirect("http://x/agents/register")))
+    assert request.responseCode == 308
+    assert request.responseHeaders.getRawHeaders(b"location") == [
+        b"http://x/agents/register"
+    ]
+    assert orjson.loads(body)["error"]
+
+
+# What Twisted refuses ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "reason"),
+    [
+        (
+            b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            414,
+            "request line",
+        ),
+        (b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", 431, "headers"),
+        (b"GARBAGE\r\n\r\n", 400, "request line"),
+        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400, "headers"),
+        (b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400, "headers"),
+        (
+            b"POST /tasks HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            400,
+            "body",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_twisted_refusals_are_json(
+    service: RunningService, logs: LogCapture, data: bytes, code: int, reason: str
+) -> None:
+    answer = await deferToThread(exchange, port_of(service), data)
+    status, head, body = split(answer)
+    assert status == code, answer[:300]
+    assert b"Content-Type: application/json" in head
+    assert b"Connection: close" in head
+    assert reason in body["detail"]
+    assert body["request_id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_small_headers_over_the_total_are_a_431(
+    service: RunningService,
+) -> None:
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(20))
+    answer = await deferToThread(
+        exchange, port_of(service), b"GET /health HTTP/1.1\r\n" + headers + b"\r\n"
+    )
+    status, _, body = split(answer)
+    assert status == 431
+    assert "16384" in body["detail"]
+
+
+# Slow clients -----------------------------------------------------------------
+
+
+def trickle_headers(port: int, pause: float) -> bytes:
+    """One header line every C{pause} seconds until the server answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        sock.settimeout(pause)
+        answer = b""
+        for number in range(200):
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                sock.sendall(b"X-Slow-%d: 1\r\n" % number)
+                continue
+            if not chunk:
+                return answer
+            answer += chunk
+        return answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_headers_trickling_in_are_cut_at_the_header_timeout(
+    start_service: StartService, logs: LogCapture
+) -> None:
+    service = await start_service(header_timeout=0.5)
+    answer = await deferToThread(trickle_headers, port_of(service), 0.1)
+    status, _, body = split(answer)
+    assert status == 408
+    assert body["field"] == "headers"
+    [access] = logs.named("optiinfra.access")
+    assert (access["status"], access["path"]) == (408, "/health")
+    metrics = await (await service.get("/metrics")).text()
+    assert 'optiinfra_http_refused_total{reason="header_timeout"} 1.0' in metrics
+
+
+def trickle_body(port: int, pause: float) -> bytes:
+    """A body announced as 10,000 bytes, sent 10 at a time every C{pause} s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(
+            b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10000\r\n\r\n"
+        )
+        sock.settimeout(pause)
+        answer = b""
+        for _ in range(500):
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                sock.sendall(b" " * 10)
+                continue
+            if not chunk:
+                return answer
+            answer += chunk
+        return answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_slower_than_the_minimum_rate_is_cut(
+    start_service: StartService,
+) -> None:
+    service = await start_service(header_timeout=0.3, min_body_rate=1000)
+    answer = await deferToThread(trickle_body, port_of(service), 0.05)
+    status, _, body = split(answer)
+    assert status == 408
+    assert body["field"] == "body"
+    assert "1000 bytes" in body["detail"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_keep_alive_connection_is_not_a_slow_request(
+    start_service: StartService,
+) -> None:
+    service = await start_service(header_timeout=0.2)
+
+    def two_requests_with_a_pause() -> list[bytes]:
+        with socket.create_connection(("127.0.0.1", port_of(service)), timeout=15) as s:
+            answers = []
+            for _ in range(2):
+                s.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+                answers.append(s.recv(65536))
+                # idle for longer than the header timeout: the idle timeout rules
+                s.settimeout(0.6)
+                with pytest.raises(TimeoutError):
+                    s.recv(1)
+                s.settimeout(15)
+            return answers
+
+    answers = await deferToThread(two_requests_with_a_pause)
+    assert [a.split()[1] for a in answers] == [b"200", b"200"]
+
+
+# Too many connections -----------------------------------------------------------
+
+
+def hold(port: int) -> socket.socket:
+    """A connection that has been served once and stays open."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_max_connections_only_probes_are_served(
+    start_service: StartService,
+) -> None:
+    from optiinfra.web.site import PROBE_RESERVE
+
+    service = await start_service(max_connections=2)
+    port = port_of(service)
+
+    def crowd() -> dict[str, Any]:
+        held = [hold(port), hold(port)]
+        seen: dict[str, Any] = {}
+        try:
+            status, head, body = split(
+                exchange(port, b"GET /agents HTTP/1.1\r\nHost: x\r\n\r\n")
+            )
+            seen["agents"] = (status, body, b"Retry-After: 1" in head)
+            health = exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            seen["health"] = (split(health)[0], b"Connection: close" in health)
+            metrics = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            seen["metrics"] = metrics.decode()
+            reserve = [
+                socket.create_connection(("127.0.0.1", port), timeout=15)
+                for _ in range(PROBE_RESERVE)
+            ]
+            held += reserve
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as late:
+                answer = b""
+                while chunk := late.recv(65536):  # answered without asking
+                    answer += chunk
+            seen["late"] = split(answer)[:3:2]
+        finally:
+            for sock in held:
+                sock.close()
+        return seen
+
+    seen = await deferToThread(crowd)
+    assert seen["agents"][0] == 503
+    assert seen["agents"][1]["max_connections"] == 2
+    assert seen["agents"][2]
+    assert seen["health"] == (200, True)
+    assert "200 OK" in seen["metrics"]
+    assert (
+        'optiinfra_http_refused_total{reason="too_many_connections"} 1.0'
+        in (seen["metrics"])
+    )
+    assert "optiinfra_http_open_connections 3.0" in seen["metrics"]
+    assert seen["late"][0] == 503
