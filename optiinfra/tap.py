@@ -37,6 +37,7 @@ from optiinfra.coordination.plans import (
     load_templates,
 )
 from optiinfra.coordination.service import Coordinator, CoordinatorConfig
+from optiinfra.keyreload import KeyReloader
 from optiinfra.lifecycle import OrderedServices
 from optiinfra.logs import (
     LEVELS,
@@ -322,6 +323,9 @@ def build_service(
         max_connections=settings.max_connections,
     )
     top = OrderedServices()
+    KeyReloader(
+        guard, settings.api_keys_file, cast(IReactorFromThreads, reactor)
+    ).setServiceParent(top)
     StoreService(store).setServiceParent(top)
     StoreWatch(store, readiness, reactor, interval=2.0).setServiceParent(top)
     Sweeper(registry, reactor).setServiceParent(top)
