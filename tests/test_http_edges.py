@@ -403,3 +403,38 @@ async def test_past_max_connections_only_probes_are_served(
     )
     assert "optiinfra_http_open_connections 3.0" in seen["metrics"]
     assert seen["late"][0] == 503
+
+
+# Settings -----------------------------------------------------------------------
+
+
+def test_the_limits_are_settings() -> None:
+    from optiinfra.settings import build_settings
+
+    defaults = build_settings({})
+    assert (defaults.header_timeout, defaults.min_body_rate) == (10.0, 1024)
+    assert defaults.max_connections == 4096
+    settings = build_settings(
+        {"HEADER_TIMEOUT": "2.5", "MIN_BODY_RATE": "100", "MAX_CONNECTIONS": "10"}
+    )
+    assert (settings.header_timeout, settings.min_body_rate) == (2.5, 100)
+    assert settings.max_connections == 10
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HEADER_TIMEOUT", "0"),
+        ("HEADER_TIMEOUT", "soon"),
+        ("MIN_BODY_RATE", "0"),
+        ("MIN_BODY_RATE", "1k"),
+        ("MAX_CONNECTIONS", "0"),
+        ("MAX_CONNECTIONS", "many"),
+    ],
+)
+def test_bad_limits_name_the_variable(variable: str, value: str) -> None:
+    from optiinfra.settings import SettingsError, build_settings
+
+    with pytest.raises(SettingsError) as raised:
+        build_settings({variable: value})
+    assert (raised.value.name, raised.value.value) == (variable, value)
