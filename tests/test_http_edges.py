@@ -20,6 +20,7 @@ from werkzeug.routing import RequestRedirect
 from optiinfra.web.app import render_failure
 from optiinfra.web.body import MAX_DEPTH
 
+from .agents import StartAgent
 from .conftest import LogCapture, RunningService, StartService
 
 
@@ -113,14 +114,29 @@ async def test_deep_fields_everywhere_are_400s(service: RunningService) -> None:
         assert (code, body["field"]) == (400, field), (path, body)
 
 
+@pytest.mark.parametrize("brackets_in_a_string", [0, 200])
 @pytest_twisted.ensureDeferred
-async def test_nesting_up_to_the_limit_is_kept(service: RunningService) -> None:
-    deepest = nested(MAX_DEPTH - 2)  # with {"parameters": {"x": ...}} around it
-    document = embed({**TASK, "parameters": {"x": "DEEP"}}, deepest)
-    code, created = await post(service, "/tasks", document)
+async def test_nesting_up_to_the_limit_is_kept_and_one_more_is_not(
+    service: RunningService, brackets_in_a_string: int
+) -> None:
+    padding = {"note": "[{" * brackets_in_a_string}
+    # The body and "parameters" are two levels; "x" holds the rest.
+    at_limit = embed({**TASK, "parameters": {"x": "DEEP"}, **padding}, nested(62))
+    code, created = await post(service, "/tasks", at_limit)
     assert code == 201, created
     response = await service.get(f"/tasks/{created['task_id']}")
     assert response.code == 200
+    await response.content()
+    past_limit = embed({**TASK, "parameters": {"x": "DEEP"}, **padding}, nested(63))
+    code, body = await post(service, "/tasks", past_limit)
+    assert (code, body["field"]) == (400, "parameters")
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_shallow_containers_are_fine(service: RunningService) -> None:
+    parameters = {"rows": [[{"a": [i]}] for i in range(300)]}
+    code, created = await post(service, "/tasks", {**TASK, "parameters": parameters})
+    assert code == 201, created
 
 
 @pytest.mark.parametrize(
@@ -150,15 +166,26 @@ async def test_integers_beyond_64_bits_are_refused(
 
 
 @pytest_twisted.ensureDeferred
-async def test_64_bit_integers_and_big_floats_are_kept_exactly(
-    service: RunningService,
+async def test_64_bit_integers_and_big_floats_reach_the_agent_exactly(
+    start_service: StartService, start_agent: StartAgent
 ) -> None:
-    parameters = {"top": 2**64 - 1, "bottom": -(2**63), "float": 1.5e300}
+    from .test_routing import FAST, register, wait_for
+
+    service = await start_service(**FAST)
+    agent = await start_agent()
+    await register(service, agent)
+    parameters = {
+        "top": 2**64 - 1,
+        "bottom": -(2**63),
+        "float": 1.5e300,
+        "digits in a string": "12345678901234567890123",
+    }
     code, created = await post(service, "/tasks", {**TASK, "parameters": parameters})
     assert code == 201, created
-    response = await service.get(f"/tasks/{created['task_id']}")
-    assert response.code == 200
-    await response.content()
+    assert (await wait_for(service, created["task_id"]))["status"] == "completed"
+    [received] = agent.received
+    assert received.body["parameters"] == parameters
+    assert isinstance(received.body["parameters"]["top"], int)
 
 
 # Paths ----------------------------------------------------------------------
