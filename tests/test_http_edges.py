@@ -267,6 +267,21 @@ async def test_twisted_refusals_are_json(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_body_too_large_is_not_invited_with_100_continue(
+    start_service: StartService,
+) -> None:
+    service = await start_service(max_body_bytes=64)
+    answer = await deferToThread(
+        exchange,
+        port_of(service),
+        b"POST /tasks HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 1000\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b"100 Continue" not in answer
+
+
+@pytest_twisted.ensureDeferred
 async def test_many_small_headers_over_the_total_are_a_431(
     service: RunningService,
 ) -> None:

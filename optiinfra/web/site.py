@@ -278,6 +278,10 @@ class DrainingChannel(http.HTTPChannel):
         if not self.refused:
             super().allContentReceived()
 
+    def _send100Continue(self) -> None:
+        if not self.refused:  # a body refused for its length is not invited
+            super()._send100Continue()
+
     def requestDone(self, request: server.Request) -> None:
         super().requestDone(request)
         self._watch()
