@@ -6,7 +6,6 @@ systemd unit's own start and reload commands run for real.
 from __future__ import annotations
 
 import http.client
-import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from optiinfra.auth import Role, generate
 
-from .test_systemd_units import SERVICE, environment, read_unit
+from .test_systemd_units import SERVICE, environment, read_unit, unit_command
 from .twistd import Twistd
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -97,13 +96,6 @@ def test_sighup_revokes_a_key_on_an_open_connection(
     assert process.process.poll() is None  # SIGHUP does not end it
     process.signal()
     assert process.wait() in CLEAN_EXITS
-
-
-def unit_command(line: str, substitutions: dict[str, str]) -> list[str]:
-    """An Exec*= line of the unit, as it would run here (no + prefix, %t, ...)."""
-    for name, value in substitutions.items():
-        line = line.replace(name, value)
-    return shlex.split(line.removeprefix("+"))
 
 
 def test_the_units_start_and_reload_commands_reload_the_keys(

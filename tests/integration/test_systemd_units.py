@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,13 @@ def environment(unit: dict[str, dict[str, list[str]]]) -> dict[str, str]:
             name, _, setting = assignment.partition("=")
             variables[name] = setting
     return variables
+
+
+def unit_command(line: str, substitutions: Mapping[str, str]) -> list[str]:
+    """An Exec*= line (or a value) of the unit as it would run here: no + prefix."""
+    for name, value in substitutions.items():
+        line = line.replace(name, value)
+    return shlex.split(line.removeprefix("+"))
 
 
 def seconds(value: str) -> float:
