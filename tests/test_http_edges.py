@@ -112,6 +112,19 @@ async def test_deep_fields_everywhere_are_400s(service: RunningService) -> None:
     for path, document, field in cases:
         code, body = await post(service, path, embed(document, nested(300)))
         assert (code, body["field"]) == (400, field), (path, body)
+    # A field no reader looks at, with an Idempotency-Key (whose check encodes
+    # the whole body again).
+    for path, document in [
+        ("/tasks", TASK),
+        ("/coordination/coordinate", {"customer_id": "c", "recommendations": []}),
+    ]:
+        code, body = await post(
+            service,
+            path,
+            embed({**document, "unread": "DEEP"}, nested(300)),
+            headers={"Idempotency-Key": "k-1"},
+        )
+        assert (code, body["field"]) == (400, "unread"), (path, body)
 
 
 @pytest.mark.parametrize("brackets_in_a_string", [0, 200])
@@ -480,3 +493,41 @@ def test_bad_limits_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError) as raised:
         build_settings({variable: value})
     assert (raised.value.name, raised.value.value) == (variable, value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (nested(100), "[0]"),  # a deep array as the whole body
+        (b'"' + b"[" * 100 + b'"', "body"),  # brackets in a string are not depth
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bodies_that_are_not_objects(
+    service: RunningService, raw: bytes, field: str
+) -> None:
+    code, body = await post(service, "/tasks", raw)
+    assert (code, body["field"]) == (400, field)
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_arriving_in_pieces_within_the_deadlines_are_served(
+    service: RunningService,
+) -> None:
+    def in_pieces() -> bytes:
+        with socket.create_connection(("127.0.0.1", port_of(service)), timeout=15) as s:
+            s.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\n")
+            s.sendall(b"Expect: 100-continue\r\nContent-Length: 2\r\n")
+            s.sendall(b"Connection: close\r\n\r\n")
+            continued = s.recv(65536)
+            s.sendall(b"{")
+            s.sendall(b"}")
+            answer = continued
+            while chunk := s.recv(65536):
+                answer += chunk
+            return answer
+
+    answer = await deferToThread(in_pieces)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    status, _, body = split(answer.partition(b"\r\n\r\n")[2])
+    assert (status, body["field"]) == (400, "task_type")
