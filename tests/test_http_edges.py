@@ -531,3 +531,27 @@ async def test_requests_arriving_in_pieces_within_the_deadlines_are_served(
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
     status, _, body = split(answer.partition(b"\r\n\r\n")[2])
     assert (status, body["field"]) == (400, "task_type")
+
+
+def test_the_open_file_limit_makes_room_for_the_connections(logs: LogCapture) -> None:
+    import os
+    import resource
+
+    from optiinfra.web.service import SPARE_FILES, raise_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = len(os.listdir("/proc/self/fd")) + 64
+    if hard != resource.RLIM_INFINITY and hard < low + 2 * SPARE_FILES + 10:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves no room to test")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+        assert raise_file_limit(low) == (low, low + SPARE_FILES)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == low + SPARE_FILES
+        assert raise_file_limit(10) == (low + SPARE_FILES,) * 2  # never lowered
+        assert "open-file limit raised" in logs.messages()
+        if hard != resource.RLIM_INFINITY:
+            assert raise_file_limit(hard) == (low + SPARE_FILES, hard)
+            [warning] = [e for e in logs.events if "below MAX" in str(e.get("event"))]
+            assert warning["needed"] == hard + SPARE_FILES
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
