@@ -7,6 +7,7 @@ same against a real twistd.
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any
 
@@ -456,7 +457,9 @@ async def test_past_max_connections_only_probes_are_served(
         'optiinfra_http_refused_total{reason="too_many_connections"} 1.0'
         in (seen["metrics"])
     )
-    assert "optiinfra_http_open_connections 3.0" in seen["metrics"]
+    # The two held and this one; refused ones may not have finished closing.
+    [gauge] = re.findall(r"(?m)^optiinfra_http_open_connections (\S+)", seen["metrics"])
+    assert float(gauge) >= 3
     assert seen["late"][0] == 503
 
 
