@@ -22,6 +22,7 @@ import hmac
 import os
 import re
 import secrets
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -225,11 +226,14 @@ class ApiKeys:
         """
         Read and parse the key file at C{path}.
 
-        @raise ApiKeyFileError: also when the file cannot be read or decoded.
+        @raise ApiKeyFileError: also when the file cannot be read or decoded,
+            or when its mode lets anyone but its owner write it.
         """
         source = str(path)
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            with path.open("rb") as file:
+                refuse_unsafe_mode(source, os.fstat(file.fileno()).st_mode)
+                text = file.read().decode("utf-8-sig")
         except OSError as e:
             raise ApiKeyFileError(source, None, f"cannot read: {e.strerror}") from e
         except UnicodeDecodeError as e:
@@ -252,6 +256,54 @@ class ApiKeys:
             if hmac.compare_digest(entry.digest, digest):
                 found = entry
         return None if found is None else Principal(found.name, found.role)
+
+
+def refuse_unsafe_mode(source: str, mode: int) -> None:
+    """
+    Refuse a key file that its group or others may write: whoever can write
+    it can give themselves an operator key.  (Reading it reveals no key.)
+
+    @raise ApiKeyFileError: naming the file and its mode.
+    """
+    writers = [
+        who
+        for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH))
+        if mode & bit
+    ]
+    if writers:
+        raise ApiKeyFileError(
+            source,
+            None,
+            f"mode {stat.S_IMODE(mode):04o} lets {' and '.join(writers)} write it,"
+            " and so add a key; make it writable by its owner only (chmod go-w)",
+        )
+
+
+@attrs.frozen
+class KeyChanges:
+    """How a reloaded key file differs from the one in use, by key name."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    #: Names kept with another key or another role.
+    changed: tuple[str, ...]
+
+    @classmethod
+    def between(cls, old: ApiKeys | None, new: ApiKeys) -> KeyChanges:
+        before = {e.name: e for e in old.entries} if old is not None else {}
+        after = {e.name: e for e in new.entries}
+        return cls(
+            added=tuple(sorted(after.keys() - before.keys())),
+            removed=tuple(sorted(before.keys() - after.keys())),
+            changed=tuple(
+                sorted(
+                    name
+                    for name in after.keys() & before.keys()
+                    if (after[name].role, after[name].digest)
+                    != (before[name].role, before[name].digest)
+                )
+            ),
+        )
 
 
 def credential_from_headers(

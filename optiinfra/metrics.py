@@ -71,15 +71,22 @@ class _Series:
 class HttpMetrics:
     """
     Request counts by method, route template and status; durations by method
-    and route; requests in flight.
+    and route; requests in flight; open connections, and what the server
+    refused before routing (by reason).
     """
 
     def __init__(
         self, registry: CollectorRegistry, in_flight: Callable[[], int] = lambda: 0
     ) -> None:
         self._series: dict[tuple[str, str], _Series] = {}
+        self._refusals: dict[str, int] = {}
         self.in_flight = in_flight
+        self.open_connections: Callable[[], int] = lambda: 0
         registry.register(self)
+
+    def refused(self, reason: str) -> None:
+        """Count a request or connection refused before routing."""
+        self._refusals[reason] = self._refusals.get(reason, 0) + 1
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         if method not in KNOWN_METHODS:
@@ -122,3 +129,18 @@ class HttpMetrics:
             "Requests received and not yet answered.",
             value=self.in_flight(),
         )
+        yield GaugeMetricFamily(
+            "optiinfra_http_open_connections",
+            "Client connections open now.",
+            value=self.open_connections(),
+        )
+        refused = CounterMetricFamily(
+            "optiinfra_http_refused",
+            "Requests and connections refused before routing, by reason:"
+            " too_many_connections, header_timeout, body_too_slow, bad_request,"
+            " request_line_too_long, header_too_large, body_too_large.",
+            labels=("reason",),
+        )
+        for reason, count in sorted(self._refusals.items()):
+            refused.add_metric((reason,), count)
+        yield refused

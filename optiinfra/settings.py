@@ -39,6 +39,12 @@ class Settings:
     log_level: str = "info"
     drain_timeout: float = 10.0
     max_body_bytes: int = 1024 * 1024
+    #: Seconds a request's line and headers may take to arrive, in all.
+    header_timeout: float = 10.0
+    #: Bytes a second a body must arrive at, once C{header_timeout} has passed.
+    min_body_rate: int = 1024
+    #: Open connections served in full; beyond, only probes (then 503).
+    max_connections: int = 4096
     #: Where the embedded store keeps its file.
     state_dir: Path = Path("var")
     #: A PostgreSQL URL for the shared store; None means the embedded SQLite one.
@@ -239,6 +245,9 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "LOG_LEVEL": ("log_level", parse_log_level),
     "DRAIN_TIMEOUT": ("drain_timeout", parse_seconds),
     "MAX_BODY_BYTES": ("max_body_bytes", parse_bytes),
+    "HEADER_TIMEOUT": ("header_timeout", parse_positive_seconds),
+    "MIN_BODY_RATE": ("min_body_rate", parse_bytes),
+    "MAX_CONNECTIONS": ("max_connections", parse_count),
     # systemd's StateDirectory= first, so that STATE_DIR overrides it.
     "STATE_DIRECTORY": ("state_dir", parse_path),
     "STATE_DIR": ("state_dir", parse_path),

@@ -37,6 +37,7 @@ from optiinfra.coordination.plans import (
     load_templates,
 )
 from optiinfra.coordination.service import Coordinator, CoordinatorConfig
+from optiinfra.keyreload import KeyReloader
 from optiinfra.lifecycle import OrderedServices
 from optiinfra.logs import (
     LEVELS,
@@ -319,8 +320,14 @@ def build_service(
         metrics=HttpMetrics(metrics),
         access_log=access_log or AccessLog(real_stdout(), LEVELS[settings.log_level]),
         max_body_bytes=settings.max_body_bytes,
+        header_timeout=settings.header_timeout,
+        min_body_rate=settings.min_body_rate,
+        max_connections=settings.max_connections,
     )
     top = OrderedServices()
+    KeyReloader(
+        guard, settings.api_keys_file, cast(IReactorFromThreads, reactor)
+    ).setServiceParent(top)
     StoreService(store).setServiceParent(top)
     StoreWatch(store, readiness, reactor, interval=2.0).setServiceParent(top)
     Sweeper(registry, reactor).setServiceParent(top)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -20,6 +21,10 @@ from optiinfra.tap import build_service
 from optiinfra.web.service import HTTPService
 
 from .agents import start_agent  # noqa: F401 - a fixture for every test module
+
+# The service refuses a key file its group may write: whatever the runner's
+# umask, the key files tests write are their owner's to write only.
+os.umask(0o022)
 
 
 @attrs.define

@@ -18,6 +18,7 @@ from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import RequestRedirect
 
 from optiinfra.errors import Conflict, InvalidField, NotFound, Overloaded
 from optiinfra.store.interface import StoreUnavailable
@@ -77,6 +78,9 @@ def render_failure(request: IRequest, failure: Failure) -> bytes:
     with the request id, never sent).
     """
     error = failure.value
+    if isinstance(error, RequestRedirect):
+        # No route redirects today (see new_app); should one, it says where to.
+        request.setHeader(b"location", error.new_url.encode("utf-8"))
     if isinstance(error, HTTPException):
         code = error.code or 500
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
@@ -127,7 +131,15 @@ def render_failure(request: IRequest, failure: Failure) -> bytes:
 
 
 def new_app() -> Klein:
-    """A Klein app whose every error, routing ones included, is a JSON body."""
+    """
+    A Klein app whose every error, routing ones included, is a JSON body.
+
+    Werkzeug would answer C{//agents//register} with a redirect to the path
+    with its slashes merged, a redirect a POST cannot follow safely and one
+    the fast routes in front of Klein never make: such a path is a 404 here,
+    in both dialects alike.
+    """
     app = Klein()
+    app.url_map.merge_slashes = False
     app.handle_errors(Exception)(render_failure)
     return app

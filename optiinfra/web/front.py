@@ -110,6 +110,11 @@ class FrontResource(Resource):
         # Matched on the decoded path, as Werkzeug does (so %2F is a slash).
         found = self._routes.match(unquote_to_bytes(request.path))
         if found is None:
+            if b"//" in request.path:
+                # An empty segment names nothing.  Klein would drop a leading
+                # one and Werkzeug redirect for the others; the fast routes
+                # never match either: one answer for every path and dialect.
+                return render_error(request, 404, "not found")
             if not _utf8(request):
                 return render_error(
                     request,

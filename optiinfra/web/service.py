@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+
 import structlog
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
@@ -9,9 +11,37 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.python.failure import Failure
 
 from optiinfra.readiness import Readiness
-from optiinfra.web.site import OrchestratorSite
+from optiinfra.web.site import PROBE_RESERVE, OrchestratorSite
 
 _log = structlog.get_logger("optiinfra.server")
+
+
+#: Descriptors kept for everything but clients: the store, agents, logs.
+SPARE_FILES = 256
+
+
+def raise_file_limit(connections: int) -> tuple[int, int]:
+    """
+    Make room for C{connections} clients under the open-file limit: raise the
+    soft limit as far as the hard one allows (as Go's runtime does), and warn
+    when even that is too low, since accepting then fails before the
+    connection cap is reached.  The limits before and after.
+    """
+    needed = connections + SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = soft
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        _log.info("open-file limit raised", previous=soft, limit=raised)
+    if raised != resource.RLIM_INFINITY and raised < needed:
+        _log.warn(
+            "open-file limit below MAX_CONNECTIONS: connections past it wait"
+            " unaccepted instead of being answered",
+            limit=raised,
+            needed=needed,
+        )
+    return soft, raised
 
 
 def describe_port(port: IListeningPort) -> tuple[str, int | None]:
@@ -63,6 +93,7 @@ class HTTPService(Service):
         super().privilegedStartService()
         if self._listening is not None:
             return
+        raise_file_limit(self._site.max_connections + PROBE_RESERVE)
         self._listening = self._endpoint.listen(self._site)
         failures: list[Failure] = []
         self._listening.addCallbacks(self._bound, failures.append)

@@ -8,6 +8,15 @@ busy ones finish their current request with C{Connection: close}, and aborts wha
 is still running when the timeout passes.  Because a channel class of our own
 replaces twisted.web's protocol selector, this server speaks HTTP/1.1 only (HTTP/2
 belongs to the proxy in front of it).
+
+The channel also guards the edges of HTTP, answering in JSON wherever HTTP still
+allows an answer: a request's headers must all arrive within C{header_timeout}
+seconds of its first byte, and its body at C{min_body_rate} bytes a second once
+that much time has passed again (408); Twisted's own refusals of a malformed or
+oversized request line or header (400, 414, 431) are JSON too; and past
+C{max_connections} open connections, a new one may only ask for a probe or the
+metrics (once, then it is closed), while any other request gets a 503.  Past
+C{max_connections + PROBE_RESERVE}, a new connection gets the 503 at once.
 """
 
 from __future__ import annotations
@@ -18,8 +27,14 @@ from collections.abc import Callable
 from time import monotonic, time
 from typing import Any, Final, cast
 
+import orjson
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -35,6 +50,23 @@ _CLOSE: Final = [b"close"]
 
 #: Status written to the access log for a request that never got its answer.
 ABORTED: Final = 499
+
+#: Connections let in beyond C{max_connections}, for probes and metrics only.
+PROBE_RESERVE: Final = 16
+#: What a connection beyond C{max_connections} may still ask for.
+PROBE_PATHS: Final = frozenset({b"/health", b"/livez", b"/readyz", b"/metrics"})
+_PROBE_METHODS: Final = frozenset({b"GET", b"HEAD"})
+#: Seconds a refused client gets to read the answer before its connection is cut.
+LINGER: Final = 2.0
+
+_REASONS: Final = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
 
 #: Where access records go: L{optiinfra.logs.AccessLog} in production.
 AccessSink = Callable[[dict[str, Any]], None]
@@ -79,8 +111,6 @@ class OrchestratorRequest(server.Request):
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._logged:
-            return
         self._body_bytes += len(data)
         if self._body_bytes > self.channel.site.max_body_bytes:
             self._reject_too_large()
@@ -88,34 +118,16 @@ class OrchestratorRequest(server.Request):
         super().handleContentChunk(data)
 
     def _reject_too_large(self) -> None:
-        """
-        Answer 413 at once and close the connection, without reading the body.
-
-        The request has not been dispatched yet, so the answer is written
-        straight to the transport; the rest of the body is never read.
-        """
-        site = self.channel.site
-        # Not yet dispatched, so the request line is still the channel's.
-        self.method = self.channel._command
-        self.uri = self.channel._path
-        self.path = self.uri.split(b"?", 1)[0]
-        self._adopt_request_id()
-        body = (
-            b'{"error":"request body too large","field":"body","max_bytes":%d,'
-            b'"request_id":"%s"}' % (site.max_body_bytes, self.request_id.encode())
+        """Answer 413 at once and close the connection, without reading the body."""
+        self.channel.refuse(
+            413,
+            "body_too_large",
+            {
+                "error": "request body too large",
+                "field": "body",
+                "max_bytes": self.channel.site.max_body_bytes,
+            },
         )
-        self.code = 413
-        self.sentLength = len(body)
-        self.channel.write(
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"X-Request-ID: %s\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), self.request_id.encode(), body)
-        )
-        site.log(self)
-        self.channel.persistent = False
-        self.channel.loseConnection()
 
     # Life cycle -----------------------------------------------------------
 
@@ -136,26 +148,275 @@ class OrchestratorRequest(server.Request):
         super().connectionLost(reason)
 
 
+def json_answer(
+    code: int, payload: dict[str, Any], request_id: str, extra: bytes = b""
+) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection, for refusals."""
+    payload["request_id"] = request_id
+    body = orjson.dumps(payload)
+    return (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"X-Request-ID: %s\r\n%s"
+        b"Connection: close\r\n\r\n%s"
+        % (code, _REASONS[code], len(body), request_id.encode(), extra, body)
+    )
+
+
 class DrainingChannel(http.HTTPChannel):
-    """An HTTP/1.1 channel that its site can find, and close, when draining."""
+    """
+    An HTTP/1.1 channel that its site can find, and close, when draining; that
+    times out slow headers and bodies; and that refuses in JSON.
+    """
 
     site: OrchestratorSite
     draining = False
+    #: Let in beyond C{max_connections}: one probe or metrics request, no more.
+    probe_only = False
+    #: Answered and closing: whatever else arrives is read and dropped.
+    refused = False
+    _header_clock: IDelayedCall | None = None
+    _body_clock: IDelayedCall | None = None
+    _linger: IDelayedCall | None = None
+    _body_started = 0.0
+    _body_received = 0
+    _at_request_line = True
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channel_opened(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        for call in (self._header_clock, self._body_clock, self._linger):
+            if call is not None and call.active():
+                call.cancel()
+        self._header_clock = self._body_clock = self._linger = None
         try:
             super().connectionLost(reason)
         finally:
             self.site.channel_closed(self)
 
+    # Parsing, watched -----------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        super().dataReceived(data)
+        self._watch()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.refused:
+            return
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._too_long("header_too_large")
+            return
+        self._at_request_line = not self.requests
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._at_request_line = not self.requests
+        self._too_long(
+            "request_line_too_long" if self._at_request_line else "header_too_large"
+        )
+
+    def _too_long(self, reason: str) -> None:
+        limit = self.totalHeadersSize
+        if reason == "request_line_too_long":
+            self.refuse(
+                414,
+                reason,
+                {
+                    "error": "request line too long",
+                    "detail": f"the request line must fit in {limit} bytes",
+                },
+            )
+        else:
+            self.refuse(
+                431,
+                reason,
+                {
+                    "error": "request headers too large",
+                    "detail": f"the request line and headers must fit in {limit} bytes",
+                },
+            )
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's refusal of what it cannot parse, in JSON."""
+        if self._at_request_line:
+            part = "request line"
+        else:
+            part = "request headers" if self.line_mode else "request body"
+        self.refuse(
+            400, "bad_request", {"error": "bad request", "detail": f"malformed {part}"}
+        )
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if not self._handlingRequest:
+            self._body_received += len(data)
+        super().rawDataReceived(data)
+
     def allHeadersReceived(self) -> None:
+        if self.probe_only and not (
+            self._command in _PROBE_METHODS
+            and self._path.split(b"?", 1)[0] in PROBE_PATHS
+        ):
+            self.refuse_crowded()
+            return
+        self._body_started = self.site.clock.seconds()
+        self._body_received = 0
         super().allHeadersReceived()
-        if self.draining:
+        if self.probe_only:
             self.persistent = False
+            self.requests[-1].responseHeaders.setRawHeaders(b"connection", _CLOSE)
+        elif self.draining:
+            self.persistent = False
+
+    def allContentReceived(self) -> None:
+        if not self.refused:
+            super().allContentReceived()
+
+    def _send100Continue(self) -> None:
+        if not self.refused:  # a body refused for its length is not invited
+            super()._send100Continue()
+
+    def requestDone(self, request: server.Request) -> None:
+        super().requestDone(request)
+        self._watch()
+
+    # Deadlines ------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """
+        After the parser moved: start the clock of whatever is now awaited
+        from the client (headers, or a body), stop the others.
+
+        Checked after each read rather than per line, so a request arriving
+        in one piece (nearly all of them) never starts a clock.
+        """
+        header = body = False
+        if not (self._handlingRequest or self.refused):
+            if self.line_mode:
+                header = bool(self.requests or self._buffer)
+            else:
+                body = True
+        if header:
+            if self._header_clock is None:
+                self._header_clock = self.site.clock.callLater(
+                    self.site.header_timeout, self._headers_too_slow
+                )
+        elif self._header_clock is not None:
+            self._header_clock.cancel()
+            self._header_clock = None
+        if body:
+            if self._body_clock is None:
+                self._body_clock = self.site.clock.callLater(
+                    self._body_due(), self._check_body_rate
+                )
+        elif self._body_clock is not None:
+            self._body_clock.cancel()
+            self._body_clock = None
+
+    def _body_due(self) -> float:
+        """Seconds until the body is late unless another byte arrives."""
+        site = self.site
+        due = self._body_started + site.header_timeout
+        due += (self._body_received + 1) / site.min_body_rate
+        return max(due - site.clock.seconds(), 0.0)
+
+    def _headers_too_slow(self) -> None:
+        self._header_clock = None
+        seconds = self.site.header_timeout
+        self.refuse(
+            408,
+            "header_timeout",
+            {
+                "error": "request timeout",
+                "field": "headers",
+                "detail": f"the request's headers must arrive within {seconds:g} s",
+            },
+        )
+
+    def _check_body_rate(self) -> None:
+        self._body_clock = None
+        due = self._body_due()
+        if due > 0:
+            self._body_clock = self.site.clock.callLater(due, self._check_body_rate)
+            return
+        site = self.site
+        self.refuse(
+            408,
+            "body_too_slow",
+            {
+                "error": "request timeout",
+                "field": "body",
+                "detail": f"the body must arrive at {site.min_body_rate} bytes a"
+                f" second or faster, after {site.header_timeout:g} s",
+            },
+        )
+
+    # Refusals -------------------------------------------------------------
+
+    def refuse_crowded(self) -> None:
+        """The 503 of a connection past C{max_connections}."""
+        self.refuse(
+            503,
+            "too_many_connections",
+            {
+                "error": "too many connections, try again later",
+                "max_connections": self.site.max_connections,
+            },
+            extra=b"Retry-After: 1\r\n",
+        )
+
+    def refuse(
+        self, code: int, reason: str, payload: dict[str, Any], extra: bytes = b""
+    ) -> None:
+        """
+        Answer C{code} with C{payload} before any request is dispatched, and
+        close: the write side at once, the connection once the client has
+        read the answer (or after L{LINGER} seconds).
+
+        Closing with unread data would make the kernel reset the connection,
+        and a reset can destroy the answer before the client reads it; so what
+        the client still sends is read and dropped until it goes.
+        """
+        if self.refused:
+            return
+        self.refused = True
+        self.persistent = False
+        site = self.site
+        site.metrics.refused(reason)
+        request = None
+        if self.requests and not self._handlingRequest:
+            request = cast(OrchestratorRequest, self.requests[-1])
+            # Not dispatched, so the request line (if any) is still ours.
+            request.method = getattr(self, "_command", b"-")
+            request.uri = getattr(self, "_path", b"-")
+            request.path = request.uri.split(b"?", 1)[0]
+            request._adopt_request_id()
+            request_id = request.request_id
+        else:
+            request_id = new_request_id()
+        answer = json_answer(code, payload, request_id, extra)
+        cast(ITCPTransport, self.transport).write(answer)
+        if request is not None:
+            request.code = code
+            request.sentLength = len(answer) - answer.index(b"\r\n\r\n") - 4
+            site.log(request)
+        self._watch()
+        transport = cast(ITCPTransport, self.transport)
+        cast(IConsumer, transport).unregisterProducer()
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None:
+            transport.loseConnection()
+            return
+        half_close()
+        self._linger = site.clock.callLater(LINGER, transport.abortConnection)
+
+    # Draining -------------------------------------------------------------
 
     @property
     def idle(self) -> bool:
@@ -192,6 +453,9 @@ class OrchestratorSite(server.Site):
         access_log: AccessSink,
         max_body_bytes: int,
         idle_timeout: float = 60.0,
+        header_timeout: float = 10.0,
+        min_body_rate: int = 1024,
+        max_connections: int = 4096,
     ) -> None:
         # The API takes JSON only.  twisted.web would otherwise parse the
         # Content-Type of every POST with the email package, looking for a form:
@@ -201,6 +465,9 @@ class OrchestratorSite(server.Site):
         self.clock = clock
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.header_timeout = header_timeout
+        self.min_body_rate = min_body_rate
+        self.max_connections = max_connections
         self._access_log = access_log
         self._channels: set[DrainingChannel] = set()
         self._drained: Deferred[None] | None = None
@@ -209,6 +476,7 @@ class OrchestratorSite(server.Site):
         #: Requests being processed; the metrics read it when scraped.
         self.in_flight = 0
         metrics.in_flight = lambda: self.in_flight
+        metrics.open_connections = lambda: len(self._channels)
 
     # Connections ----------------------------------------------------------
 
@@ -216,7 +484,12 @@ class OrchestratorSite(server.Site):
         if self.draining:
             # Accepted just before the port closed: serve nothing new.
             channel.draining = True
+        crowd = len(self._channels) - self.max_connections
         self._channels.add(channel)
+        if crowd >= PROBE_RESERVE:
+            channel.refuse_crowded()
+        elif crowd >= 0:
+            channel.probe_only = True
 
     def channel_closed(self, channel: DrainingChannel) -> None:
         self._channels.discard(channel)

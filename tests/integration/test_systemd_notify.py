@@ -28,7 +28,14 @@ import pytest
 
 from optiinfra.auth import Role, generate
 
-from .test_systemd_units import SERVICE, SOCKET, environment, one, read_unit
+from .test_systemd_units import (
+    SERVICE,
+    SOCKET,
+    environment,
+    one,
+    read_unit,
+    unit_command,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -312,23 +319,24 @@ def test_socket_activation_as_the_units_set_it_up(
     name = one(socket_unit, "Socket", "FileDescriptorName")
     argv = one(unit, "Service", "ExecStart").split()
     argv[0] = TWISTD
-    # What systemd sets up: LoadCredential= copies into $CREDENTIALS_DIRECTORY
-    # (%d), StateDirectory= gives $STATE_DIRECTORY.
-    credentials, state = tmp_path / "credentials", tmp_path / "state"
-    credentials.mkdir()
+    # What systemd sets up: RuntimeDirectory= under %t, with ExecStartPre=
+    # copying the key file there; StateDirectory= gives $STATE_DIRECTORY.
+    runtime, state = tmp_path / "run", tmp_path / "state"
+    (runtime / one(unit, "Service", "RuntimeDirectory")).mkdir(parents=True)
     state.mkdir()
-    for credential in unit["Service"].get("LoadCredential", []):
-        credential_name, _, _ = credential.partition(":")
-        assert credential_name == "api-keys", "teach this test the new credential"
-        _, line = generate("systemd-test", next(iter(Role)))
-        (credentials / credential_name).write_text(line + "\n")
+    source = tmp_path / "etc-api-keys"
+    _, line = generate("systemd-test", next(iter(Role)))
+    source.write_text(line + "\n")
+    source.chmod(0o600)
+    substitutions = {"%t": str(runtime), "/etc/optiinfra/api-keys": str(source)}
+    for command in unit["Service"].get("ExecStartPre", []):
+        subprocess.run(unit_command(command, substitutions), check=True)
     settings = {
-        key: value.replace("%d", str(credentials))
+        key: unit_command(value, substitutions)[0]
         for key, value in environment(unit).items()
     }
     assert not any("%" in value for value in settings.values()), settings
     settings |= {
-        "CREDENTIALS_DIRECTORY": str(credentials),
         "STATE_DIRECTORY": str(state),
         "PYTHONPATH": str(ROOT),
         "NOTIFY_SOCKET": fake_systemd.path,

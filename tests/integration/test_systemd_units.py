@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,13 @@ def environment(unit: dict[str, dict[str, list[str]]]) -> dict[str, str]:
             name, _, setting = assignment.partition("=")
             variables[name] = setting
     return variables
+
+
+def unit_command(line: str, substitutions: Mapping[str, str]) -> list[str]:
+    """An Exec*= line (or a value) of the unit as it would run here: no + prefix."""
+    for name, value in substitutions.items():
+        line = line.replace(name, value)
+    return shlex.split(line.removeprefix("+"))
 
 
 def seconds(value: str) -> float:
@@ -205,20 +214,28 @@ def test_service_adopts_the_socket_units_socket() -> None:
     assert one(socket_unit, "Install", "WantedBy") == "sockets.target"
 
 
-def test_production_gets_its_api_keys_as_a_credential() -> None:
+def test_production_gets_a_reloadable_copy_of_its_api_keys() -> None:
     """
     The service refuses ENVIRONMENT=production without API_KEYS_FILE, and the
-    dynamic user cannot read a root-owned 0600 key file: systemd passes a copy.
+    dynamic user cannot read a root-owned 0600 key file: a privileged step copies
+    it before each start and each reload, then the reload sends SIGHUP.
+    (tests/integration/test_key_reload.py runs these very commands.)
     """
     service = read_unit(SERVICE)
     variables = environment(service)
     assert variables["ENVIRONMENT"] == "production"
-    credentials = dict(
-        value.split(":", 1) for value in service["Service"]["LoadCredential"]
-    )
-    directory, _, credential = variables["API_KEYS_FILE"].partition("/")
-    assert directory == "%d"
-    assert credentials[credential].startswith("/etc/optiinfra/")
+    runtime = one(service, "Service", "RuntimeDirectory")
+    assert one(service, "Service", "RuntimeDirectoryMode") == "0700"
+    copy = variables["API_KEYS_FILE"]
+    assert copy == f"%t/{runtime}/api-keys"
+    [start] = service["Service"]["ExecStartPre"]
+    assert start.startswith("+")  # root's file: only a privileged step reads it
+    assert start.split()[-2:] == ["/etc/optiinfra/api-keys", copy]
+    assert "-m 0444" in start  # the service may read the copy, nobody write it
+    *copying, signalling = service["Service"]["ExecReload"]
+    assert all(step.startswith("+") for step in copying)
+    assert copying[-1].split()[-1] == copy  # renamed into place: never half-written
+    assert signalling == "/bin/kill -HUP $MAINPID"
 
 
 def test_sd_notify_is_not_sandboxed_away() -> None:
