@@ -372,7 +372,8 @@ def measure(
     print(
         "RSS first/last loaded window   "
         f"{first['rss_mb']:.0f} / {watch.rows[-1]['rss_mb']:.0f} MB; fds "
-        f"{first['fds']} / {watch.rows[-1]['fds']}; WAL max {figures['wal_mb_max']:.1f} MB"
+        f"{first['fds']} / {watch.rows[-1]['fds']}; "
+        f"WAL max {figures['wal_mb_max']:.1f} MB"
     )
     missed: list[str] = []
     checks = [
