@@ -141,6 +141,7 @@ class Watch:
         "fds",
         "db_mb",
         "wal_mb",
+        "written_kb/task",
         "health_p99_ms",
     )
 
@@ -163,7 +164,18 @@ class Watch:
                 port, "optiinfra_tasks_finished_total", status="timeout"
             ),
             "refused": counter(port, "optiinfra_tasks_refused_total"),
+            "written": self._written(),
         }
+
+    def _written(self) -> float:
+        """Bytes the service's process has had written to disk so far."""
+        assert self.service.process is not None
+        try:
+            io = Path(f"/proc/{self.service.process.pid}/io").read_text()
+        except OSError:
+            return float("nan")
+        fields = dict(line.split(": ") for line in io.splitlines())
+        return float(fields["write_bytes"])
 
     def _size_mb(self, name: str) -> float:
         try:
@@ -194,6 +206,9 @@ class Watch:
             "fds": len(os.listdir(f"/proc/{pid}/fd")),
             "db_mb": self._size_mb("orchestrator.db"),
             "wal_mb": self._size_mb("orchestrator.db-wal"),
+            "written_kb/task": (now["written"] - last["written"])
+            / 1024
+            / max(1.0, now["completed"] - last["completed"]),
             "health_p99_ms": p99(self.probe.take()),
         }
         self.rows.append(row)
@@ -311,6 +326,8 @@ def measure(
         ("overload", args.overload, args.overload_seconds),
         ("steady", args.steady, args.steady_seconds),
     ):
+        if not seconds:
+            continue
         reports[name] = phase(
             name, agent, watch, seconds, args.window, rate=capacity * factor
         )
@@ -333,7 +350,7 @@ def measure(
         if code not in ("201", "429")
     }
     loaded = [r for r in watch.rows if r["phase"] in ("overload", "steady")]
-    first = next(r for r in watch.rows if r["phase"] == "overload")
+    first = loaded[0]
     figures = {
         "unloaded_per_s": capacity,
         "overload_completed_per_s": rate_of(watch.rows, "overload", "completed/s"),
@@ -349,6 +366,7 @@ def measure(
         "rss_mb_first_last": (first["rss_mb"], watch.rows[-1]["rss_mb"]),
         "fds_first_last": (first["fds"], watch.rows[-1]["fds"]),
         "wal_mb_max": max(r["wal_mb"] for r in watch.rows),
+        "written_kb_per_task_steady": rate_of(watch.rows, "steady", "written_kb/task"),
         "rows": watch.rows,
         "machine": info,
     }
@@ -368,6 +386,10 @@ def measure(
     print(
         f"GET /health p99, worst window  {figures['health_p99_ms_worst']:8.1f} ms"
         f"  ({probe.failures} probes failed)"
+    )
+    print(
+        "written to disk per task (steady) "
+        f"{figures['written_kb_per_task_steady']:.1f} KB"
     )
     print(
         "RSS first/last loaded window   "

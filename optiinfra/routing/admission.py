@@ -89,15 +89,21 @@ class StartRate:
         buckets[slot] = (number, count + 1 if seen == number else 1)
 
     def per_second(self, agent_type: str, now: float) -> float:
-        newest = int(now * _BUCKETS / RATE_SECONDS)
-        return (
-            sum(
-                count
-                for number, count in self._buckets.get(agent_type, ())
-                if newest - _BUCKETS < number <= newest
-            )
-            / RATE_SECONDS
-        )
+        """
+        Starts a second, over the window or since the first start in it: a
+        burst after a quiet spell is not spread over seconds nothing started.
+        """
+        width = RATE_SECONDS / _BUCKETS
+        newest = int(now / width)
+        recent = [
+            (number, count)
+            for number, count in self._buckets.get(agent_type, ())
+            if newest - _BUCKETS < number <= newest and count
+        ]
+        if not recent:
+            return 0.0
+        since = min(number for number, _ in recent) * width
+        return sum(count for _, count in recent) / max(width, now - since)
 
 
 @attrs.frozen

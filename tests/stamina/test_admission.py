@@ -114,3 +114,13 @@ async def test_past_the_waiting_limit_submissions_get_429(
     assert code == 200
     code, body = await call(service, "POST", "/tasks", TASK)
     assert code == 201, body
+
+
+def test_a_burst_after_a_quiet_spell_is_measured_at_its_own_pace() -> None:
+    admission = Admission(max_waiting=10_000)
+    for tick in range(50):  # 50 starts in the last 0.2 s, none before
+        admission.starts.started("cost", NOW - 0.2 + tick * 0.004)
+    assert admission.starts.per_second("cost", NOW) >= 100
+    admission.counted(Backlog({("cost", 5): (60, NOW)}), NOW)
+    # 60 ahead at >= 100 a second: well under half of 3 s; not refused.
+    assert admission.refuse("cost", 5, 3.0, NOW) is None
