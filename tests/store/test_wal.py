@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from optiinfra.routing.model import COMPLETED, IN_FLIGHT
 from optiinfra.store.sql import SQLStore
 from optiinfra.store.sqlite import SQLiteBackend
-from optiinfra.store.tasks import Claim
+from optiinfra.store.tasks import _IS_WAITING, Claim
 
 from .test_store import a_task
 
@@ -83,3 +83,29 @@ def test_the_log_limit_is_set_on_the_connection(tmp_path: Path) -> None:
     [(limit,)] = backend._connection.execute("PRAGMA journal_size_limit").fetchall()
     assert limit == 64 * 1024 * 1024
     backend._connection.close()
+
+
+def test_the_queue_queries_use_the_partial_indexes(tmp_path: Path) -> None:
+    """
+    The waiting and finished indexes hold only the tasks their queries look
+    for, so a task created already sent, or completed, writes no page of the
+    waiting index; the queries must still find them by those indexes.
+    """
+    backend = SQLiteBackend(tmp_path / "db", reactor)
+    backend.open()
+    connection = backend._connection
+    assert connection is not None
+    due = (
+        f"SELECT id FROM tasks WHERE {_IS_WAITING} AND not_before <= ?"
+        " AND deadline > ? AND agent_type IN (?) ORDER BY priority DESC,"
+        " created_at, id LIMIT ?"
+    )
+    purge = "SELECT id FROM tasks WHERE completed_at < ? ORDER BY completed_at"
+    plans = [
+        " ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {q}", p))
+        for q, p in ((due, (1, 1, "cost", 1)), (purge, (1,)))
+    ]
+    connection.close()
+    assert "USING INDEX tasks_waiting" in plans[0]
+    assert "TEMP B-TREE" not in plans[0]
+    assert "USING INDEX tasks_finished" in plans[1]
