@@ -96,7 +96,7 @@ def test_the_queue_queries_use_the_partial_indexes(tmp_path: Path) -> None:
     connection = backend._connection
     assert connection is not None
     due = (
-        f"SELECT id FROM tasks WHERE {_IS_WAITING} AND not_before <= ?"
+        f"SELECT id FROM tasks WHERE {_IS_WAITING} AND not_before <= ?"  # noqa: S608
         " AND deadline > ? AND agent_type IN (?) ORDER BY priority DESC,"
         " created_at, id LIMIT ?"
     )
