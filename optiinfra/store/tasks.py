@@ -80,6 +80,8 @@ def _marks(values: Sequence[Any]) -> str:
 #: and a database uses such a partial index only for a query whose condition
 #: says so in the same words (a placeholder proves nothing to the planner).
 _IS_WAITING: Final = "status IN ({})".format(", ".join(f"'{s}'" for s in WAITING))
+#: In flight, likewise (the C{tasks_in_flight} index).
+_IS_IN_FLIGHT: Final = "status IN ({})".format(", ".join(f"'{s}'" for s in IN_FLIGHT))
 
 
 #: A waiting task that is due and at least as urgent as a new one of its type:
@@ -349,8 +351,8 @@ class TaskStore:
             return "failed", "its orchestrator stopped while it was in flight"
 
         return self._settle(
-            f"status IN ({_marks(IN_FLIGHT)}) AND lease_until < ?",
-            (*IN_FLIGHT, now),
+            f"{_IS_IN_FLIGHT} AND lease_until < ?",
+            (now,),
             now,
             settle,
         )

@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from optiinfra.routing.model import COMPLETED, IN_FLIGHT
 from optiinfra.store.sql import SQLStore
 from optiinfra.store.sqlite import SQLiteBackend
-from optiinfra.store.tasks import _IS_WAITING, Claim
+from optiinfra.store.tasks import _IS_IN_FLIGHT, _IS_WAITING, Claim
 
 from .test_store import a_task
 
@@ -101,11 +101,13 @@ def test_the_queue_queries_use_the_partial_indexes(tmp_path: Path) -> None:
         " created_at, id LIMIT ?"
     )
     purge = "SELECT id FROM tasks WHERE completed_at < ? ORDER BY completed_at"
+    lost = f"SELECT id FROM tasks WHERE {_IS_IN_FLIGHT} AND lease_until < ?"  # noqa: S608
     plans = [
         " ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {q}", p))
-        for q, p in ((due, (1, 1, "cost", 1)), (purge, (1,)))
+        for q, p in ((due, (1, 1, "cost", 1)), (purge, (1,)), (lost, (1,)))
     ]
     connection.close()
     assert "USING INDEX tasks_waiting" in plans[0]
     assert "TEMP B-TREE" not in plans[0]
     assert "USING INDEX tasks_finished" in plans[1]
+    assert "USING INDEX tasks_in_flight" in plans[2]
