@@ -35,7 +35,14 @@ from optiinfra.registry.model import Agent, AgentQuery
 from optiinfra.registry.service import Registry
 from optiinfra.routing.balancer import Outstanding, pick
 from optiinfra.routing.breaker import HALF_OPEN, OPEN, Breakers
-from optiinfra.routing.dispatch import Completed, Dispatcher, Failed, Outcome, Retryable
+from optiinfra.routing.dispatch import (
+    Completed,
+    Dispatcher,
+    Failed,
+    Outcome,
+    Retryable,
+    Throttled,
+)
 from optiinfra.routing.model import (
     CANCELLED,
     COMPLETED,
@@ -61,6 +68,9 @@ _ATTEMPT: Final = "attempt"
 _CANCELLED: Final = "cancelled"
 _DRAIN: Final = "drain"
 
+#: The least wait after a busy agent's C{Retry-After}: a C{0} must not make a
+#: tight loop of calls.
+_MIN_RETRY_AFTER: Final = 0.05
 #: Seconds between looks for late or abandoned tasks during dispatch passes.
 _SETTLE_EVERY: Final = 0.25
 #: Seconds a pass may reuse the agents read by an earlier one.
@@ -656,7 +666,23 @@ class Router:
         elif isinstance(outcome, Failed):
             self.breakers.succeeded(agent.id)  # it answered: healthy enough
             self._metrics.attempts.labels("failed").inc()
-            await self._finish(task, FAILED, now, error=outcome.error)
+            took = outcome.execution_time_ms
+            await self._finish(
+                task,
+                FAILED,
+                now,
+                error=outcome.error,
+                detail=None
+                if took is None
+                else f"{outcome.error} (the agent's verdict after {took:g} ms)",
+            )
+        elif isinstance(outcome, Throttled):
+            # Alive and answering, only busy: not a failure of the agent.
+            self.breakers.released(agent.id)
+            self._metrics.attempts.labels("throttled").inc()
+            await self._retry_or_fail(
+                task, agent, outcome.error, now, after=outcome.after
+            )
         else:
             self._metrics.attempts.labels("retryable").inc()
             if self.breakers.failed(agent.id):
@@ -666,18 +692,34 @@ class Router:
             await self._retry_or_fail(task, agent, outcome.error, now)
 
     async def _retry_or_fail(
-        self, task: Task, agent: Agent, error: str, now: float
+        self,
+        task: Task,
+        agent: Agent,
+        error: str,
+        now: float,
+        *,
+        after: float | None = None,
     ) -> None:
+        """
+        Send C{task} again after the back-off, or fail it.  C{after} is the wait
+        a busy agent asked for (C{Retry-After}): honoured instead of the
+        back-off, within the deadline, and not counted against C{max_retries}
+        (the attempt was declined, not failed).
+        """
         attempt = task.retry_count + 1
-        delay = (
-            self.config.retry_delay * 2 ** (attempt - 1) * self._rng.uniform(0.5, 1.5)
-        )
-        if task.retry_count >= task.max_retries or now + delay >= task.deadline:
-            why = (
-                "no retries left"
-                if task.retry_count >= task.max_retries
-                else ("no time left for a retry")
+        throttled = after is not None
+        if throttled:
+            delay = max(after or 0.0, _MIN_RETRY_AFTER)
+            attempt = task.retry_count
+        else:
+            delay = (
+                self.config.retry_delay
+                * 2 ** (attempt - 1)
+                * self._rng.uniform(0.5, 1.5)
             )
+        out_of_retries = not throttled and task.retry_count >= task.max_retries
+        if out_of_retries or now + delay >= task.deadline:
+            why = "no retries left" if out_of_retries else "no time left for a retry"
             await self._finish(task, FAILED, now, error=f"{error}; {why}")
             return
         retried = await self.tasks.change_task(
@@ -686,7 +728,9 @@ class Router:
             RETRYING,
             now,
             owner=self.owner,
-            detail=f"{error}; retry {attempt} in {delay:.1f} s",
+            detail=f"{error}; retry {attempt} in {delay:.1f} s"
+            if not throttled
+            else f"{error}; asked to try again in {delay:.1f} s",
             changes={
                 "retry_count": attempt,
                 "not_before": now + delay,
@@ -715,6 +759,7 @@ class Router:
         *,
         result: Any = None,
         error: str | None = None,
+        detail: str | None = None,
     ) -> None:
         finished = await self.tasks.change_task(
             task.id,
@@ -722,7 +767,7 @@ class Router:
             status,
             now,
             owner=self.owner,
-            detail=error,
+            detail=detail or error,
             changes={
                 "result": result,
                 "error": error,

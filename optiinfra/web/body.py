@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from twisted.web.iweb import IRequest
 
+from optiinfra import exactjson
 from optiinfra.errors import InvalidField
 
 
@@ -30,6 +31,8 @@ def read_json(request: IRequest, *, optional: bool = False) -> Any:
             return {}
         raise InvalidField("body", "a JSON object is required")
     try:
-        return orjson.loads(raw)
+        return exactjson.loads(raw)
     except orjson.JSONDecodeError as error:
         raise InvalidField("body", f"is not valid JSON: {error}") from None
+    except exactjson.NotExact as error:
+        raise InvalidField("body", f"cannot be kept exactly: {error}") from None

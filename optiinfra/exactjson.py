@@ -1,0 +1,65 @@
+"""
+JSON that the store keeps exactly as it came.
+
+orjson reads integers beyond 64 bits as floats (silently changing them) and
+cannot write documents nested more than 254 levels deep, so a document it
+accepted may still be one the store cannot keep.  Both are caught where JSON
+arrives, and said plainly, instead of surfacing later as a changed number or a
+write that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+import orjson
+
+#: Integers orjson reads exactly: signed and unsigned 64-bit.
+SMALLEST: Final = -(2**63)
+LARGEST: Final = 2**64 - 1
+#: Deepest nesting orjson writes.
+MAX_DEPTH: Final = 254
+
+#: Every integer outside 64 bits has at least 19 digits; most documents have
+#: no such run of digits at all, and are not read a second time.
+_LONG_DIGITS: Final = re.compile(rb"\d{19}")
+
+
+class NotExact(ValueError):
+    """A document the store could not keep as it is; the message says why."""
+
+
+def _integer(text: str) -> int:
+    value = int(text)
+    if not SMALLEST <= value <= LARGEST:
+        shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
+        raise NotExact(f"the integer {shown} is beyond 64 bits")
+    return value
+
+
+def loads(raw: bytes) -> Any:
+    """
+    C{raw} parsed, as orjson does.
+
+    @raise orjson.JSONDecodeError: it is not JSON.
+    @raise NotExact: it holds an integer orjson would have turned into a float.
+    """
+    value = orjson.loads(raw)
+    if _LONG_DIGITS.search(raw) is not None:
+        try:
+            json.loads(raw, parse_int=_integer)
+        except RecursionError:
+            raise NotExact(f"it is nested more than {MAX_DEPTH} levels deep") from None
+    return value
+
+
+def check_storable(value: Any) -> None:
+    """
+    @raise NotExact: C{value} cannot be written as JSON (too deeply nested).
+    """
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise NotExact(f"it is nested more than {MAX_DEPTH} levels deep") from None
