@@ -57,6 +57,9 @@ class Settings:
     result_ttl: float = 3600.0
     breaker_threshold: int = 5
     breaker_cooldown: float = 30.0
+    #: Agents: what one agent key may register, and how much an answer may hold.
+    agent_key_max_agents: int = 100
+    max_answer_bytes: int = 4 * 1024 * 1024
     #: Coordination: how long approvals stay open, by risk, and who must agree.
     approval_expiry_medium: float = 48 * 3600.0
     approval_expiry_high: float = 24 * 3600.0
@@ -253,6 +256,8 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "RESULT_TTL": ("result_ttl", parse_positive_seconds),
     "BREAKER_THRESHOLD": ("breaker_threshold", parse_count),
     "BREAKER_COOLDOWN": ("breaker_cooldown", parse_positive_seconds),
+    "AGENT_KEY_MAX_AGENTS": ("agent_key_max_agents", parse_count),
+    "MAX_ANSWER_BYTES": ("max_answer_bytes", parse_bytes),
     "APPROVAL_EXPIRY_MEDIUM": ("approval_expiry_medium", parse_positive_seconds),
     "APPROVAL_EXPIRY_HIGH": ("approval_expiry_high", parse_positive_seconds),
     "APPROVAL_EXPIRY_CRITICAL": ("approval_expiry_critical", parse_positive_seconds),

@@ -260,6 +260,7 @@ def build_service(
             unreachable_after=settings.silent_after,
             expire_after=settings.agent_expiry,
             sweep_interval=settings.sweep_interval,
+            max_agents_per_key=settings.agent_key_max_agents,
         ),
         RegistryMetrics(metrics),
     )
@@ -274,7 +275,7 @@ def build_service(
         store.tasks,
         registry,
         reactor,
-        Dispatcher(reactor, pool),
+        Dispatcher(reactor, pool, settings.max_answer_bytes),
         RouterConfig(
             per_agent_limit=settings.agent_concurrency,
             attempt_timeout=settings.attempt_timeout,

@@ -87,8 +87,10 @@ def mount(
 
     @route(app, "/agents/register", ("POST",))
     async def register(request: IRequest) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
-        agent, _ = await registry.register(parse_registration(read_json(request)))
+        actor = guard.check(request, Permission.AGENT_WRITE)
+        agent, _ = await registry.register(
+            parse_registration(read_json(request)), actor
+        )
         return render_json(
             request,
             {
@@ -102,16 +104,17 @@ def mount(
 
     @route(app, "/agents/{agent_id}/heartbeat", ("POST",), fast)
     async def heartbeat(request: IRequest, agent_id: str) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
+        actor = guard.check(request, Permission.AGENT_WRITE)
         beat = parse_beat(read_json(request, optional=True))
         return render_json(
-            request, accepted(await registry.heartbeat(_agent_id(agent_id), beat))
+            request,
+            accepted(await registry.heartbeat(_agent_id(agent_id), beat, actor)),
         )
 
     @route(app, "/agents/{agent_id}/unregister", ("POST",))
     async def unregister(request: IRequest, agent_id: str) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
-        await registry.unregister(_agent_id(agent_id))
+        actor = guard.check(request, Permission.AGENT_WRITE)
+        await registry.unregister(_agent_id(agent_id), actor)
         return render_json(request, {"message": "Agent unregistered successfully"})
 
     @route(app, "/agents", ("GET",))
@@ -134,9 +137,9 @@ def mount(
 
     @route(app, "/api/v1/agents/register", ("POST",))
     async def register_v1(request: IRequest) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
+        actor = guard.check(request, Permission.AGENT_WRITE)
         registration = parse_v1_registration(read_json(request))
-        agent, created = await registry.register(registration)
+        agent, created = await registry.register(registration, actor)
         return render_json(
             request,
             {
@@ -151,9 +154,11 @@ def mount(
 
     @route(app, "/api/v1/agents/heartbeat", ("POST",))
     async def heartbeat_v1(request: IRequest) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
+        actor = guard.check(request, Permission.AGENT_WRITE)
         agent_id, beat = parse_v1_beat(read_json(request))
-        return render_json(request, accepted(await registry.heartbeat(agent_id, beat)))
+        return render_json(
+            request, accepted(await registry.heartbeat(agent_id, beat, actor))
+        )
 
     # The same handlers answer the root paths and these.
 
