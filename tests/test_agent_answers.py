@@ -6,6 +6,8 @@ answer the store cannot keep exactly fails the task at once, saying why.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import pytest_twisted
 
@@ -19,8 +21,11 @@ from .agents import (
     LONG_ERROR,
     UNAVAILABLE,
     StartAgent,
+    settle,
 )
 from .conftest import StartService
+from .databases import cut_off, postgres_database
+from .store.test_outage import wait_for_readyz
 from .test_routing import FAST, call, register, submit, wait_for
 
 
@@ -188,3 +193,39 @@ async def test_parameters_the_store_cannot_keep_are_refused(
         "big": 2**64 - 1,
         "small": -(2**63),
     }
+
+
+@pytest.fixture
+def own_database() -> Iterator[tuple[str, str]]:
+    with postgres_database() as created:
+        yield created
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_arriving_while_the_store_is_lost_is_recorded_when_it_returns(
+    start_service: StartService,
+    start_agent: StartAgent,
+    own_database: tuple[str, str],
+) -> None:
+    url, name = own_database
+    service = await start_service(**FAST, database_url=url)
+    agent = await start_agent(COMPLETE, delay=0.3)
+    await register(service, agent)
+    task_id = await submit(service, max_retries=0)
+    await wait_for(service, task_id, ("sent",))
+    cut_off(name, allowed=False)
+    try:
+        while agent.in_flight or not agent.received:  # answered while cut off
+            await settle(0.02)
+        await settle(0.6)  # at least one more try to record it, refused
+    finally:
+        cut_off(name, allowed=True)
+    await wait_for_readyz(service, 200)
+    for _ in range(300):  # the pool may still hand out a connection cut off
+        code, task = await call(service, "GET", f"/tasks/{task_id}")
+        if code == 200 and task["status"] not in ("sent", "running"):
+            break
+        await settle(0.02)
+    assert (task["status"], task["result"]) == ("completed", {"by": agent.name})
+    assert [h["status"] for h in task["history"]] == ["pending", "sent", "completed"]
+    assert len(agent.received) == 1

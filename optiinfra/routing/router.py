@@ -26,8 +26,10 @@ from twisted.internet.defer import (
     gatherResults,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
+from optiinfra.bounded import bounded
 from optiinfra.errors import Conflict, NotFound
 from optiinfra.ids import time_ordered_id
 from optiinfra.metrics import LATENCY_BUCKETS
@@ -58,6 +60,7 @@ from optiinfra.routing.model import (
     TaskEvent,
     TaskQuery,
 )
+from optiinfra.store.interface import StoreUnavailable
 from optiinfra.store.tasks import Claim, TaskStore
 
 _log = structlog.get_logger("optiinfra.routing")
@@ -71,6 +74,8 @@ _DRAIN: Final = "drain"
 #: The least wait after a busy agent's C{Retry-After}: a C{0} must not make a
 #: tight loop of calls.
 _MIN_RETRY_AFTER: Final = 0.05
+#: Seconds between tries to record an outcome while the store is unreachable.
+_RECORD_AGAIN: Final = 0.5
 #: Seconds between looks for late or abandoned tasks during dispatch passes.
 _SETTLE_EVERY: Final = 0.25
 #: Seconds a pass may reuse the agents read by an earlier one.
@@ -611,16 +616,59 @@ class Router:
         self._calls.pop(task.id, None)
         self.outstanding.finished(agent.id)
         why = self._cut.pop(task.id, None)
-        settled = ensureDeferred(self._settle(task, agent, outcome, why, budget))
-        settled.addErrback(
-            lambda failure: _log.error(
-                "could not record a task's outcome",
-                task_id=task.id,
-                error=failure.getErrorMessage(),
-            )
+        settled = ensureDeferred(
+            self._record(task, agent, outcome, why, budget, self.now())
         )
         settled.addBoth(lambda _: self._freed())
         return settled
+
+    async def _record(
+        self,
+        task: Task,
+        agent: Agent,
+        outcome: Outcome | Failure,
+        why: str | None,
+        budget: float,
+        answered: float,
+    ) -> None:
+        """
+        Settle C{task}, and never leave an answer unrecorded for lease recovery
+        to take for an orchestrator that died: while the store is unreachable
+        the outcome is kept and recorded again (as long as the lease would
+        have lasted); an outcome the store refuses fails the task, saying why.
+        """
+        while True:
+            try:
+                await self._settle(task, agent, outcome, why, budget)
+                return
+            except StoreUnavailable as error:
+                if self.now() - answered >= self.config.lease:
+                    _log.error(
+                        "could not record a task's outcome",
+                        task_id=task.id,
+                        error=str(error),
+                    )
+                    return
+                _log.warn(
+                    "task outcome kept until the store answers",
+                    task_id=task.id,
+                    error=str(error),
+                )
+                await deferLater(self._clock, _RECORD_AGAIN)
+            except Exception as error:
+                reason = bounded(f"its outcome could not be recorded: {error}", 1024)
+                _log.error(
+                    "could not record a task's outcome", task_id=task.id, error=reason
+                )
+                try:
+                    await self._finish(task, FAILED, self.now(), error=reason)
+                except Exception as again:
+                    _log.error(
+                        "could not record that a task failed",
+                        task_id=task.id,
+                        error=bounded(str(again), 1024),
+                    )
+                return
 
     async def _settle(
         self,
