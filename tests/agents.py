@@ -92,6 +92,7 @@ class _Flood:
 class Received:
     body: dict[str, Any]
     headers: dict[str, str]
+    path: str = "/task"
 
 
 class FakeAgent(Resource):
@@ -135,7 +136,7 @@ class FakeAgent(Resource):
             k.decode().lower(): v[0].decode()
             for k, v in request.requestHeaders.getAllRawHeaders()
         }
-        self.received.append(Received(body, headers))
+        self.received.append(Received(body, headers, request.path.decode()))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         gone: list[bool] = []

@@ -15,10 +15,11 @@ from typing import Final
 import attrs
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHostnameResolver, IReactorTime
 
 from optiinfra.auth import Principal
-from optiinfra.errors import NotFound
+from optiinfra.destinations import Destinations, registration_refusal
+from optiinfra.errors import InvalidField, NotFound
 from optiinfra.registry.model import (
     AGENT_TYPES,
     STATUSES,
@@ -97,8 +98,13 @@ class Registry:
         clock: IReactorTime,
         config: RegistryConfig,
         metrics: RegistryMetrics,
+        destinations: Destinations | None = None,
+        resolver: IHostnameResolver | None = None,
     ) -> None:
         self.store = store
+        #: Where agents may be, checked as they register (with C{resolver}).
+        self.destinations = destinations
+        self._resolver = resolver
         self.config = config
         self._clock = clock
         self._metrics = metrics
@@ -133,6 +139,7 @@ class Registry:
             registration.host,
             registration.port,
         )
+        await self._check_destination(registration)
         metadata = without_owner(registration.metadata)
         if actor is not None:
             metadata[OWNER] = actor.name
@@ -169,6 +176,17 @@ class Registry:
         )
         self._notify()
         return agent, created
+
+    async def _check_destination(self, registration: Registration) -> None:
+        """Refuse an address tasks may not be sent to, naming the field."""
+        if self.destinations is None or self._resolver is None:
+            return
+        reason = await registration_refusal(
+            self.destinations, self._resolver, registration.host, registration.port
+        )
+        if reason is not None:
+            field = "endpoint" if registration.endpoint is not None else "host"
+            raise InvalidField(field, reason)
 
     async def heartbeat(
         self, agent_id: str, beat: Beat, actor: Principal | None = None

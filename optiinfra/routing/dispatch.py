@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from optiinfra import exactjson
 from optiinfra.bounded import bounded
+from optiinfra.destinations import CheckedReactor, CheckingResolver, Destinations
 from optiinfra.registry.model import Agent
 from optiinfra.routing.answer import AnswerRefused, read_answer
 from optiinfra.routing.model import Task
@@ -160,16 +161,6 @@ def agent_uri(host: str, port: int, endpoint: str | None = None) -> bytes:
     return named.to_uri().to_text().encode("ascii")
 
 
-def tls_available() -> bool:
-    """Whether C{https} agents can be called: the C{tls} extra is installed."""
-    try:
-        import service_identity  # noqa: F401
-        from twisted.internet import ssl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
     """
@@ -184,6 +175,8 @@ class _Endpoints:
         self.endpoint = lru_cache(maxsize=_ADDRESSES)(self._make)
 
     def _make(self, scheme: bytes, host: bytes, port: int) -> IStreamClientEndpoint:
+        # The reactor given resolves through the destinations' check: every
+        # address connected to is one that may be called.
         plain = HostnameEndpoint(self._reactor, host, port)
         if scheme == b"http":
             return plain
@@ -207,12 +200,20 @@ class Dispatcher:
         reactor: Any,
         pool: HTTPConnectionPool,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        destinations: Destinations | None = None,
     ) -> None:
+        self._resolver = CheckingResolver(
+            reactor.nameResolver, destinations or Destinations()
+        )
         # twisted.web's Agent itself, not treq's client: it keeps no cookies
         # (tasks are independent; a cookie set by one agent must never reach
         # another), follows no redirects, and inflates nothing behind the
         # cap's back.
-        self._agent = WebAgent.usingEndpointFactory(reactor, _Endpoints(reactor), pool)
+        self._agent = WebAgent.usingEndpointFactory(
+            reactor,
+            _Endpoints(CheckedReactor(reactor, self._resolver)),
+            pool,
+        )
         self._reactor = reactor
         self.max_answer_bytes = max_answer_bytes
 
@@ -241,13 +242,18 @@ class Dispatcher:
                 _Body(orjson.dumps(task_body(task, seconds_left))),
             )
             content = await read_answer(response, self.max_answer_bytes)
-        except AnswerRefused as refused:
-            return Failed(str(refused))
+        except AnswerRefused as error:
+            return Failed(str(error))
         except (ResponseNeverReceived, ResponseFailed) as error:
             if any(reason.check(CancelledError) for reason in error.reasons):
                 raise CancelledError() from None
             return Retryable(f"the connection failed: {error.reasons[0].value!r}")
-        except (ConnectError, ConnectionLost, TimeoutError, DNSLookupError) as error:
+        except DNSLookupError as error:
+            why = self._resolver.refused.get(agent.host)
+            if why is not None:
+                return Failed(f"the agent's address may not be called: {why}")
+            return Retryable(f"{type(error).__name__}: {error}".strip())
+        except (ConnectError, ConnectionLost, TimeoutError) as error:
             return Retryable(f"{type(error).__name__}: {error}".strip())
         retry_after = response.headers.getRawHeaders(b"retry-after")
         return classify(
