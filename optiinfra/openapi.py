@@ -51,7 +51,7 @@ from optiinfra.registry.model import (
     STATUSES,
 )
 from optiinfra.registry.routes import MAX_QUERY_CAPABILITIES
-from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPES
+from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPE, TASK_TYPES
 from optiinfra.routing.model import STATUSES as TASK_STATUSES
 from optiinfra.routing.parse import IDEMPOTENCY_KEY, TRACEPARENT
 from optiinfra.routing.router import RouterConfig
@@ -247,7 +247,12 @@ _HOST: Final[dict[str, Any]] = {
     "type": "string",
     "pattern": _whole(HOST),
     "maxLength": 253,
-    "description": "A host name or IP address (IPv6 without brackets).",
+    "description": (
+        "A host name or IP address (IPv6 without brackets). Refused (400) when "
+        "it is, or resolves to, an address tasks may not be sent to: outside "
+        "AGENT_ALLOWED_NETWORKS, link-local or cloud metadata when that is "
+        "unset, or the orchestrator's own listening address."
+    ),
     "examples": ["10.0.0.12"],
 }
 _PORT: Final[dict[str, Any]] = {"type": "integer", "minimum": 1, "maximum": 65535}
@@ -373,7 +378,10 @@ def _schemas() -> dict[str, Any]:
                         "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
                         "description": (
                             "An http(s) URL with a valid host; port 80 or 443 "
-                            "when it names none."
+                            "when it names none. Tasks go to `<its path>/task`; "
+                            "a query, fragment or credentials are refused, and "
+                            "so is a host tasks may not be sent to (see `host`). "
+                            "https is called over TLS with certificate checks."
                         ),
                         "examples": ["http://localhost:8002"],
                     }
@@ -734,10 +742,15 @@ def _task_schemas() -> dict[str, Any]:
     return {
         "TaskType": {
             "type": "string",
-            "enum": sorted(TASK_TYPES),
-            "description": "What to do; each is done by one type of agent: "
+            "pattern": f"^{TASK_TYPE.pattern}$",
+            "description": "What to do, in the agents' own words. Accepted when "
+            "an agent of `agent_type` registered now lists it among its "
+            "capabilities (`kv_cache_optimization`, `spot_migration`, ...), "
+            "when it is listed in the `TASK_TYPES` setting, or when it is one of "
+            "the contract's, each done by one type of agent: "
             + ", ".join(f"{t} ({a})" for t, a in sorted(TASK_TYPES.items()))
-            + ".",
+            + ". Otherwise a 400 lists what is offered for `agent_type`.",
+            "examples": ["analyze_cost", "kv_cache_optimization"],
         },
         "TaskStatus": {
             "type": "string",
@@ -818,9 +831,11 @@ def _task_schemas() -> dict[str, Any]:
                         "default": _ROUTER.default_retries,
                         "description": (
                             "Attempts after the first when one gets no usable "
-                            "answer (a 5xx, connection trouble, no answer within "
-                            "ATTEMPT_TIMEOUT); an agent's own failure or a 4xx "
-                            "is final."
+                            "answer (a 5xx without a verdict, connection trouble, "
+                            "no answer within ATTEMPT_TIMEOUT); an agent's own "
+                            '`"status": "failed"` (whatever the HTTP status) or '
+                            "another 4xx is final; a 429, or a 503 with "
+                            "Retry-After, waits as asked without using a retry."
                         ),
                     }
                 ),
@@ -834,6 +849,17 @@ def _task_schemas() -> dict[str, Any]:
                 }
                 for agent_type in AGENT_TYPES
                 if agent_type in by_agent
+            ]
+            + [
+                {
+                    "properties": {
+                        "task_type": {
+                            "pattern": "^(?!(?:" + "|".join(sorted(TASK_TYPES)) + ")$)",
+                            "description": "Not one of the contract's task types: "
+                            "any agent type that offers it.",
+                        }
+                    }
+                }
             ],
         },
         "TaskAccepted": {

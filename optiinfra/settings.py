@@ -18,6 +18,7 @@ import attrs
 from dotenv import dotenv_values
 
 from optiinfra.destinations import Network, parse_networks
+from optiinfra.routing.model import TASK_TYPE
 
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 
@@ -64,6 +65,8 @@ class Settings:
     max_answer_bytes: int = 4 * 1024 * 1024
     #: Networks agents may be in; None: all but link-local and metadata ones.
     agent_allowed_networks: tuple[Network, ...] | None = None
+    #: Task types accepted besides the built-in ones and what agents offer.
+    task_types: frozenset[str] = frozenset()
     #: Coordination: how long approvals stay open, by risk, and who must agree.
     approval_expiry_medium: float = 48 * 3600.0
     approval_expiry_high: float = 24 * 3600.0
@@ -194,6 +197,17 @@ def parse_cidrs(name: str, raw: str) -> tuple[Network, ...]:
         raise SettingsError(name, raw, str(error)) from None
 
 
+def parse_task_types(name: str, raw: str) -> frozenset[str]:
+    """C{resize_disk,warm_cache}: task types accepted with no agent offering them."""
+    names = frozenset(item.strip() for item in raw.split(",") if item.strip())
+    for task_type in sorted(names):
+        if not TASK_TYPE.fullmatch(task_type):
+            raise SettingsError(
+                name, raw, f"{task_type!r} is not a task type ({TASK_TYPE.pattern})"
+            )
+    return names
+
+
 def parse_action_pairs(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     """C{scale_up:drain,a:b}: pairs of actions that undo each other."""
     pairs = []
@@ -271,6 +285,7 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "AGENT_KEY_MAX_AGENTS": ("agent_key_max_agents", parse_count),
     "MAX_ANSWER_BYTES": ("max_answer_bytes", parse_bytes),
     "AGENT_ALLOWED_NETWORKS": ("agent_allowed_networks", parse_cidrs),
+    "TASK_TYPES": ("task_types", parse_task_types),
     "APPROVAL_EXPIRY_MEDIUM": ("approval_expiry_medium", parse_positive_seconds),
     "APPROVAL_EXPIRY_HIGH": ("approval_expiry_high", parse_positive_seconds),
     "APPROVAL_EXPIRY_CRITICAL": ("approval_expiry_critical", parse_positive_seconds),

@@ -290,6 +290,7 @@ def build_service(
             result_ttl=settings.result_ttl,
             breaker_threshold=settings.breaker_threshold,
             breaker_cooldown=settings.breaker_cooldown,
+            task_types=settings.task_types,
         ),
         metrics,
         draining=lambda: readiness.draining,

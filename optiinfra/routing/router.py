@@ -102,6 +102,8 @@ class RouterConfig:
     breaker_threshold: int = 5
     breaker_cooldown: float = 30.0
     batch: int = 200
+    #: Task types allowed besides the built-in ones and what agents offer.
+    task_types: frozenset[str] = frozenset()
 
 
 @attrs.frozen
@@ -245,9 +247,9 @@ class Router:
         nothing), and accepted only once a power cut cannot lose it either;
         its call need not wait for the disk.
 
-        Any task type an agent offers can be routed: the contract's list is
-        enforced where customers submit (L{optiinfra.routing.parse}), while
-        plan steps name the operations of their templates.
+        Any task type an agent offers can be routed: customers' task types
+        are checked where they submit (L{optiinfra.routing.parse}), while plan
+        steps name the operations of their templates.
         """
         now = self.now()
         task = Task(
@@ -330,6 +332,11 @@ class Router:
         self.outstanding.started(choice.id)
         self.breakers.sent(choice.id)
         return choice
+
+    async def offered(self, agent_type: str) -> frozenset[str]:
+        """What the agents of C{agent_type} registered now offer: their capabilities."""
+        agents = await self._agents(self.now(), {agent_type})
+        return frozenset(c for agent in agents for c in agent.capabilities)
 
     async def get(self, task_id: str) -> tuple[Task, list[TaskEvent]]:
         found = await self.tasks.get_task(task_id)

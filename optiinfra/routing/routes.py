@@ -12,10 +12,12 @@ from twisted.web.iweb import IRequest
 from optiinfra.auth import Permission
 from optiinfra.errors import InvalidField
 from optiinfra.registry.model import AGENT_TYPES
-from optiinfra.routing.model import STATUSES, TASK_TYPES, Task, TaskEvent, TaskQuery
+from optiinfra.routing.model import STATUSES, TASK_TYPE, Task, TaskEvent, TaskQuery
 from optiinfra.routing.parse import (
     TRACEPARENT,
+    check_offered,
     idempotency_key,
+    known_without_agents,
     parse_task,
     request_hash,
 )
@@ -76,8 +78,8 @@ def _query(request: IRequest) -> TaskQuery:
     if agent_type is not None and agent_type not in AGENT_TYPES:
         raise InvalidField("agent_type", f"must be one of {', '.join(AGENT_TYPES)}")
     task_type = query_arg(request, "task_type")
-    if task_type is not None and task_type not in TASK_TYPES:
-        raise InvalidField("task_type", f"must be one of {', '.join(TASK_TYPES)}")
+    if task_type is not None and not TASK_TYPE.fullmatch(task_type):
+        raise InvalidField("task_type", f"must match {TASK_TYPE.pattern}")
     page = query_page(request)
     return TaskQuery(
         status=status,
@@ -114,6 +116,12 @@ def mount(app: Klein, router: Router, guard: Guard) -> None:
         guard.check(request, Permission.OPERATE)
         document = read_json(request)
         task_request = parse_task(document, router.config)
+        configured = router.config.task_types
+        if not known_without_agents(task_request.task_type, configured):
+            offered = await router.offered(task_request.agent_type)
+            check_offered(
+                task_request.task_type, task_request.agent_type, offered, configured
+            )
         key = idempotency_key(request)
         traceparent = _header(request, b"traceparent")
         if traceparent is not None and not TRACEPARENT.fullmatch(traceparent):
