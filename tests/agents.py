@@ -93,6 +93,7 @@ class Received:
     body: dict[str, Any]
     headers: dict[str, str]
     path: str = "/task"
+    secure: bool = False
 
 
 class FakeAgent(Resource):
@@ -136,7 +137,9 @@ class FakeAgent(Resource):
             k.decode().lower(): v[0].decode()
             for k, v in request.requestHeaders.getAllRawHeaders()
         }
-        self.received.append(Received(body, headers, request.path.decode()))
+        self.received.append(
+            Received(body, headers, request.path.decode(), request.isSecure())
+        )
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         gone: list[bool] = []
