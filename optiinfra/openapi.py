@@ -898,11 +898,24 @@ def _task_schemas() -> dict[str, Any]:
                 },
             },
         },
+        "TaskInList": {
+            **task,
+            "required": [r for r in task["required"] if r != "result"],
+            "description": "A task as listed: `result` only with `fields=result`.",
+        },
         "TaskList": {
             "type": "object",
             "required": ["tasks", "count", "limit", "offset"],
             "properties": {
-                "tasks": {"type": "array", "items": _schema("Task")},
+                "tasks": {"type": "array", "items": _schema("TaskInList")},
+                "truncated": {
+                    "type": "boolean",
+                    "description": (
+                        "With `fields=result` only: the page stopped early, "
+                        "its results being past 8 MiB; go on at `next_offset`."
+                    ),
+                },
+                "next_offset": {"type": "integer", "minimum": 0},
                 "count": {
                     "type": "integer",
                     "minimum": 0,
@@ -1960,6 +1973,16 @@ def _components() -> dict[str, Any]:
                 ),
                 "schema": _schema("AgentType"),
             },
+            "TaskFieldsQuery": {
+                "name": "fields",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "`result` to include each task's result (left out "
+                    "otherwise); a page then stops once its results pass 8 MiB."
+                ),
+                "schema": {"type": "string", "enum": ["result"]},
+            },
             "TaskTypeQuery": {
                 "name": "task_type",
                 "in": "query",
@@ -2467,6 +2490,7 @@ def _task_paths() -> dict[str, Any]:
                         "TaskAgentIdQuery",
                         "TaskAgentTypeQuery",
                         "TaskTypeQuery",
+                        "TaskFieldsQuery",
                         "LimitQuery",
                         "OffsetQuery",
                     )

@@ -48,6 +48,8 @@ DEEP = "deep"
 HUGE_INT = "huge-int"
 #: A failed answer with a 4 MB error message.
 LONG_ERROR = "long-error"
+#: A completed answer with a 3.5 MB result.
+BIG_RESULT = "big-result"
 
 #: What the floods send at most, and what the bomb inflates to.
 FLOOD_BYTES = 512 * 1024 * 1024
@@ -212,6 +214,10 @@ class FakeAgent(Resource):
             DEEP: (200, {"status": "completed", "result": deep}),
             HUGE_INT: (200, {"status": "completed", "result": {"n": 2**62}}),
             LONG_ERROR: (200, {"status": "failed", "error": "x" * 4_000_000}),
+            BIG_RESULT: (
+                200,
+                {"status": "completed", "result": {"blob": "x" * 3_500_000}},
+            ),
         }[behaviour]
 
     def _attack(self, request: Request, behaviour: str) -> None:

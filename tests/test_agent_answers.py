@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import orjson
 import pytest
 import pytest_twisted
 
 from .agents import (
     BAD_GATEWAY,
+    BIG_RESULT,
     BUSY,
     COMPLETE,
     CRASH,
@@ -23,7 +25,7 @@ from .agents import (
     StartAgent,
     settle,
 )
-from .conftest import StartService
+from .conftest import LogCapture, StartService
 from .databases import cut_off, postgres_database
 from .store.test_outage import wait_for_readyz
 from .test_routing import FAST, call, register, submit, wait_for
@@ -58,7 +60,7 @@ async def test_the_shared_handlers_500_is_the_agents_verdict(
 
 @pytest_twisted.ensureDeferred
 async def test_an_agents_long_error_is_cut_and_says_so(
-    start_service: StartService, start_agent: StartAgent
+    start_service: StartService, start_agent: StartAgent, logs: LogCapture
 ) -> None:
     service = await start_service(**FAST)
     await register(service, await start_agent(LONG_ERROR))
@@ -67,6 +69,37 @@ async def test_an_agents_long_error_is_cut_and_says_so(
     assert task["error"].startswith("x" * 4096)
     assert task["error"].endswith("... [truncated: 4000000 bytes in all]")
     assert len(task["error"]) < 4200
+    assert len(task["history"][-1]["detail"]) < 4200
+    [finished] = [e for e in logs.events if e.get("event") == "task finished"]
+    assert finished["error"] == task["error"]
+    assert max(len(str(e)) for e in logs.events) < 8192
+
+
+@pytest_twisted.ensureDeferred
+async def test_listings_leave_results_out_unless_asked_and_cap_them(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    service = await start_service(**FAST)
+    await register(service, await start_agent(BIG_RESULT))
+    ids = [await submit(service) for _ in range(3)]
+    for task_id in ids:
+        assert (await wait_for(service, task_id))["status"] == "completed"
+    response = await service.get("/tasks")
+    plain = await response.content()
+    assert len(plain) < 10_000
+    listing = orjson.loads(plain)
+    assert listing["count"] == 3
+    assert all("result" not in task for task in listing["tasks"])
+    _, first = await call(service, "GET", "/tasks?fields=result&limit=3")
+    assert (first["count"], first["truncated"], first["next_offset"]) == (2, True, 2)
+    assert all(len(t["result"]["blob"]) == 3_500_000 for t in first["tasks"])
+    _, rest = await call(service, "GET", "/tasks?fields=result&limit=3&offset=2")
+    assert rest["count"] == 1
+    assert "truncated" not in rest
+    listed = [t["task_id"] for t in first["tasks"] + rest["tasks"]]
+    assert sorted(listed) == sorted(ids)
+    code, body = await call(service, "GET", "/tasks?fields=everything")
+    assert (code, body["field"]) == (400, "fields")
 
 
 @pytest_twisted.ensureDeferred
@@ -229,3 +262,27 @@ async def test_an_answer_arriving_while_the_store_is_lost_is_recorded_when_it_re
     assert (task["status"], task["result"]) == ("completed", {"by": agent.name})
     assert [h["status"] for h in task["history"]] == ["pending", "sent", "completed"]
     assert len(agent.received) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removed_agents_metric_series_are_removed(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    service = await start_service(**FAST, breaker_threshold=1, breaker_cooldown=60)
+    good, broken = await start_agent(COMPLETE), await start_agent(BAD_GATEWAY)
+    good_id = await register(service, good, capabilities=["analyze_cost"])
+    broken_id = await register(service, broken, capabilities=["right_size"])
+    assert (await wait_for(service, await submit(service)))["status"] == "completed"
+    task = await wait_for(
+        service, await submit(service, task_type="right_size", max_retries=0)
+    )
+    assert task["status"] == "failed"
+    metrics = await (await service.get("/metrics")).text()
+    assert f'agent="{good_id}",status="completed"' in metrics
+    assert f'optiinfra_agent_circuit_state{{agent="{broken_id}"}} 2.0' in metrics
+    for agent_id in (good_id, broken_id):
+        code, _ = await call(service, "DELETE", f"/api/v1/agents/{agent_id}")
+        assert code == 200
+    metrics = await (await service.get("/metrics")).text()
+    assert good_id not in metrics
+    assert broken_id not in metrics

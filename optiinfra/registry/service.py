@@ -109,8 +109,15 @@ class Registry:
         self._clock = clock
         self._metrics = metrics
         self.ownership = Ownership(store, clock, config.max_agents_per_key)
+        #: Called with the id of each agent removed (unregistered or expired).
+        self.removal_listeners: list[Callable[[str], None]] = []
         #: Called when an agent may have become able to take work.
         self.listeners: list[Callable[[], None]] = []
+
+    def _removed(self, agent_id: str) -> None:
+        self.ownership.forget(agent_id)
+        for listener in self.removal_listeners:
+            listener(agent_id)
 
     def _notify(self) -> None:
         for listener in self.listeners:
@@ -229,6 +236,7 @@ class Registry:
         if removed is None:
             raise NotFound("Agent not found", agent_id=agent_id)
         self._metrics.removals.labels(removed.type, "unregistered").inc()
+        self._removed(agent_id)
         _log.info(
             "agent unregistered",
             agent_id=agent_id,
@@ -279,6 +287,7 @@ class Registry:
             self._status_changed(agent, agent.status, "unreachable", "silence")
         for agent in await self.store.remove_silent(now - self.config.expire_after):
             self._metrics.removals.labels(agent.type, "expired").inc()
+            self._removed(agent.id)
             _log.warn(
                 "agent removed after silence",
                 agent_id=agent.id,

@@ -247,7 +247,8 @@ class Dispatcher:
         except (ResponseNeverReceived, ResponseFailed) as error:
             if any(reason.check(CancelledError) for reason in error.reasons):
                 raise CancelledError() from None
-            return Retryable(f"the connection failed: {error.reasons[0].value!r}")
+            reason = bounded(repr(error.reasons[0].value), 1024)
+            return Retryable(f"the connection failed: {reason}")
         except DNSLookupError as error:
             why = self._resolver.refused.get(agent.host)
             if why is not None:

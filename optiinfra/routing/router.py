@@ -150,7 +150,18 @@ class RouterMetrics:
             registry=registry,
         )
         self._breakers = breakers
+        #: Agent -> the (task type, status) series of L{finished} it has.
+        self._finished_series: dict[str, set[tuple[str, str]]] = {}
         registry.register(self)
+
+    def task_finished(self, task_type: str, agent: str, status: str) -> None:
+        self.finished.labels(task_type, agent, status).inc()
+        self._finished_series.setdefault(agent, set()).add((task_type, status))
+
+    def forget_agent(self, agent: str) -> None:
+        """Drop a removed agent's series: agent ids must not pile up as labels."""
+        for task_type, status in self._finished_series.pop(agent, ()):
+            self.finished.remove(task_type, agent, status)
 
     def describe(self) -> list[Metric]:
         return []
@@ -214,6 +225,7 @@ class Router:
         #: Called with each task that reaches a final status in this process.
         self.finished_listeners: list[Callable[[Task], object]] = []
         registry.listeners.append(self._agents_changed)
+        registry.removal_listeners.append(self._agent_removed)
 
     def now(self) -> float:
         return round(self._clock.seconds(), 3)
@@ -546,6 +558,11 @@ class Router:
             self._agent_cache[kind] = (now, agents)
         return agents
 
+    def _agent_removed(self, agent_id: str) -> None:
+        """An agent is gone: its metric series and its circuit go too."""
+        self._metrics.forget_agent(agent_id)
+        self.breakers.forget(agent_id)
+
     def _agents_changed(self) -> None:
         self._agent_cache.clear()
         self._agent_generation += 1
@@ -838,7 +855,7 @@ class Router:
         self._ended(finished, status, error)
 
     def _ended(self, task: Task, status: str, error: str | None) -> None:
-        self._metrics.finished.labels(task.task_type, task.agent_id or "", status).inc()
+        self._metrics.task_finished(task.task_type, task.agent_id or "", status)
         for listener in self.finished_listeners:
             listener(task)
         log = _log.info if status == COMPLETED else _log.warn
