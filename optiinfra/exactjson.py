@@ -28,15 +28,42 @@ _LONG_DIGITS: Final = re.compile(rb"\d{19}")
 
 
 class NotExact(ValueError):
-    """A document the store could not keep as it is; the message says why."""
+    """
+    A document the store could not keep as it is; the message says why, and
+    C{field} where (C{parameters.n}, C{items[2]}), when it is known.
+    """
+
+    def __init__(self, reason: str, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.field = field
 
 
-def _integer(text: str) -> int:
-    value = int(text)
-    if not SMALLEST <= value <= LARGEST:
-        shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
-        raise NotExact(f"the integer {shown} is beyond 64 bits")
-    return value
+def _too_large(value: int) -> bool:
+    return not SMALLEST <= value <= LARGEST
+
+
+def _shown(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
+
+
+def _first_too_large(document: Any) -> tuple[str, int] | None:
+    """Where the first integer beyond 64 bits is in C{document}, and its value."""
+    stack: list[tuple[str, Any]] = [("", document)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and _too_large(value):
+            return path, value
+        if isinstance(value, dict):
+            items = [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        stack.extend(reversed(items))
+    return None
 
 
 def loads(raw: bytes) -> Any:
@@ -49,9 +76,15 @@ def loads(raw: bytes) -> Any:
     value = orjson.loads(raw)
     if _LONG_DIGITS.search(raw) is not None:
         try:
-            json.loads(raw, parse_int=_integer)
+            exact = json.loads(raw)
         except RecursionError:
             raise NotExact(f"it is nested more than {MAX_DEPTH} levels deep") from None
+        found = _first_too_large(exact)
+        if found is not None:
+            path, number = found
+            raise NotExact(
+                f"the integer {_shown(number)} is beyond 64 bits", path or None
+            )
     return value
 
 

@@ -207,7 +207,7 @@ async def test_parameters_the_store_cannot_keep_are_refused(
     )
     response = await service.request("POST", "/tasks", data=raw, headers=headers)
     body = await response.json()
-    assert (response.code, body["field"]) == (400, "body")
+    assert (response.code, body["field"]) == (400, "parameters.n")
     assert body["detail"] == (
         "cannot be kept exactly: the integer -99999999999999999999 is beyond 64 bits"
     )

@@ -35,4 +35,6 @@ def read_json(request: IRequest, *, optional: bool = False) -> Any:
     except orjson.JSONDecodeError as error:
         raise InvalidField("body", f"is not valid JSON: {error}") from None
     except exactjson.NotExact as error:
-        raise InvalidField("body", f"cannot be kept exactly: {error}") from None
+        raise InvalidField(
+            error.field or "body", f"cannot be kept exactly: {error}"
+        ) from None
