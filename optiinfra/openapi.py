@@ -458,9 +458,22 @@ def _schemas() -> dict[str, Any]:
         "AgentList": {
             "type": "object",
             "required": ["agents", "count"],
+            "description": (
+                "Ordered by id. Without `limit`: every matching agent (up to "
+                "10,000; past that `truncated` and `next_offset`), as the "
+                "contract answers; with `limit`, a page as `GET /tasks` gives."
+            ),
             "properties": {
                 "agents": {"type": "array", "items": _schema("Agent")},
-                "count": {"type": "integer", "minimum": 0},
+                "count": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "How many agents this answer holds.",
+                },
+                "limit": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE},
+                "offset": {"type": "integer", "minimum": 0},
+                "truncated": {"type": "boolean"},
+                "next_offset": {"type": "integer", "minimum": 0},
             },
         },
         "Registered": {
@@ -1990,6 +2003,17 @@ def _components() -> dict[str, Any]:
                 "description": "Only tasks of this type (the last one if repeated).",
                 "schema": _schema("TaskType"),
             },
+            "AgentLimitQuery": {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "At most this many agents (a page, as tasks are listed); "
+                    f"anything but a whole number up to {MAX_PAGE} is a 400 "
+                    "naming `limit`. Absent: every agent, up to 10,000."
+                ),
+                "schema": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE},
+            },
             "LimitQuery": {
                 "name": "limit",
                 "in": "query",
@@ -2259,7 +2283,12 @@ def _service_paths() -> dict[str, Any]:
 
 def _registry_paths() -> dict[str, Any]:
     agent_id = _ref("parameters", "AgentId")
-    filters = [_ref("parameters", "StatusQuery"), _ref("parameters", "CapabilityQuery")]
+    filters = [
+        _ref("parameters", "StatusQuery"),
+        _ref("parameters", "CapabilityQuery"),
+        _ref("parameters", "AgentLimitQuery"),
+        _ref("parameters", "OffsetQuery"),
+    ]
     listed = {"200": _answer("The matching agents.", _schema("AgentList"))}
     accepted = {
         "200": _answer("The heartbeat was recorded.", _schema("HeartbeatAccepted"))

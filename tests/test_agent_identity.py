@@ -288,3 +288,36 @@ async def test_without_a_key_file_anyone_may_still_do_anything(
     assert code == 201
     code, _ = await call(service, "DELETE", f"/api/v1/agents/{agent_id}")
     assert code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_agents_are_listed_in_pages_or_all_up_to_a_cap(
+    start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = await start_service()
+    ids = []
+    for n in range(5):
+        code, created = await call(
+            service, "POST", "/agents/register", {**ROOT_AGENT, "port": 9000 + n}
+        )
+        assert code == 201
+        ids.append(created["agent_id"])
+    ids.sort()
+    _, everything = await call(service, "GET", "/agents")
+    assert set(everything) == {"agents", "count"}  # the contract's shape
+    assert [a["id"] for a in everything["agents"]] == ids
+    _, page = await call(service, "GET", "/agents?limit=2&offset=1")
+    assert (page["count"], page["limit"], page["offset"]) == (2, 2, 1)
+    assert [a["id"] for a in page["agents"]] == ids[1:3]
+    _, typed = await call(service, "GET", "/agents/type/cost?limit=1&offset=4")
+    assert [a["id"] for a in typed["agents"]] == ids[4:]
+    monkeypatch.setattr("optiinfra.registry.routes.MAX_AGENTS_LISTED", 3)
+    _, capped = await call(service, "GET", "/api/v1/agents")
+    assert [a["id"] for a in capped["agents"]] == ids[:3]
+    assert (capped["count"], capped["truncated"], capped["next_offset"]) == (3, True, 3)
+    _, rest = await call(service, "GET", "/api/v1/agents?offset=3")
+    assert [a["id"] for a in rest["agents"]] == ids[3:]
+    assert "truncated" not in rest
+    for query in ("limit=501", "limit=x", "offset=-1"):
+        code, body = await call(service, "GET", f"/agents?{query}")
+        assert (code, body["field"]) == (400, query.split("=")[0]), query
