@@ -7,6 +7,7 @@ floods, compression bombs, answers the store cannot keep.
 
 from __future__ import annotations
 
+import gzip
 import json
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -42,6 +43,14 @@ FLOOD_ANNOUNCED = "flood-announced"
 FLOOD_CHUNKED = "flood-chunked"
 #: A small gzip answer that inflates to C{BOMB_BYTES}.
 GZIP_BOMB = "gzip-bomb"
+#: A completed answer, gzipped though nobody asked.
+GZIP_SMALL = "gzip-small"
+#: A completed answer labelled with an encoding nobody asked for.
+BROTLI = "brotli"
+#: A gzip answer that is not gzip.
+CORRUPT_GZIP = "corrupt-gzip"
+#: The headers and half a body, then nothing until the connection is closed.
+STALL_BODY = "stall-body"
 #: A completed answer whose result is nested 300 deep.
 DEEP = "deep"
 #: A completed answer whose result holds 2**70.
@@ -124,6 +133,8 @@ class FakeAgent(Resource):
         self.retry_after = "0"
         #: Bytes of the floods written to sockets so far.
         self.flooded = 0
+        #: Calls whose connection was closed before the answer was whole.
+        self.lost = 0
 
     @property
     def tasks(self) -> list[str]:
@@ -146,6 +157,7 @@ class FakeAgent(Resource):
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
+        request.notifyFinish().addErrback(lambda _: self._lost())
         behaviour = (
             self.script.pop(0)
             if self.script
@@ -167,6 +179,9 @@ class FakeAgent(Resource):
             answer()
         return NOT_DONE_YET
 
+    def _lost(self) -> None:
+        self.lost += 1
+
     def _answer(self, request: Request, body: dict[str, Any], behaviour: str) -> None:
         if behaviour == DIE:
             assert request.channel is not None
@@ -174,6 +189,9 @@ class FakeAgent(Resource):
             return
         if behaviour in (FLOOD_ANNOUNCED, FLOOD_CHUNKED, GZIP_BOMB, BAD_GATEWAY):
             self._attack(request, behaviour)
+            return
+        if behaviour in (GZIP_SMALL, BROTLI, CORRUPT_GZIP, STALL_BODY):
+            self._encoded(request, body, behaviour)
             return
         code, answer = self._answer_for(behaviour)
         request.setResponseCode(code)
@@ -219,6 +237,26 @@ class FakeAgent(Resource):
                 {"status": "completed", "result": {"blob": "x" * 3_500_000}},
             ),
         }[behaviour]
+
+    def _encoded(self, request: Request, body: dict[str, Any], behaviour: str) -> None:
+        answer = orjson.dumps(
+            {"task_id": body["task_id"], "status": "completed", "result": {"n": 1}}
+        )
+        data = {
+            GZIP_SMALL: gzip.compress(answer),
+            BROTLI: answer,
+            CORRUPT_GZIP: b"\x1f\x8b" + b"not gzip at all" * 10,
+            STALL_BODY: answer,
+        }[behaviour]
+        request.setHeader(b"content-type", b"application/json")
+        if behaviour != STALL_BODY:
+            encoding = b"br" if behaviour == BROTLI else b"gzip"
+            request.setHeader(b"content-encoding", encoding)
+            request.write(data)
+            request.finish()
+            return
+        request.setHeader(b"content-length", b"%d" % len(data))
+        request.write(data[: len(data) // 2])  # and the rest never comes
 
     def _attack(self, request: Request, behaviour: str) -> None:
         if behaviour == BAD_GATEWAY:

@@ -18,13 +18,18 @@ import pytest_twisted
 from optiinfra.routing.dispatch import MAX_ANSWER_BYTES
 
 from .agents import (
+    BROTLI,
     COMPLETE,
+    CORRUPT_GZIP,
     FLOOD_ANNOUNCED,
     FLOOD_BYTES,
     FLOOD_CHUNKED,
     GZIP_BOMB,
+    GZIP_SMALL,
+    STALL_BODY,
     StartAgent,
     gzip_bomb,
+    settle,
 )
 from .conftest import StartService
 from .test_routing import FAST, register, submit, wait_for
@@ -107,3 +112,51 @@ async def test_a_hostile_answer_fails_its_task_and_costs_no_memory(
     assert hostile.flooded < FLOOD_BYTES // 8
     health = await service.get("/health")
     assert health.code == 200
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status", "error"),
+    [
+        (GZIP_SMALL, "completed", None),
+        (
+            BROTLI,
+            "failed",
+            "the agent's answer has a content encoding that was not asked for: 'br'",
+        ),
+        (CORRUPT_GZIP, "failed", "the agent's compressed answer is corrupt"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_encodings_nobody_asked_for(
+    start_service: StartService,
+    start_agent: StartAgent,
+    behaviour: str,
+    status: str,
+    error: str | None,
+) -> None:
+    service = await start_service(**FAST)
+    agent = await start_agent(behaviour)
+    await register(service, agent)
+    task = await wait_for(service, await submit(service, max_retries=0))
+    assert task["status"] == status
+    if error is None:
+        assert task["result"] == {"n": 1}
+    else:
+        assert task["error"].startswith(error), task["error"]
+    assert agent.received[0].headers["accept-encoding"] == "identity"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_deadline_cuts_an_answer_that_stops_halfway(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    service = await start_service(**FAST)
+    agent = await start_agent(STALL_BODY)
+    await register(service, agent)
+    task = await wait_for(service, await submit(service, timeout_seconds=0.5))
+    assert task["status"] == "timeout"
+    for _ in range(100):  # the connection is closed, not left to hang
+        if agent.lost:
+            break
+        await settle(0.02)
+    assert agent.lost == 1

@@ -28,8 +28,9 @@ from optiinfra.store.interface import IStore
 
 #: The metadata entry naming the key that registered the agent.
 OWNER: Final = "optiinfra.key"
-#: Seconds an agent's owner, once read, is trusted without reading it again.
-_OWNER_TTL: Final = 10.0
+#: Seconds an agent's owner, once read, is trusted without reading it again: two
+#: default heartbeat intervals, so that most heartbeats find it cached.
+_OWNER_TTL: Final = 60.0
 #: Owners cached at most (the oldest are dropped first).
 _CACHED: Final = 100_000
 
