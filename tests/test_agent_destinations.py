@@ -126,6 +126,9 @@ async def test_the_address_a_name_resolves_to_is_checked_at_every_call(
         open_one, f"http://localhost:{agent.port.getHost().port}"
     )
     assert code == 200
+    # Replicas share the queue: only the strict one may be left to take it.
+    await open_one.pool.closeCachedConnections()
+    await open_one.top.stopService()
     task = await wait_for(strict, await submit(strict, max_retries=2))
     assert task["status"] == "failed"
     assert task["error"] == (
@@ -133,8 +136,6 @@ async def test_the_address_a_name_resolves_to_is_checked_at_every_call(
         "localhost: 127.0.0.1 is not in AGENT_ALLOWED_NETWORKS"
     )
     assert agent.received == []
-    task = await wait_for(open_one, await submit(open_one))
-    assert task["status"] == "completed"
 
 
 @pytest_twisted.ensureDeferred
