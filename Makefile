@@ -52,9 +52,9 @@ bench: deps ## Throughput and latency against baselines measured in the same run
 	$(BIN)/python bench/tasks.py
 	$(BIN)/python bench/coordination.py
 
-api-key: deps ## New API key: make api-key NAME=cost-agent ROLE=agent [KEYS=api-keys]
-	@test -n "$(NAME)" -a -n "$(ROLE)" || { echo "usage: make api-key NAME=... ROLE=agent|operator|viewer [KEYS=file]" >&2; exit 2; }
-	$(BIN)/python -m optiinfra.auth new "$(NAME)" "$(ROLE)" $(if $(KEYS),--file "$(KEYS)")
+api-key: deps ## New API key: make api-key NAME=cost-agent ROLE=agent [KEYS=api-keys] [AGENTS=id,id | AGENT_TYPE=cost]
+	@test -n "$(NAME)" -a -n "$(ROLE)" || { echo "usage: make api-key NAME=... ROLE=agent|operator|viewer [KEYS=file] [AGENTS=id,... | AGENT_TYPE=type]" >&2; exit 2; }
+	$(BIN)/python -m optiinfra.auth new "$(NAME)" "$(ROLE)" $(if $(KEYS),--file "$(KEYS)") $(if $(AGENTS),--agents "$(AGENTS)") $(if $(AGENT_TYPE),--agent-type "$(AGENT_TYPE)")
 
 docker-build: ## Build the container image (no registry access needed)
 	bash deploy/docker/build.sh $(IMAGE):$(VERSION)

@@ -86,14 +86,16 @@ class _Submitter(Protocol):
         self.run = run
         self.buffer = b""
         self.waiting: int | None = None  # the index of the task awaiting its 201
+        self.sent_at = 0.0
 
     def connectionMade(self) -> None:
         self.run.connected(self)
 
     def send(self, index: int, request: bytes) -> None:
         self.waiting = index
+        self.sent_at = time.time()
         if self.run.keep_rows:
-            self.run.rows[index][1] = time.time()
+            self.run.rows[index][1] = self.sent_at
         self.transport.write(request)
 
     def dataReceived(self, data: bytes) -> None:
@@ -114,7 +116,9 @@ class _Submitter(Protocol):
         self.buffer = self.buffer[end + 4 + length :]
         index, self.waiting = self.waiting, None
         if index is not None:
-            self.run.answered(self, index, now, int(head[0].split(b" ", 2)[1]), body)
+            code = int(head[0].split(b" ", 2)[1])
+            self.run.took.setdefault(code, []).append(now - self.sent_at)
+            self.run.answered(self, index, now, code, body)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.run.lost(self)
@@ -149,6 +153,8 @@ class PacedRun:
         self.seconds = seconds
         self.reached = 0  # tasks of this run that reached the agent
         self.codes: Counter[int] = Counter()
+        #: Status code -> seconds from sending each request to its answer.
+        self.took: dict[int, list[float]] = {}
         self.request = (
             f"POST /tasks HTTP/1.1\r\nHost: {INTERFACE}:{port}\r\n"
             "Content-Type: application/json\r\n"
@@ -280,6 +286,9 @@ class PacedRun:
             "connections_lost": self.lost_connections,
             "waited_for_connection": self.waited,
             "codes": {str(code): n for code, n in sorted(self.codes.items())},
+            "answer_ms": {
+                str(code): _percentiles(times) for code, times in self.took.items()
+            },
             "rows": self.rows,
         }
 
@@ -472,6 +481,14 @@ class FastAgent(Resource):
             await treq.content(response)
         except Exception as error:  # say it; the next beat tries again
             print(f"heartbeat failed: {error!r}", file=sys.stderr, flush=True)
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    return {
+        f"p{p}": round(ordered[min(len(ordered) - 1, len(ordered) * p // 100)] * 1e3, 2)
+        for p in (50, 99)
+    }
 
 
 def _finish(request: Any, body: bytes) -> None:

@@ -382,6 +382,10 @@ def measure(
         f"{figures['steady_completed_per_s']:8.0f} tasks/s"
     )
     print(f"accepted / refused             {accepted} / {refused}  other: {other}")
+    took = reports.get("overload", {}).get("answer_ms", {})
+    refusal_p99 = took.get("429", {}).get("p99", float("nan"))
+    figures["overload_answer_ms"] = took
+    print(f"answers under overload, ms     {took}")
     print(f"submitted / finished (service) {submitted:.0f} / {finished:.0f}")
     print(
         f"GET /health p99, worst window  {figures['health_p99_ms_worst']:8.1f} ms"
@@ -405,6 +409,7 @@ def measure(
             f"/health p99 {figures['health_p99_ms_worst']:.1f} ms (< 50)",
         ),
         (submitted == finished, "every accepted task finished"),
+        (refusal_p99 < 5, f"429s answered in {refusal_p99} ms at p99 (< 5)"),
         (accepted == submitted, f"201s {accepted} = tasks stored {submitted:.0f}"),
         (not other, f"only 201 and 429 answered: {other}"),
         (figures["wal_mb_max"] < 64, f"WAL at most {figures['wal_mb_max']:.1f} MB"),

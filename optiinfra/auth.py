@@ -2,8 +2,10 @@
 API keys: who may call the orchestrator, and with which role.
 
 The key file (C{API_KEYS_FILE}) holds one key per line as
-C{<name> <role> sha256:<hex digest>}; C{#} starts a comment line and blank lines
-are ignored.  It holds hashes only, so reading it does not reveal a usable key;
+C{<name> <role> sha256:<hex digest> [<pin>]}; C{#} starts a comment line and
+blank lines are ignored.  An C{agent} key may be pinned (L{AgentPin}) to some
+agent ids (C{agents=cost-1,cost-2}) or to one agent type (C{agent_type=cost}).
+It holds hashes only, so reading it does not reveal a usable key;
 the key itself is shown once, by C{python -m optiinfra.auth new NAME ROLE}, and
 never stored.  Nothing here logs or returns a presented key.
 
@@ -30,6 +32,9 @@ from typing import Final
 
 import attrs
 
+from optiinfra.registry.model import AGENT_TYPES
+from optiinfra.validation import TOKEN
+
 #: Marks an orchestrator key, so a leaked one is recognisable (and greppable).
 KEY_PREFIX: Final = "oik_"
 #: The only hash scheme of the key file, as written before the colon.
@@ -41,7 +46,10 @@ _HEX_DIGEST: Final = re.compile(r"[0-9a-fA-F]{64}")
 _BEARER_TOKEN: Final = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
 #: An X-API-Key value: visible ASCII, no spaces.
 _HEADER_KEY: Final = re.compile(rb"[\x21-\x7e]+")
-_LINE_FORMAT: Final = f"<name> <role> {HASH_SCHEME}:<64 hex digits>"
+_LINE_FORMAT: Final = (
+    f"<name> <role> {HASH_SCHEME}:<64 hex digits> [agents=<id>,... | agent_type=<type>]"
+)
+
 _NAME_RULE: Final = (
     "expected up to 64 letters, digits, '.', '_', '@', '+' or '-', starting with "
     f"a letter or digit and not with {KEY_PREFIX!r}"
@@ -83,8 +91,8 @@ class Role(enum.Enum):
         nothing.  An agent may write agent records and read the agent registry
         (to see whether it is still registered after a restart or a missed
         heartbeat), but not read tasks and plans: least privilege for a key that
-        lives on every worker host.  That an agent writes only its own record is
-        for the HTTP layer to check (compare the principal's name with the id).
+        lives on every worker host.  That an agent writes only the records its key
+        registered is the registry's rule (L{optiinfra.registry.ownership}).
         """
         return permission in _GRANTS[self]
 
@@ -108,11 +116,75 @@ class ApiKeyFileError(ValueError):
 
 
 @attrs.frozen
+class AgentPin:
+    """
+    What one agent key may register and act for: these agent ids, or agents of
+    this one type.  A leaked key pinned this way cannot pose as another agent.
+    """
+
+    agent_ids: frozenset[str] = frozenset()
+    agent_type: str | None = None
+
+    def refusal(
+        self, agent_id: str | None, agent_type: str | None
+    ) -> tuple[str, str] | None:
+        """
+        Why this pin forbids acting for the agent, as (field, reason); None
+        when it allows it.
+        """
+        if self.agent_ids and agent_id not in self.agent_ids:
+            shown = "an id the orchestrator chooses" if agent_id is None else agent_id
+            allowed = ", ".join(sorted(self.agent_ids))
+            return (
+                "agent_id",
+                f"this key is pinned to the agent ids {allowed}, not {shown}",
+            )
+        if self.agent_type is not None and agent_type not in (None, self.agent_type):
+            return (
+                "agent_type",
+                f"this key is pinned to {self.agent_type} agents, not {agent_type}",
+            )
+        return None
+
+    def text(self) -> str:
+        """How the key file spells it."""
+        if self.agent_ids:
+            return "agents=" + ",".join(sorted(self.agent_ids))
+        return f"agent_type={self.agent_type}"
+
+
+def parse_pin(text: str) -> AgentPin:
+    """
+    A key-file pin: C{agents=<id>[,<id>...]} or C{agent_type=<type>}.
+
+    @raise ValueError: with what is wrong, for the caller to place.
+    """
+    kind, equals, value = text.partition("=")
+    if kind == "agents" and equals:
+        ids = value.split(",")
+        bad = [i for i in ids if not TOKEN.fullmatch(i)]
+        if bad or not ids:
+            raise ValueError(f"bad agent id {_shown(bad[0] if bad else value)}")
+        return AgentPin(agent_ids=frozenset(ids))
+    if kind == "agent_type" and equals:
+        if value not in AGENT_TYPES:
+            raise ValueError(
+                f"unknown agent type {_shown(value)}: expected {', '.join(AGENT_TYPES)}"
+            )
+        return AgentPin(agent_type=value)
+    raise ValueError(
+        f"bad pin {_shown(text)}: expected agents=<id>,... or agent_type=<type>"
+    )
+
+
+@attrs.frozen
 class Principal:
     """Who made an authenticated request: the key's name and role, never the key."""
 
     name: str
     role: Role
+    #: For agent keys: the agents it may act for, beyond those it registered.
+    pin: AgentPin | None = None
 
     def allows(self, permission: Permission) -> bool:
         return self.role.allows(permission)
@@ -126,6 +198,7 @@ class KeyEntry:
     role: Role
     digest: bytes = attrs.field(repr=False)
     line: int
+    pin: AgentPin | None = None
 
 
 def _digest(key: str) -> bytes:
@@ -144,12 +217,28 @@ def _shown(field: str) -> str:
     return repr(field)
 
 
+def _parse_line_pin(
+    fields: list[str], role: Role, source: str, number: int
+) -> AgentPin | None:
+    """The optional fourth field of a key-file line: an agent key's pin."""
+    if len(fields) < 4:
+        return None
+    if role is not Role.AGENT:
+        raise ApiKeyFileError(
+            source, number, f"only agent keys may be pinned, not {role.value} keys"
+        )
+    try:
+        return parse_pin(fields[3])
+    except ValueError as error:
+        raise ApiKeyFileError(source, number, str(error)) from None
+
+
 def _parse_line(fields: list[str], source: str, number: int) -> KeyEntry:
-    if len(fields) != 3:
+    if len(fields) not in (3, 4):
         raise ApiKeyFileError(
             source, number, f"expected {_LINE_FORMAT}, got {len(fields)} field(s)"
         )
-    name, role_text, hashed = fields
+    name, role_text, hashed = fields[:3]
     if not _valid_name(name):
         raise ApiKeyFileError(source, number, f"bad name {_shown(name)}: {_NAME_RULE}")
     try:
@@ -170,7 +259,8 @@ def _parse_line(fields: list[str], source: str, number: int) -> KeyEntry:
             f"bad hash{hint}: expected {HASH_SCHEME}:<64 hex digits>; "
             "the file holds key hashes, never keys",
         )
-    return KeyEntry(name, role, bytes.fromhex(hex_digest), number)
+    pin = _parse_line_pin(fields, role, source, number)
+    return KeyEntry(name, role, bytes.fromhex(hex_digest), number, pin)
 
 
 def _parse_entries(text: str, source: str) -> tuple[KeyEntry, ...]:
@@ -255,7 +345,7 @@ class ApiKeys:
         for entry in self.entries:
             if hmac.compare_digest(entry.digest, digest):
                 found = entry
-        return None if found is None else Principal(found.name, found.role)
+        return None if found is None else Principal(found.name, found.role, found.pin)
 
 
 def refuse_unsafe_mode(source: str, mode: int) -> None:
@@ -338,16 +428,20 @@ def credential_from_headers(
     return keys[0].decode("ascii")
 
 
-def generate(name: str, role: Role) -> tuple[str, str]:
+def generate(name: str, role: Role, pin: AgentPin | None = None) -> tuple[str, str]:
     """
     A new key, and its key-file line (without a newline): C{(key, line)}.
 
-    @raise ValueError: if C{name} cannot be written in the key file.
+    @raise ValueError: if C{name} cannot be written in the key file, or a pin
+        is asked for a key that is not an agent's.
     """
     if not _valid_name(name):
         raise ValueError(f"bad name {_shown(name)}: {_NAME_RULE}")
+    if pin is not None and role is not Role.AGENT:
+        raise ValueError(f"only agent keys may be pinned, not {role.value} keys")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    return key, f"{name} {role.value} {HASH_SCHEME}:{_digest(key).hex()}"
+    line = f"{name} {role.value} {HASH_SCHEME}:{_digest(key).hex()}"
+    return key, line if pin is None else f"{line} {pin.text()}"
 
 
 def _append(path: Path, name: str, line: str) -> None:
@@ -400,6 +494,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     new.add_argument("name", help="who the key is for, e.g. an agent's id")
     new.add_argument("role", choices=[role.value for role in Role])
+    pinned = new.add_mutually_exclusive_group()
+    pinned.add_argument(
+        "--agents",
+        metavar="ID[,ID...]",
+        help="pin an agent key to these agent ids",
+    )
+    pinned.add_argument(
+        "--agent-type",
+        choices=AGENT_TYPES,
+        help="pin an agent key to agents of this type",
+    )
     new.add_argument(
         "--file",
         type=Path,
@@ -419,7 +524,14 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        key, line = generate(args.name, Role(args.role))
+        pin = (
+            parse_pin(f"agents={args.agents}")
+            if args.agents
+            else parse_pin(f"agent_type={args.agent_type}")
+            if args.agent_type
+            else None
+        )
+        key, line = generate(args.name, Role(args.role), pin)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

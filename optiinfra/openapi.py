@@ -51,7 +51,7 @@ from optiinfra.registry.model import (
     STATUSES,
 )
 from optiinfra.registry.routes import MAX_QUERY_CAPABILITIES
-from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPES
+from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPE, TASK_TYPES
 from optiinfra.routing.model import STATUSES as TASK_STATUSES
 from optiinfra.routing.parse import IDEMPOTENCY_KEY, TRACEPARENT
 from optiinfra.routing.router import RouterConfig
@@ -247,7 +247,12 @@ _HOST: Final[dict[str, Any]] = {
     "type": "string",
     "pattern": _whole(HOST),
     "maxLength": 253,
-    "description": "A host name or IP address (IPv6 without brackets).",
+    "description": (
+        "A host name or IP address (IPv6 without brackets). Refused (400) when "
+        "it is, or resolves to, an address tasks may not be sent to: outside "
+        "AGENT_ALLOWED_NETWORKS, link-local or cloud metadata when that is "
+        "unset, or the orchestrator's own listening address."
+    ),
     "examples": ["10.0.0.12"],
 }
 _PORT: Final[dict[str, Any]] = {"type": "integer", "minimum": 1, "maximum": 65535}
@@ -373,7 +378,10 @@ def _schemas() -> dict[str, Any]:
                         "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
                         "description": (
                             "An http(s) URL with a valid host; port 80 or 443 "
-                            "when it names none."
+                            "when it names none. Tasks go to `<its path>/task`; "
+                            "a query, fragment or credentials are refused, and "
+                            "so is a host tasks may not be sent to (see `host`). "
+                            "https is called over TLS with certificate checks."
                         ),
                         "examples": ["http://localhost:8002"],
                     }
@@ -450,9 +458,22 @@ def _schemas() -> dict[str, Any]:
         "AgentList": {
             "type": "object",
             "required": ["agents", "count"],
+            "description": (
+                "Ordered by id. Without `limit`: every matching agent (up to "
+                "10,000; past that `truncated` and `next_offset`), as the "
+                "contract answers; with `limit`, a page as `GET /tasks` gives."
+            ),
             "properties": {
                 "agents": {"type": "array", "items": _schema("Agent")},
-                "count": {"type": "integer", "minimum": 0},
+                "count": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "How many agents this answer holds.",
+                },
+                "limit": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE},
+                "offset": {"type": "integer", "minimum": 0},
+                "truncated": {"type": "boolean"},
+                "next_offset": {"type": "integer", "minimum": 0},
             },
         },
         "Registered": {
@@ -734,10 +755,15 @@ def _task_schemas() -> dict[str, Any]:
     return {
         "TaskType": {
             "type": "string",
-            "enum": sorted(TASK_TYPES),
-            "description": "What to do; each is done by one type of agent: "
+            "pattern": f"^{TASK_TYPE.pattern}$",
+            "description": "What to do, in the agents' own words. Accepted when "
+            "an agent of `agent_type` registered now lists it among its "
+            "capabilities (`kv_cache_optimization`, `spot_migration`, ...), "
+            "when it is listed in the `TASK_TYPES` setting, or when it is one of "
+            "the contract's, each done by one type of agent: "
             + ", ".join(f"{t} ({a})" for t, a in sorted(TASK_TYPES.items()))
-            + ".",
+            + ". Otherwise a 400 lists what is offered for `agent_type`.",
+            "examples": ["analyze_cost", "kv_cache_optimization"],
         },
         "TaskStatus": {
             "type": "string",
@@ -818,9 +844,11 @@ def _task_schemas() -> dict[str, Any]:
                         "default": _ROUTER.default_retries,
                         "description": (
                             "Attempts after the first when one gets no usable "
-                            "answer (a 5xx, connection trouble, no answer within "
-                            "ATTEMPT_TIMEOUT); an agent's own failure or a 4xx "
-                            "is final."
+                            "answer (a 5xx without a verdict, connection trouble, "
+                            "no answer within ATTEMPT_TIMEOUT); an agent's own "
+                            '`"status": "failed"` (whatever the HTTP status) or '
+                            "another 4xx is final; a 429, or a 503 with "
+                            "Retry-After, waits as asked without using a retry."
                         ),
                     }
                 ),
@@ -834,6 +862,17 @@ def _task_schemas() -> dict[str, Any]:
                 }
                 for agent_type in AGENT_TYPES
                 if agent_type in by_agent
+            ]
+            + [
+                {
+                    "properties": {
+                        "task_type": {
+                            "pattern": "^(?!(?:" + "|".join(sorted(TASK_TYPES)) + ")$)",
+                            "description": "Not one of the contract's task types: "
+                            "any agent type that offers it.",
+                        }
+                    }
+                }
             ],
         },
         "TaskAccepted": {
@@ -872,11 +911,24 @@ def _task_schemas() -> dict[str, Any]:
                 },
             },
         },
+        "TaskInList": {
+            **task,
+            "required": [r for r in task["required"] if r != "result"],
+            "description": "A task as listed: `result` only with `fields=result`.",
+        },
         "TaskList": {
             "type": "object",
             "required": ["tasks", "count", "limit", "offset"],
             "properties": {
-                "tasks": {"type": "array", "items": _schema("Task")},
+                "tasks": {"type": "array", "items": _schema("TaskInList")},
+                "truncated": {
+                    "type": "boolean",
+                    "description": (
+                        "With `fields=result` only: the page stopped early, "
+                        "its results being past 8 MiB; go on at `next_offset`."
+                    ),
+                },
+                "next_offset": {"type": "integer", "minimum": 0},
                 "count": {
                     "type": "integer",
                     "minimum": 0,
@@ -1934,12 +1986,33 @@ def _components() -> dict[str, Any]:
                 ),
                 "schema": _schema("AgentType"),
             },
+            "TaskFieldsQuery": {
+                "name": "fields",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "`result` to include each task's result (left out "
+                    "otherwise); a page then stops once its results pass 8 MiB."
+                ),
+                "schema": {"type": "string", "enum": ["result"]},
+            },
             "TaskTypeQuery": {
                 "name": "task_type",
                 "in": "query",
                 "required": False,
                 "description": "Only tasks of this type (the last one if repeated).",
                 "schema": _schema("TaskType"),
+            },
+            "AgentLimitQuery": {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "description": (
+                    "At most this many agents (a page, as tasks are listed); "
+                    f"anything but a whole number up to {MAX_PAGE} is a 400 "
+                    "naming `limit`. Absent: every agent, up to 10,000."
+                ),
+                "schema": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE},
             },
             "LimitQuery": {
                 "name": "limit",
@@ -2210,7 +2283,12 @@ def _service_paths() -> dict[str, Any]:
 
 def _registry_paths() -> dict[str, Any]:
     agent_id = _ref("parameters", "AgentId")
-    filters = [_ref("parameters", "StatusQuery"), _ref("parameters", "CapabilityQuery")]
+    filters = [
+        _ref("parameters", "StatusQuery"),
+        _ref("parameters", "CapabilityQuery"),
+        _ref("parameters", "AgentLimitQuery"),
+        _ref("parameters", "OffsetQuery"),
+    ]
     listed = {"200": _answer("The matching agents.", _schema("AgentList"))}
     accepted = {
         "200": _answer("The heartbeat was recorded.", _schema("HeartbeatAccepted"))
@@ -2441,6 +2519,7 @@ def _task_paths() -> dict[str, Any]:
                         "TaskAgentIdQuery",
                         "TaskAgentTypeQuery",
                         "TaskTypeQuery",
+                        "TaskFieldsQuery",
                         "LimitQuery",
                         "OffsetQuery",
                     )

@@ -17,6 +17,9 @@ from typing import Final
 import attrs
 from dotenv import dotenv_values
 
+from optiinfra.destinations import Network, parse_networks
+from optiinfra.routing.model import TASK_TYPE
+
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 
 
@@ -65,6 +68,13 @@ class Settings:
     breaker_cooldown: float = 30.0
     #: Waiting tasks (every replica's) beyond which submissions get 429.
     max_waiting_tasks: int = 10_000
+    #: Agents: what one agent key may register, and how much an answer may hold.
+    agent_key_max_agents: int = 100
+    max_answer_bytes: int = 4 * 1024 * 1024
+    #: Networks agents may be in; None: all but link-local and metadata ones.
+    agent_allowed_networks: tuple[Network, ...] | None = None
+    #: Task types accepted besides the built-in ones and what agents offer.
+    task_types: frozenset[str] = frozenset()
     #: Coordination: how long approvals stay open, by risk, and who must agree.
     approval_expiry_medium: float = 48 * 3600.0
     approval_expiry_high: float = 24 * 3600.0
@@ -187,6 +197,25 @@ def parse_count(name: str, raw: str) -> int:
     return value
 
 
+def parse_cidrs(name: str, raw: str) -> tuple[Network, ...]:
+    """C{10.0.0.0/8,fd00::/8}: the networks agents may be in."""
+    try:
+        return parse_networks(raw)
+    except ValueError as error:
+        raise SettingsError(name, raw, str(error)) from None
+
+
+def parse_task_types(name: str, raw: str) -> frozenset[str]:
+    """C{resize_disk,warm_cache}: task types accepted with no agent offering them."""
+    names = frozenset(item.strip() for item in raw.split(",") if item.strip())
+    for task_type in sorted(names):
+        if not TASK_TYPE.fullmatch(task_type):
+            raise SettingsError(
+                name, raw, f"{task_type!r} is not a task type ({TASK_TYPE.pattern})"
+            )
+    return names
+
+
 def parse_action_pairs(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     """C{scale_up:drain,a:b}: pairs of actions that undo each other."""
     pairs = []
@@ -265,6 +294,10 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "BREAKER_THRESHOLD": ("breaker_threshold", parse_count),
     "BREAKER_COOLDOWN": ("breaker_cooldown", parse_positive_seconds),
     "MAX_WAITING_TASKS": ("max_waiting_tasks", parse_count),
+    "AGENT_KEY_MAX_AGENTS": ("agent_key_max_agents", parse_count),
+    "MAX_ANSWER_BYTES": ("max_answer_bytes", parse_bytes),
+    "AGENT_ALLOWED_NETWORKS": ("agent_allowed_networks", parse_cidrs),
+    "TASK_TYPES": ("task_types", parse_task_types),
     "APPROVAL_EXPIRY_MEDIUM": ("approval_expiry_medium", parse_positive_seconds),
     "APPROVAL_EXPIRY_HIGH": ("approval_expiry_high", parse_positive_seconds),
     "APPROVAL_EXPIRY_CRITICAL": ("approval_expiry_critical", parse_positive_seconds),

@@ -13,10 +13,13 @@ from typing import Any, NoReturn, cast
 
 from klein import Klein
 from twisted.application.service import IService, MultiService
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
+    IListeningPort,
     IReactorCore,
     IReactorFromThreads,
+    IReactorPluggableNameResolver,
     IReactorThreads,
     IReactorTime,
 )
@@ -37,6 +40,7 @@ from optiinfra.coordination.plans import (
     load_templates,
 )
 from optiinfra.coordination.service import Coordinator, CoordinatorConfig
+from optiinfra.destinations import Destinations
 from optiinfra.keyreload import KeyReloader
 from optiinfra.lifecycle import OrderedServices
 from optiinfra.logs import (
@@ -253,6 +257,7 @@ def build_service(
         store = open_store(settings, reactor)
     metrics = new_registry()
     readiness = Readiness()
+    destinations = Destinations(settings.agent_allowed_networks)
     registry = Registry(
         store,
         reactor,
@@ -261,8 +266,11 @@ def build_service(
             unreachable_after=settings.silent_after,
             expire_after=settings.agent_expiry,
             sweep_interval=settings.sweep_interval,
+            max_agents_per_key=settings.agent_key_max_agents,
         ),
         RegistryMetrics(metrics),
+        destinations,
+        cast(IReactorPluggableNameResolver, reactor).nameResolver,
     )
     app = new_app()
     health.mount(app, registry=metrics)
@@ -275,7 +283,7 @@ def build_service(
         store.tasks,
         registry,
         reactor,
-        Dispatcher(reactor, pool),
+        Dispatcher(reactor, pool, settings.max_answer_bytes, destinations),
         RouterConfig(
             per_agent_limit=settings.agent_concurrency,
             attempt_timeout=settings.attempt_timeout,
@@ -284,6 +292,7 @@ def build_service(
             breaker_threshold=settings.breaker_threshold,
             breaker_cooldown=settings.breaker_cooldown,
             max_waiting=settings.max_waiting_tasks,
+            task_types=settings.task_types,
         ),
         metrics,
         draining=lambda: readiness.draining,
@@ -351,10 +360,18 @@ def build_service(
         settings.drain_timeout,
     )
     web.setServiceParent(top)
+    web.when_listening().addCallback(_own_address, destinations)
     SystemdNotifier(
         reactor, web.when_listening(), settings.notify_socket, settings.watchdog_usec
     ).setServiceParent(top)
     return top
+
+
+def _own_address(port: IListeningPort, destinations: Destinations) -> None:
+    """Tasks are never sent to the orchestrator's own listening address."""
+    address = port.getHost()
+    if isinstance(address, IPv4Address | IPv6Address):
+        destinations.listening(address.host, address.port)
 
 
 def tune_gc() -> None:

@@ -15,6 +15,7 @@ from typing import Any, Final
 import orjson
 
 from optiinfra.errors import InvalidField
+from optiinfra.exactjson import MAX_DEPTH
 
 #: Identifiers chosen by clients: agent ids, names of things.
 TOKEN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
@@ -178,6 +179,12 @@ class Fields:
             return {}
         if not isinstance(value, dict):
             raise InvalidField(self.name(key), "must be a JSON object")
-        if len(orjson.dumps(value)) > max_bytes:
+        try:
+            encoded = orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            raise InvalidField(
+                self.name(key), f"is nested more than {MAX_DEPTH} levels deep"
+            ) from None
+        if len(encoded) > max_bytes:
             raise InvalidField(self.name(key), f"must be at most {max_bytes} bytes")
         return value

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from optiinfra.auth import (
     KEY_PREFIX,
+    AgentPin,
     ApiKeyFileError,
     ApiKeys,
     Permission,
@@ -81,7 +82,11 @@ OTHER = hashed("oik_other")
     ("text", "line", "fragment"),
     [
         ("alice operator\n", 1, "got 2 field(s)"),
-        (f"# c\nalice operator {GOOD} extra\n", 2, "got 4 field(s)"),
+        (f"# c\nalice operator {GOOD} extra\n", 2, "only agent keys may be pinned"),
+        (f"alice agent {GOOD} extra\n", 1, "bad pin 'extra'"),
+        (f"alice agent {GOOD} agent_type=robot\n", 1, "unknown agent type 'robot'"),
+        (f"alice agent {GOOD} agents=a,,b\n", 1, "bad agent id ''"),
+        (f"alice agent {GOOD} agents=a b\n", 1, "got 5 field(s)"),
         (f"alice operator {GOOD} # inline comment\n", 1, "got 6 field(s)"),
         (f"\n\n-alice operator {GOOD}\n", 3, "bad name '-alice'"),
         (f"{'a' * 65} operator {GOOD}\n", 1, "bad name"),
@@ -216,7 +221,7 @@ def test_principal_holds_no_key(keys: ApiKeys) -> None:
     principal = keys.authenticate(ALICE_KEY)
     assert principal is not None
     assert ALICE_KEY not in repr(principal)
-    assert [field.name for field in attrs.fields(Principal)] == ["name", "role"]
+    assert [field.name for field in attrs.fields(Principal)] == ["name", "role", "pin"]
 
 
 # Roles
@@ -307,6 +312,33 @@ def test_generate_makes_a_random_prefixed_key_and_its_line() -> None:
     assert line == f"agent-7 agent {hashed(key)}"
     assert key not in line
     assert generate("agent-7", Role.AGENT)[0] != key
+
+
+def test_pins_round_trip_from_the_command_line_to_the_principal(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys"
+    for name, option in (
+        ("cost-1", "--agents=cost-1,cost-2"),
+        ("costs", "--agent-type=cost"),
+    ):
+        assert main(["new", name, "agent", option, "--file", str(path)]) == 0
+    text = path.read_text()
+    assert " agents=cost-1,cost-2\n" in text
+    assert " agent_type=cost\n" in text
+    [first, second] = ApiKeys.load(path).entries
+    assert first.pin == AgentPin(agent_ids=frozenset({"cost-1", "cost-2"}))
+    assert second.pin == AgentPin(agent_type="cost")
+    assert first.pin.refusal("cost-2", "cost") is None
+    assert first.pin.refusal("cost-3", "cost") == (
+        "agent_id",
+        "this key is pinned to the agent ids cost-1, cost-2, not cost-3",
+    )
+    assert second.pin.refusal("x", "resource") == (
+        "agent_type",
+        "this key is pinned to cost agents, not resource",
+    )
+    assert main(["new", "ops", "operator", "--agent-type=cost"]) == 2
 
 
 @pytest.mark.parametrize("role", list(Role))

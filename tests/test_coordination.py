@@ -19,8 +19,8 @@ from twisted.logger import LogLevel
 from optiinfra.auth import Role, generate
 
 from .agents import (
+    BAD_GATEWAY,
     COMPLETE,
-    CRASH,
     FAIL,
     HANG,
     FakeAgent,
@@ -963,7 +963,7 @@ async def test_plan_steps_are_retried_as_configured(
     for retries in (0, 2):
         service = await start_service(**FAST, plan_step_retries=retries)
         agents = await fleet(service, start_agent)
-        agents["resource"].behaviour = CRASH  # a 500: worth another try
+        agents["resource"].behaviour = BAD_GATEWAY  # a 502: worth another try
         result = await coordinate(
             service, [rec("r", "resource", action="clean_cache")], execute_now=True
         )

@@ -176,7 +176,7 @@ async def test_integers_beyond_64_bits_are_refused(
     body = await response.json()
     assert response.code == 400, body
     assert body["field"] == "parameters.n[1]"
-    assert "between" in body["detail"]
+    assert "beyond 64 bits" in body["detail"]
 
 
 @pytest_twisted.ensureDeferred

@@ -394,6 +394,34 @@ READERS: Final[dict[str, Callable[[Reader], dict[str, Any]]]] = {
 _UNREAD: Final = object()
 
 
+def beyond_64_bits(raw: bytes) -> set[str]:
+    """
+    Where the integers beyond 64 bits are (C{port}, C{metadata.n},
+    C{capabilities[2]}; C{body} for the document itself): orjson would read
+    them as floats, so the service refuses them.
+    """
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):
+        return set()
+    found: set[str] = set()
+
+    def walk(path: str, value: Any) -> None:
+        if isinstance(value, bool):
+            return
+        if isinstance(value, int) and not -(2**63) <= value < 2**64:
+            found.add(path or "body")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{path}.{key}" if path else key, item)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(f"{path}[{index}]", item)
+
+    walk("", document)
+    return found
+
+
 def predict(
     route: str,
     path_id: str | None,
@@ -424,6 +452,11 @@ def predict(
             document = orjson.loads(raw)
         except orjson.JSONDecodeError:
             problems.add((400, "body"))
+        else:
+            beyond = sorted(beyond_64_bits(raw))
+            if beyond:  # refused before any field is read, naming the first
+                problems.update((400, path) for path in beyond)
+                return Expectation("reject", frozenset(problems))
     if isinstance(document, dict):
         reader = Reader(document)
         effect = READERS[route](reader)

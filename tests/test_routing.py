@@ -13,8 +13,8 @@ import pytest_twisted
 from optiinfra.routing.loops import RouterService
 
 from .agents import (
+    BAD_GATEWAY,
     COMPLETE,
-    CRASH,
     DIE,
     FAIL,
     HANG,
@@ -237,7 +237,7 @@ async def test_a_5xx_is_retried_on_another_agent(
     start_service: StartService, start_agent: StartAgent
 ) -> None:
     service = await start_service(**FAST)
-    broken, working = await start_agent(CRASH), await start_agent(COMPLETE)
+    broken, working = await start_agent(BAD_GATEWAY), await start_agent(COMPLETE)
     await register(service, broken)
     # The broken agent is the only one at first, so it gets the first attempt.
     task_id = await submit(service)
@@ -270,7 +270,7 @@ async def test_retries_stop_at_max_retries(
     start_service: StartService, start_agent: StartAgent
 ) -> None:
     service = await start_service(**FAST)
-    agent = await start_agent(CRASH)
+    agent = await start_agent(BAD_GATEWAY)
     await register(service, agent)
     task = await wait_for(service, await submit(service, max_retries=2))
     assert task["status"] == "failed"
@@ -298,7 +298,7 @@ async def test_the_circuit_opens_then_one_trial_closes_it(
     start_service: StartService, start_agent: StartAgent
 ) -> None:
     service = await start_service(**FAST, breaker_threshold=2, breaker_cooldown=0.5)
-    agent = await start_agent(CRASH)
+    agent = await start_agent(BAD_GATEWAY)
     agent_id = await register(service, agent)
     for _ in range(2):
         task = await wait_for(service, await submit(service, max_retries=0))
@@ -501,7 +501,7 @@ async def test_listing_filters_and_pages(
         ("limit=%C2%B2", "limit"),
         ("offset=-1", "offset"),
         ("agent_type=robot", "agent_type"),
-        ("task_type=dance", "task_type"),
+        ("task_type=Dance!", "task_type"),
     ):
         code, body = await call(service, "GET", f"/tasks?{query}")
         assert (code, body["field"]) == (400, field), query

@@ -212,3 +212,42 @@ def test_plan_step_retries_and_retention() -> None:
         with pytest.raises(SettingsError) as raised:
             build_settings({"PLAN_STEP_RETRIES": bad})
         assert raised.value.name == "PLAN_STEP_RETRIES"
+
+
+def test_agent_trust_settings() -> None:
+    settings = build_settings(
+        {
+            "AGENT_KEY_MAX_AGENTS": "7",
+            "MAX_ANSWER_BYTES": "65536",
+            "AGENT_ALLOWED_NETWORKS": "10.0.0.0/8, fd00::/8,",
+            "TASK_TYPES": "warm_cache, resize_disk",
+        }
+    )
+    assert settings.agent_key_max_agents == 7
+    assert settings.max_answer_bytes == 65536
+    assert [str(n) for n in settings.agent_allowed_networks or ()] == [
+        "10.0.0.0/8",
+        "fd00::/8",
+    ]
+    assert settings.task_types == {"warm_cache", "resize_disk"}
+    defaults = build_settings({})
+    assert (defaults.agent_key_max_agents, defaults.max_answer_bytes) == (100, 4 << 20)
+    assert defaults.agent_allowed_networks is None
+    assert defaults.task_types == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("AGENT_KEY_MAX_AGENTS", "0", "expected at least 1"),
+        ("MAX_ANSWER_BYTES", "4MB", "expected a whole number of bytes"),
+        ("AGENT_ALLOWED_NETWORKS", "10.0.0.0/8,intranet", "'intranet' is not a CIDR"),
+        ("AGENT_ALLOWED_NETWORKS", " , ", "expected at least one CIDR network"),
+        ("TASK_TYPES", "warm_cache,Resize-Disk", "'Resize-Disk' is not a task type"),
+    ],
+)
+def test_invalid_agent_trust_settings(variable: str, value: str, reason: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        build_settings({variable: value})
+    assert raised.value.name == variable
+    assert reason in raised.value.reason

@@ -8,11 +8,13 @@ Two dialects reach the same registry: the contract's root paths
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
 
+from optiinfra.destinations import tls_available
 from optiinfra.errors import InvalidField
 from optiinfra.registry.model import (
     AGENT_TYPES,
@@ -22,6 +24,8 @@ from optiinfra.registry.model import (
 from optiinfra.validation import HOST, NAME, TOKEN, Fields
 
 _VERSION_LENGTH: Final = 64
+#: An endpoint's path: tasks go to C{<path>/task}.
+_PATH: Final = re.compile(r"(/[A-Za-z0-9._~-]+)*/?")
 
 T = TypeVar("T")
 
@@ -136,6 +140,23 @@ def _endpoint(fields: Fields) -> tuple[str, int]:
         raise InvalidField("endpoint", "port must be between 1 and 65535")
     if not HOST.fullmatch(parts.hostname):
         raise InvalidField("endpoint", "has an invalid host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise InvalidField(
+            "endpoint",
+            "must not carry a query, a fragment or credentials: tasks go to "
+            "<endpoint's path>/task",
+        )
+    if not _PATH.fullmatch(parts.path):
+        raise InvalidField(
+            "endpoint",
+            "path may hold only letters, digits, '.', '_', '~', '-' and '/'",
+        )
+    if parts.scheme == "https" and not tls_available():
+        raise InvalidField(
+            "endpoint",
+            "https needs the tls extra (pip install 'optiinfra[tls]'); an https "
+            "agent is never called over plain http",
+        )
     return parts.hostname, port
 
 

@@ -30,10 +30,13 @@ from optiinfra.web.app import route
 from optiinfra.web.body import read_json
 from optiinfra.web.front import FastRoutes
 from optiinfra.web.guard import Guard
+from optiinfra.web.query import MAX_PAGE, page_of, query_arg, query_number
 from optiinfra.web.render import render_json
 
 #: A query may ask for this many capabilities at most.
 MAX_QUERY_CAPABILITIES = 32
+#: Agents listed at most by one answer given no C{limit}.
+MAX_AGENTS_LISTED = 10_000
 
 
 def _agent_id(value: str) -> str:
@@ -63,6 +66,21 @@ def _query(request: IRequest, kind: str | None = None) -> AgentQuery:
     return AgentQuery(type=kind, status=status, capabilities=wanted)
 
 
+def agent_page(agents: list[Any], limit: int | None, offset: int) -> dict[str, Any]:
+    """
+    One page of agents, ordered by id: C{limit} of them from C{offset}, as task
+    pages are; without a C{limit}, all of them up to L{MAX_AGENTS_LISTED}, with
+    C{truncated} and C{next_offset} when there are more.
+    """
+    if limit is not None:
+        return page_of("agents", agents[offset : offset + limit], limit, offset)
+    page = agents[offset : offset + MAX_AGENTS_LISTED]
+    answer: dict[str, Any] = {"agents": page, "count": len(page), "offset": offset}
+    if offset + len(page) < len(agents):
+        answer.update(truncated=True, next_offset=offset + len(page))
+    return answer
+
+
 def mount(
     app: Klein, registry: Registry, guard: Guard, fast: FastRoutes | None = None
 ) -> None:
@@ -72,9 +90,18 @@ def mount(
     """
     interval = int(registry.config.heartbeat_interval)
 
-    async def listing(query: AgentQuery) -> dict[str, Any]:
+    async def listing(request: IRequest, query: AgentQuery) -> dict[str, Any]:
+        limit = (
+            None
+            if query_arg(request, "limit") is None
+            else query_number(request, "limit", 0, MAX_PAGE)
+        )
+        offset = query_number(request, "offset", 0, 10**9)
         count, documents = await registry.documents(query)
-        return {"agents": orjson.Fragment(documents), "count": count}
+        if limit is None and offset == 0 and count <= MAX_AGENTS_LISTED:
+            # The contract's answer, as the store rendered it.
+            return {"agents": orjson.Fragment(documents), "count": count}
+        return agent_page(orjson.loads(documents), limit, offset)
 
     def accepted(received: float) -> dict[str, Any]:
         return {
@@ -87,8 +114,10 @@ def mount(
 
     @route(app, "/agents/register", ("POST",))
     async def register(request: IRequest) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
-        agent, _ = await registry.register(parse_registration(read_json(request)))
+        actor = guard.check(request, Permission.AGENT_WRITE)
+        agent, _ = await registry.register(
+            parse_registration(read_json(request)), actor
+        )
         return render_json(
             request,
             {
@@ -102,22 +131,23 @@ def mount(
 
     @route(app, "/agents/{agent_id}/heartbeat", ("POST",), fast)
     async def heartbeat(request: IRequest, agent_id: str) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
+        actor = guard.check(request, Permission.AGENT_WRITE)
         beat = parse_beat(read_json(request, optional=True))
         return render_json(
-            request, accepted(await registry.heartbeat(_agent_id(agent_id), beat))
+            request,
+            accepted(await registry.heartbeat(_agent_id(agent_id), beat, actor)),
         )
 
     @route(app, "/agents/{agent_id}/unregister", ("POST",))
     async def unregister(request: IRequest, agent_id: str) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
-        await registry.unregister(_agent_id(agent_id))
+        actor = guard.check(request, Permission.AGENT_WRITE)
+        await registry.unregister(_agent_id(agent_id), actor)
         return render_json(request, {"message": "Agent unregistered successfully"})
 
     @route(app, "/agents", ("GET",))
     async def list_agents(request: IRequest) -> bytes:
         guard.check(request, Permission.READ_AGENTS)
-        return render_json(request, await listing(_query(request)))
+        return render_json(request, await listing(request, _query(request)))
 
     @route(app, "/agents/{agent_id}", ("GET",))
     async def get_agent(request: IRequest, agent_id: str) -> bytes:
@@ -128,15 +158,17 @@ def mount(
     @route(app, "/agents/type/{agent_type}", ("GET",))
     async def by_type(request: IRequest, agent_type: str) -> bytes:
         guard.check(request, Permission.READ_AGENTS)
-        return render_json(request, await listing(_query(request, kind=agent_type)))
+        return render_json(
+            request, await listing(request, _query(request, kind=agent_type))
+        )
 
     # The agents' /api/v1 shapes ----------------------------------------------
 
     @route(app, "/api/v1/agents/register", ("POST",))
     async def register_v1(request: IRequest) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
+        actor = guard.check(request, Permission.AGENT_WRITE)
         registration = parse_v1_registration(read_json(request))
-        agent, created = await registry.register(registration)
+        agent, created = await registry.register(registration, actor)
         return render_json(
             request,
             {
@@ -151,9 +183,11 @@ def mount(
 
     @route(app, "/api/v1/agents/heartbeat", ("POST",))
     async def heartbeat_v1(request: IRequest) -> bytes:
-        guard.check(request, Permission.AGENT_WRITE)
+        actor = guard.check(request, Permission.AGENT_WRITE)
         agent_id, beat = parse_v1_beat(read_json(request))
-        return render_json(request, accepted(await registry.heartbeat(agent_id, beat)))
+        return render_json(
+            request, accepted(await registry.heartbeat(agent_id, beat, actor))
+        )
 
     # The same handlers answer the root paths and these.
 

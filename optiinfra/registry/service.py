@@ -15,9 +15,11 @@ from typing import Final
 import attrs
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHostnameResolver, IReactorTime
 
-from optiinfra.errors import NotFound
+from optiinfra.auth import Principal
+from optiinfra.destinations import Destinations, registration_refusal
+from optiinfra.errors import InvalidField, NotFound
 from optiinfra.registry.model import (
     AGENT_TYPES,
     STATUSES,
@@ -26,6 +28,7 @@ from optiinfra.registry.model import (
     AgentState,
     Heartbeat,
 )
+from optiinfra.registry.ownership import OWNER, Ownership, without_owner
 from optiinfra.registry.parse import Beat, Registration
 from optiinfra.store.interface import IStore
 from optiinfra.store.sql import new_agent_id
@@ -43,6 +46,8 @@ class RegistryConfig:
     unreachable_after: float = 45.0
     expire_after: float = 600.0
     sweep_interval: float = 5.0
+    #: Agents one agent key may have registered at once.
+    max_agents_per_key: int = 100
 
 
 class RegistryMetrics:
@@ -93,13 +98,26 @@ class Registry:
         clock: IReactorTime,
         config: RegistryConfig,
         metrics: RegistryMetrics,
+        destinations: Destinations | None = None,
+        resolver: IHostnameResolver | None = None,
     ) -> None:
         self.store = store
+        #: Where agents may be, checked as they register (with C{resolver}).
+        self.destinations = destinations
+        self._resolver = resolver
         self.config = config
         self._clock = clock
         self._metrics = metrics
+        self.ownership = Ownership(store, clock, config.max_agents_per_key)
+        #: Called with the id of each agent removed (unregistered or expired).
+        self.removal_listeners: list[Callable[[str], None]] = []
         #: Called when an agent may have become able to take work.
         self.listeners: list[Callable[[], None]] = []
+
+    def _removed(self, agent_id: str) -> None:
+        self.ownership.forget(agent_id)
+        for listener in self.removal_listeners:
+            listener(agent_id)
 
     def _notify(self) -> None:
         for listener in self.listeners:
@@ -113,8 +131,25 @@ class Registry:
     def status_of(self, agent: Agent) -> str:
         return agent.status_at(self.now(), self.config.unreachable_after)
 
-    async def register(self, registration: Registration) -> tuple[Agent, bool]:
-        """Register, or refresh the same agent's registration; (agent, created)."""
+    async def register(
+        self, registration: Registration, actor: Principal | None = None
+    ) -> tuple[Agent, bool]:
+        """
+        Register, or refresh the same agent's registration; (agent, created).
+        The agent is owned by C{actor}'s key (L{Ownership}).
+        """
+        await self.ownership.may_register(
+            actor,
+            registration.agent_id,
+            registration.type,
+            registration.name,
+            registration.host,
+            registration.port,
+        )
+        await self._check_destination(registration)
+        metadata = without_owner(registration.metadata)
+        if actor is not None:
+            metadata[OWNER] = actor.name
         now = self.now()
         candidate = Agent(
             id=registration.agent_id or new_agent_id(),
@@ -127,13 +162,14 @@ class Registry:
             version=registration.version,
             registered_at=now,
             last_seen=now,
-            metadata=registration.metadata,
+            metadata=metadata,
             endpoint=registration.endpoint,
             health_check_endpoint=registration.health_check_endpoint,
         )
         agent, created = await self.store.register_agent(
             candidate, by_id=registration.agent_id is not None
         )
+        self.ownership.registered(agent)
         self._metrics.registrations.labels(
             agent.type, "registered" if created else "refreshed"
         ).inc()
@@ -148,11 +184,28 @@ class Registry:
         self._notify()
         return agent, created
 
-    async def heartbeat(self, agent_id: str, beat: Beat) -> float:
+    async def _check_destination(self, registration: Registration) -> None:
+        """Refuse an address tasks may not be sent to, naming the field."""
+        if self.destinations is None or self._resolver is None:
+            return
+        reason = await registration_refusal(
+            self.destinations, self._resolver, registration.host, registration.port
+        )
+        if reason is not None:
+            field = "endpoint" if registration.endpoint is not None else "host"
+            raise InvalidField(field, reason)
+
+    async def heartbeat(
+        self, agent_id: str, beat: Beat, actor: Principal | None = None
+    ) -> float:
         """Record a heartbeat; when it was received.  L{NotFound} if unknown."""
+        await self.ownership.may_act(actor, agent_id)
+        metadata = (
+            without_owner(beat.metadata) if OWNER in beat.metadata else beat.metadata
+        )
         now = self.now()
         before = await self.store.heartbeat(
-            Heartbeat(agent_id, beat.status, beat.metadata, now)
+            Heartbeat(agent_id, beat.status, metadata, now)
         )
         self._metrics.heartbeat(before is not None)
         if before is None:
@@ -176,12 +229,20 @@ class Registry:
             cause=cause,
         )
 
-    async def unregister(self, agent_id: str) -> Agent:
+    async def unregister(self, agent_id: str, actor: Principal | None = None) -> Agent:
+        await self.ownership.may_act(actor, agent_id)
         removed = await self.store.delete_agent(agent_id)
+        self.ownership.forget(agent_id)
         if removed is None:
             raise NotFound("Agent not found", agent_id=agent_id)
         self._metrics.removals.labels(removed.type, "unregistered").inc()
-        _log.info("agent unregistered", agent_id=agent_id, agent_type=removed.type)
+        self._removed(agent_id)
+        _log.info(
+            "agent unregistered",
+            agent_id=agent_id,
+            agent_type=removed.type,
+            by=None if actor is None else actor.name,
+        )
         return removed
 
     async def get(self, agent_id: str) -> Agent:
@@ -226,6 +287,7 @@ class Registry:
             self._status_changed(agent, agent.status, "unreachable", "silence")
         for agent in await self.store.remove_silent(now - self.config.expire_after):
             self._metrics.removals.labels(agent.type, "expired").inc()
+            self._removed(agent.id)
             _log.warn(
                 "agent removed after silence",
                 agent_id=agent.id,

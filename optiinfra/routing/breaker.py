@@ -78,5 +78,9 @@ class Breakers:
             return True
         return False
 
+    def forget(self, agent_id: str) -> None:
+        """The agent is gone: its circuit need not be kept (nor shown)."""
+        self._circuits.pop(agent_id, None)
+
     def states(self) -> dict[str, str]:
         return {agent_id: self.state(agent_id) for agent_id in self._circuits}

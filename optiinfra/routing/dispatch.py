@@ -1,5 +1,5 @@
 """
-One attempt at a task: C{POST http://host:port/task} to an agent, via treq.
+One attempt at a task: C{POST http://host:port/task} to an agent.
 
 The agent's answer decides what happens next, and this module only says which
 kind of answer it was: done, failed for good, or worth another try.
@@ -7,20 +7,23 @@ kind of answer it was: done, failed for good, or worth another try.
 
 from __future__ import annotations
 
+from email.utils import parsedate_to_datetime
 from functools import lru_cache
-from http.cookiejar import DefaultCookiePolicy
-from typing import Any, Final, cast
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
-import treq
 from hyperlink import EncodedURL
-from treq.client import HTTPClient
-from treq.cookies import IndexableCookieJar
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionLost,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.web.client import (
     URI,
@@ -33,7 +36,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from optiinfra import exactjson
+from optiinfra.bounded import bounded
+from optiinfra.destinations import CheckedReactor, CheckingResolver, Destinations
 from optiinfra.registry.model import Agent
+from optiinfra.routing.answer import AnswerRefused, read_answer
 from optiinfra.routing.model import Task
 
 #: Larger answers are refused: an agent's result is a summary, not a data set.
@@ -48,19 +55,39 @@ class Completed:
 
 @attrs.frozen
 class Failed:
-    """The agent answered and said no (its own failure or a 4xx): not retried."""
+    """
+    The agent answered and said no: its own verdict (C{"status": "failed"},
+    whatever the HTTP status), a refusal (4xx), or an answer that cannot be
+    used.  Final: not retried, and not held against the agent, which is alive.
+    """
+
+    error: str
+    execution_time_ms: float | None = None
+
+
+@attrs.frozen
+class Retryable:
+    """
+    No usable answer (a 5xx without a verdict, connection trouble, an attempt
+    timed out): try again, and count it against the agent's circuit.
+    """
 
     error: str
 
 
 @attrs.frozen
-class Retryable:
-    """No usable answer (5xx, connection trouble, attempt timeout): try again."""
+class Throttled:
+    """
+    The agent is alive but busy (429, or 503 with C{Retry-After}): try again
+    after C{after} seconds (or the usual back-off when it gave none), without
+    counting it against the agent's circuit.
+    """
 
     error: str
+    after: float | None = None
 
 
-Outcome = Completed | Failed | Retryable
+Outcome = Completed | Failed | Retryable | Throttled
 
 
 def task_body(task: Task, timeout_seconds: float) -> dict[str, Any]:
@@ -90,7 +117,7 @@ class AgentPool(Service):
 class _Body:
     """
     A request body written whole, with the headers: the C{FileBodyProducer}
-    treq makes of bytes would write it a reactor turn later, in a packet of
+    treq would make of bytes writes it a reactor turn later, in a packet of
     its own (about 0.3 ms a call).
     """
 
@@ -112,44 +139,26 @@ class _Body:
         """Written already: nothing to stop."""
 
 
-class _AgentURL(EncodedURL):
-    """
-    An agent's C{/task} address, put in URI form once.
-
-    treq puts every URL it is given in URI form and back into text on each
-    call, IDNA-encoding the host (about a sixth of a call's CPU); an agent's
-    address does not change between calls.  Doing it here also lets IPv6
-    literals through, which the IDNA step refuses.
-    """
-
-    _text: str
-
-    @classmethod
-    def of(cls, text: str) -> _AgentURL:
-        """C{text}, already in URI form."""
-        url = cast(_AgentURL, cls.from_text(text))
-        url._text = text
-        return url
-
-    def to_uri(self) -> EncodedURL:
-        return self
-
-    def to_text(self, with_password: bool = False) -> str:
-        return self._text
-
-
 #: Addresses kept: far more than one orchestrator has agents.
 _ADDRESSES: Final = 4096
 
 
 @lru_cache(maxsize=_ADDRESSES)
-def agent_url(host: str, port: int) -> EncodedURL:
-    """Where an agent at C{host:port} takes tasks."""
+def agent_uri(host: str, port: int, endpoint: str | None = None) -> bytes:
+    """
+    Where an agent at C{host:port} takes tasks: C{/task} under the path of its
+    registered C{endpoint} (C{http://host:8002/agent} -> C{/agent/task}), over
+    the endpoint's scheme; plain C{http://host:port/task} without one.
+    """
+    scheme, prefix = "http", ""
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        scheme, prefix = parts.scheme or "http", parts.path.rstrip("/")
     if ":" in host:  # an IPv6 literal
-        return _AgentURL.of(f"http://[{host}]:{port}/task")
-    # A name that is not ASCII is IDNA-encoded here, once.
-    named = EncodedURL.from_text(f"http://{host}:{port}/task")
-    return _AgentURL.of(named.to_uri().to_text())
+        return f"{scheme}://[{host}]:{port}{prefix}/task".encode("ascii")
+    # A name that is not ASCII is IDNA-encoded here, once, and so is the path.
+    named = EncodedURL.from_text(f"{scheme}://{host}:{port}{prefix}/task")
+    return named.to_uri().to_text().encode("ascii")
 
 
 @implementer(IAgentEndpointFactory)
@@ -157,39 +166,56 @@ class _Endpoints:
     """
     One endpoint per agent address, made once: twisted.web's L{WebAgent}
     makes a L{HostnameEndpoint} per request, IDNA-encoding the host again,
-    even when the pool then hands back a connection it already has.
+    even when the pool then hands back a connection it already has.  C{https}
+    agents are called over TLS, their certificate checked against their name.
     """
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self.endpoint = lru_cache(maxsize=_ADDRESSES)(self._make)
 
-    def _make(self, host: bytes, port: int) -> IStreamClientEndpoint:
-        return HostnameEndpoint(self._reactor, host, port)
+    def _make(self, scheme: bytes, host: bytes, port: int) -> IStreamClientEndpoint:
+        # The reactor given resolves through the destinations' check: every
+        # address connected to is one that may be called.
+        plain = HostnameEndpoint(self._reactor, host, port)
+        if scheme == b"http":
+            return plain
+        # Only with the tls extra installed; registration refuses https
+        # endpoints without it (L{tls_available}).
+        from twisted.internet.ssl import optionsForClientTLS
+
+        return wrapClientTLS(optionsForClientTLS(host.decode("ascii")), plain)
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        if uri.scheme != b"http":
-            raise ValueError(f"agents are called over http, not {uri.scheme!r}")
-        return self.endpoint(uri.host, uri.port)
-
-
-def _no_cookies() -> IndexableCookieJar:
-    """
-    A jar that keeps nothing: tasks are independent, and a cookie set by one
-    agent must never reach another.
-    """
-    return IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
+        if uri.scheme not in (b"http", b"https"):
+            raise ValueError(f"agents are called over http(s), not {uri.scheme!r}")
+        return self.endpoint(uri.scheme, uri.host, uri.port)
 
 
 class Dispatcher:
     """Sends attempts over a shared connection pool."""
 
-    def __init__(self, reactor: Any, pool: HTTPConnectionPool) -> None:
-        # One client for every call: treq.post would build an Agent each time.
-        agent = WebAgent.usingEndpointFactory(reactor, _Endpoints(reactor), pool)
-        #: Also given on every call, so that treq does not make a jar each time.
-        self._cookies = _no_cookies()
-        self._client = HTTPClient(agent, cookiejar=self._cookies)
+    def __init__(
+        self,
+        reactor: Any,
+        pool: HTTPConnectionPool,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+        destinations: Destinations | None = None,
+    ) -> None:
+        self._resolver = CheckingResolver(
+            reactor.nameResolver, destinations or Destinations()
+        )
+        # twisted.web's Agent itself, not treq's client: it keeps no cookies
+        # (tasks are independent; a cookie set by one agent must never reach
+        # another), follows no redirects, and inflates nothing behind the
+        # cap's back.
+        self._agent = WebAgent.usingEndpointFactory(
+            reactor,
+            _Endpoints(CheckedReactor(reactor, self._resolver)),
+            pool,
+        )
+        self._reactor = reactor
+        self.max_answer_bytes = max_answer_bytes
 
     async def send(self, agent: Agent, task: Task, seconds_left: float) -> Outcome:
         """
@@ -200,6 +226,7 @@ class Dispatcher:
         headers = Headers(
             {
                 b"Content-Type": [b"application/json"],
+                b"Accept-Encoding": [b"identity"],
                 b"X-Deadline-Ms": [b"%d" % max(0, int(seconds_left * 1000))],
             }
         )
@@ -208,45 +235,102 @@ class Dispatcher:
         if task.traceparent:
             headers.setRawHeaders(b"traceparent", [task.traceparent.encode()])
         try:
-            response = await self._client.post(
-                agent_url(agent.host, agent.port),
-                data=_Body(orjson.dumps(task_body(task, seconds_left))),
-                headers=headers,
-                allow_redirects=False,
-                cookies=self._cookies,
+            response = await self._agent.request(
+                b"POST",
+                agent_uri(agent.host, agent.port, agent.endpoint),
+                headers,
+                _Body(orjson.dumps(task_body(task, seconds_left))),
             )
-            content = await treq.content(response)
+            content = await read_answer(response, self.max_answer_bytes)
+        except AnswerRefused as error:
+            return Failed(str(error))
         except (ResponseNeverReceived, ResponseFailed) as error:
             if any(reason.check(CancelledError) for reason in error.reasons):
                 raise CancelledError() from None
-            return Retryable(f"the connection failed: {error.reasons[0].value!r}")
+            reason = bounded(repr(error.reasons[0].value), 1024)
+            return Retryable(f"the connection failed: {reason}")
+        except DNSLookupError as error:
+            why = self._resolver.refused.get(agent.host)
+            if why is not None:
+                return Failed(f"the agent's address may not be called: {why}")
+            return Retryable(f"{type(error).__name__}: {error}".strip())
         except (ConnectError, ConnectionLost, TimeoutError) as error:
             return Retryable(f"{type(error).__name__}: {error}".strip())
-        return classify(response.code, content)
+        retry_after = response.headers.getRawHeaders(b"retry-after")
+        return classify(
+            response.code,
+            content,
+            None
+            if retry_after is None
+            else seconds_until(retry_after[-1], self._reactor.seconds()),
+        )
 
 
-def classify(code: int, content: bytes) -> Outcome:
-    """What an agent's HTTP answer means for the task."""
-    if code >= 500:
-        return Retryable(f"agent answered {code}")
-    if len(content) > MAX_ANSWER_BYTES:
-        return Failed(f"agent answered with more than {MAX_ANSWER_BYTES} bytes")
+def seconds_until(value: bytes, now: float) -> float | None:
+    """A C{Retry-After} value (seconds, or an HTTP date) as seconds from C{now}."""
+    text = value.decode("latin-1").strip()
+    if text.isdigit():
+        return float(min(int(text), 86400))
     try:
-        answer = orjson.loads(content) if content else {}
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _verdict(answer: dict[str, Any]) -> Failed:
+    """The agent's own C{"status": "failed"}, its error cut to size."""
+    error = answer.get("error")
+    if error is None or error == "":
+        text = "the agent reported a failure without saying why"
+    else:
+        text = error if isinstance(error, str) else orjson.dumps(error).decode()
+    return Failed(bounded(text), _milliseconds(answer))
+
+
+def _milliseconds(answer: dict[str, Any]) -> float | None:
+    elapsed = answer.get("execution_time_ms")
+    if isinstance(elapsed, bool) or not isinstance(elapsed, int | float):
+        return None
+    return float(elapsed)
+
+
+def classify(code: int, content: bytes, retry_after: float | None = None) -> Outcome:
+    """
+    What an agent's HTTP answer means for the task.
+
+    A JSON body saying C{"status": "failed"} is the agent's verdict whatever the
+    code: the shared Flask handler answers a handler that raised with a 500 and
+    such a body, and retrying a deterministic failure only wastes the agent.
+    """
+    inexact: str | None = None
+    try:
+        answer = exactjson.loads(content) if content else {}
     except orjson.JSONDecodeError:
         answer = None
+    except exactjson.NotExact as error:
+        answer, inexact = None, str(error)
+    if isinstance(answer, dict) and answer.get("status") == "failed":
+        return _verdict(answer)
+    if code == 429 or (code == 503 and retry_after is not None):
+        return Throttled(f"agent busy ({code})", retry_after)
+    if code >= 500:
+        return Retryable(f"agent answered {code}")
+    if inexact is not None:
+        return Failed(f"the agent's answer cannot be stored exactly: {inexact}")
     if code >= 400:
         detail = answer.get("error") if isinstance(answer, dict) else None
-        return Failed(f"agent refused the task ({code}): {detail or 'no detail'}")
+        shown = bounded(str(detail)) if detail else "no detail"
+        return Failed(f"agent refused the task ({code}): {shown}")
     if not isinstance(answer, dict):
         return Failed("agent answered with something other than a JSON object")
     status = answer.get("status")
     if status == "completed":
-        elapsed = answer.get("execution_time_ms")
-        return Completed(
-            answer.get("result"),
-            float(elapsed) if isinstance(elapsed, int | float) else None,
-        )
-    if status == "failed":
-        return Failed(str(answer.get("error") or "the agent reported a failure"))
-    return Failed(f"agent answered with an unknown status {status!r}")
+        result = answer.get("result")
+        try:
+            exactjson.check_storable(result)
+        except exactjson.NotExact as error:
+            return Failed(f"the agent's result cannot be stored: {error}")
+        return Completed(result, _milliseconds(answer))
+    shown_status = bounded(repr(status), 256)
+    return Failed(f"agent answered with an unknown status {shown_status}")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
 
-#: Task type -> the agent type that does it.
+#: What a task type may be: the agents' own words for what they offer
+#: (C{kv_cache_optimization}), lower-case with underscores.
+TASK_TYPE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+#: The contract's task types (built in) -> the agent type that does each.
 TASK_TYPES: Final[Mapping[str, str]] = {
     "analyze_cost": "cost",
     "migrate_to_spot": "cost",

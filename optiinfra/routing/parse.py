@@ -10,7 +10,7 @@ from twisted.web.iweb import IRequest
 
 from optiinfra.errors import InvalidField
 from optiinfra.registry.model import AGENT_TYPES
-from optiinfra.routing.model import PRIORITIES, TASK_TYPES
+from optiinfra.routing.model import PRIORITIES, TASK_TYPE, TASK_TYPES
 from optiinfra.routing.router import RouterConfig, TaskRequest
 from optiinfra.validation import TOKEN, Fields
 
@@ -21,11 +21,11 @@ IDEMPOTENCY_KEY: Final = re.compile(r"[\x21-\x7e]{1,255}")
 
 def parse_task(document: object, config: RouterConfig) -> TaskRequest:
     fields = Fields(document)
-    task_type = fields.choice("task_type", sorted(TASK_TYPES))
+    task_type = fields.text("task_type", pattern=TASK_TYPE, max_length=64)
     agent_type = fields.choice("agent_type", AGENT_TYPES)
     assert task_type is not None  # noqa: S101 - required
     assert agent_type is not None  # noqa: S101 - required
-    if TASK_TYPES[task_type] != agent_type:
+    if task_type in TASK_TYPES and TASK_TYPES[task_type] != agent_type:
         raise InvalidField(
             "agent_type", f"{task_type} is done by {TASK_TYPES[task_type]} agents"
         )
@@ -53,6 +53,36 @@ def parse_task(document: object, config: RouterConfig) -> TaskRequest:
         timeout_seconds=timeout,
         max_retries=retries,
         metadata=fields.mapping("metadata"),
+    )
+
+
+#: Task types named at most in one error.
+_SHOWN: Final = 40
+
+
+def known_without_agents(task_type: str, configured: frozenset[str]) -> bool:
+    """Whether C{task_type} is allowed whatever the agents offer: built in or set."""
+    return task_type in TASK_TYPES or task_type in configured
+
+
+def check_offered(
+    task_type: str, agent_type: str, offered: frozenset[str], configured: frozenset[str]
+) -> None:
+    """
+    Refuse a task type that is neither built in, nor in C{TASK_TYPES}, nor
+    offered now by an agent of C{agent_type}: a typo is caught, and the error
+    lists what is offered.
+    """
+    if known_without_agents(task_type, configured) or task_type in offered:
+        return
+    built_in = {t for t, a in TASK_TYPES.items() if a == agent_type}
+    choices = sorted(built_in | configured | offered)
+    shown = ", ".join(choices[:_SHOWN])
+    if len(choices) > _SHOWN:
+        shown += f" and {len(choices) - _SHOWN} more"
+    raise InvalidField(
+        "task_type",
+        f"no {agent_type} agent offers {task_type}; offered now: {shown}",
     )
 
 

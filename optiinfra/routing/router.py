@@ -27,8 +27,10 @@ from twisted.internet.defer import (
     gatherResults,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
+from optiinfra.bounded import bounded
 from optiinfra.errors import Conflict, NotFound, Overloaded
 from optiinfra.ids import time_ordered_id
 from optiinfra.metrics import LATENCY_BUCKETS
@@ -37,7 +39,14 @@ from optiinfra.registry.service import Registry
 from optiinfra.routing.admission import RETRY_AFTER, Admission, Backlog
 from optiinfra.routing.balancer import Outstanding, pick
 from optiinfra.routing.breaker import HALF_OPEN, OPEN, Breakers
-from optiinfra.routing.dispatch import Completed, Dispatcher, Failed, Outcome, Retryable
+from optiinfra.routing.dispatch import (
+    Completed,
+    Dispatcher,
+    Failed,
+    Outcome,
+    Retryable,
+    Throttled,
+)
 from optiinfra.routing.model import (
     CANCELLED,
     COMPLETED,
@@ -53,6 +62,7 @@ from optiinfra.routing.model import (
     TaskEvent,
     TaskQuery,
 )
+from optiinfra.store.interface import StoreUnavailable
 from optiinfra.store.tasks import Claim, TaskStore
 
 _log = structlog.get_logger("optiinfra.routing")
@@ -63,6 +73,11 @@ _ATTEMPT: Final = "attempt"
 _CANCELLED: Final = "cancelled"
 _DRAIN: Final = "drain"
 
+#: The least wait after a busy agent's C{Retry-After}: a C{0} must not make a
+#: tight loop of calls.
+_MIN_RETRY_AFTER: Final = 0.05
+#: Seconds between tries to record an outcome while the store is unreachable.
+_RECORD_AGAIN: Final = 0.5
 #: Seconds between looks for late or abandoned tasks during dispatch passes.
 _SETTLE_EVERY: Final = 0.25
 #: Due tasks read beyond the free slots, for tasks that cannot go after all
@@ -99,6 +114,8 @@ class RouterConfig:
     #: Periodic passes without a completed dispatch pass, while work waits and
     #: an agent is free, before the dispatcher is reported stalled.
     stall_passes: int = 3
+    #: Task types allowed besides the built-in ones and what agents offer.
+    task_types: frozenset[str] = frozenset()
 
 
 @attrs.frozen
@@ -162,7 +179,18 @@ class RouterMetrics:
             registry=registry,
         )
         self._breakers = breakers
+        #: Agent -> the (task type, status) series of L{finished} it has.
+        self._finished_series: dict[str, set[tuple[str, str]]] = {}
         registry.register(self)
+
+    def task_finished(self, task_type: str, agent: str, status: str) -> None:
+        self.finished.labels(task_type, agent, status).inc()
+        self._finished_series.setdefault(agent, set()).add((task_type, status))
+
+    def forget_agent(self, agent: str) -> None:
+        """Drop a removed agent's series: agent ids must not pile up as labels."""
+        for task_type, status in self._finished_series.pop(agent, ()):
+            self.finished.remove(task_type, agent, status)
 
     def describe(self) -> list[Metric]:
         return []
@@ -237,6 +265,7 @@ class Router:
         #: Called with each task that reaches a final status in this process.
         self.finished_listeners: list[Callable[[Task], object]] = []
         registry.listeners.append(self._agents_changed)
+        registry.removal_listeners.append(self._agent_removed)
 
     def now(self) -> float:
         return round(self._clock.seconds(), 3)
@@ -270,9 +299,9 @@ class Router:
         nothing), and accepted only once a power cut cannot lose it either;
         its call need not wait for the disk.
 
-        Any task type an agent offers can be routed: the contract's list is
-        enforced where customers submit (L{optiinfra.routing.parse}), while
-        plan steps name the operations of their templates.
+        Any task type an agent offers can be routed: customers' task types
+        are checked where they submit (L{optiinfra.routing.parse}), while plan
+        steps name the operations of their templates.
 
         Refused with L{Overloaded} (from memory, without touching the store)
         when it cannot be done in time: see L{optiinfra.routing.admission}.
@@ -365,6 +394,11 @@ class Router:
             return None, choice is None
         self._reserve(choice)
         return choice, False
+
+    async def offered(self, agent_type: str) -> frozenset[str]:
+        """What the agents of C{agent_type} registered now offer: their capabilities."""
+        agents = await self._agents(self.now(), {agent_type})
+        return frozenset(c for agent in agents for c in agent.capabilities)
 
     async def get(self, task_id: str) -> tuple[Task, list[TaskEvent]]:
         found = await self.tasks.get_task(task_id)
@@ -639,6 +673,11 @@ class Router:
             self._agent_cache[kind] = (now, agents)
         return agents
 
+    def _agent_removed(self, agent_id: str) -> None:
+        """An agent is gone: its metric series and its circuit go too."""
+        self._metrics.forget_agent(agent_id)
+        self.breakers.forget(agent_id)
+
     def _agents_changed(self) -> None:
         self._agent_cache.clear()
         self._agent_generation += 1
@@ -715,7 +754,7 @@ class Router:
         seconds_left = task.deadline - now
         if seconds_left <= 0:
             self._unreserve(agent)
-            self._record(
+            self._background(
                 self._finish(
                     task,
                     TIMEOUT,
@@ -731,7 +770,7 @@ class Router:
             timer = self._clock.callLater(budget, self._cut_short, task.id, why)
         except BaseException:
             self._unreserve(agent)
-            self._record(self._hand_back_claim(task, now), task)
+            self._background(self._hand_back_claim(task, now), task)
             raise
         self.admission.starts.started(task.agent_type, now)
         call: Deferred[Outcome] = Deferred.fromCoroutine(
@@ -757,7 +796,7 @@ class Router:
             self.admission.queued(task.agent_type)
             self.wake()
 
-    def _record(self, recording: Any, task: Task) -> Deferred[None]:
+    def _background(self, recording: Any, task: Task) -> Deferred[None]:
         """Run a recording of C{task}'s fate; a failure is logged, not lost."""
         recorded: Deferred[None] = ensureDeferred(recording)
         recorded.addErrback(
@@ -790,7 +829,59 @@ class Router:
         self._call_agents.pop(task.id, None)
         self.outstanding.finished(agent.id)
         why = self._cut.pop(task.id, None)
-        return self._record(self._settle(task, agent, outcome, why, budget), task)
+        settled = ensureDeferred(
+            self._record(task, agent, outcome, why, budget, self.now())
+        )
+        settled.addBoth(lambda _: self._freed())
+        return settled
+
+    async def _record(
+        self,
+        task: Task,
+        agent: Agent,
+        outcome: Outcome | Failure,
+        why: str | None,
+        budget: float,
+        answered: float,
+    ) -> None:
+        """
+        Settle C{task}, and never leave an answer unrecorded for lease recovery
+        to take for an orchestrator that died: while the store is unreachable
+        the outcome is kept and recorded again (as long as the lease would
+        have lasted); an outcome the store refuses fails the task, saying why.
+        """
+        while True:
+            try:
+                await self._settle(task, agent, outcome, why, budget)
+                return
+            except StoreUnavailable as error:
+                if self.now() - answered >= self.config.lease:
+                    _log.error(
+                        "could not record a task's outcome",
+                        task_id=task.id,
+                        error=str(error),
+                    )
+                    return
+                _log.warn(
+                    "task outcome kept until the store answers",
+                    task_id=task.id,
+                    error=str(error),
+                )
+                await deferLater(self._clock, _RECORD_AGAIN)
+            except Exception as error:
+                reason = bounded(f"its outcome could not be recorded: {error}", 1024)
+                _log.error(
+                    "could not record a task's outcome", task_id=task.id, error=reason
+                )
+                try:
+                    await self._finish(task, FAILED, self.now(), error=reason)
+                except Exception as again:
+                    _log.error(
+                        "could not record that a task failed",
+                        task_id=task.id,
+                        error=bounded(str(again), 1024),
+                    )
+                return
 
     async def _settle(
         self,
@@ -840,7 +931,23 @@ class Router:
         elif isinstance(outcome, Failed):
             self.breakers.succeeded(agent.id)  # it answered: healthy enough
             self._metrics.attempts.labels("failed").inc()
-            await self._finish(task, FAILED, now, error=outcome.error)
+            took = outcome.execution_time_ms
+            await self._finish(
+                task,
+                FAILED,
+                now,
+                error=outcome.error,
+                detail=None
+                if took is None
+                else f"{outcome.error} (the agent's verdict after {took:g} ms)",
+            )
+        elif isinstance(outcome, Throttled):
+            # Alive and answering, only busy: not a failure of the agent.
+            self.breakers.released(agent.id)
+            self._metrics.attempts.labels("throttled").inc()
+            await self._retry_or_fail(
+                task, agent, outcome.error, now, after=outcome.after
+            )
         else:
             self._metrics.attempts.labels("retryable").inc()
             if self.breakers.failed(agent.id):
@@ -850,18 +957,34 @@ class Router:
             await self._retry_or_fail(task, agent, outcome.error, now)
 
     async def _retry_or_fail(
-        self, task: Task, agent: Agent, error: str, now: float
+        self,
+        task: Task,
+        agent: Agent,
+        error: str,
+        now: float,
+        *,
+        after: float | None = None,
     ) -> None:
+        """
+        Send C{task} again after the back-off, or fail it.  C{after} is the wait
+        a busy agent asked for (C{Retry-After}): honoured instead of the
+        back-off, within the deadline, and not counted against C{max_retries}
+        (the attempt was declined, not failed).
+        """
         attempt = task.retry_count + 1
-        delay = (
-            self.config.retry_delay * 2 ** (attempt - 1) * self._rng.uniform(0.5, 1.5)
-        )
-        if task.retry_count >= task.max_retries or now + delay >= task.deadline:
-            why = (
-                "no retries left"
-                if task.retry_count >= task.max_retries
-                else ("no time left for a retry")
+        throttled = after is not None
+        if throttled:
+            delay = max(after or 0.0, _MIN_RETRY_AFTER)
+            attempt = task.retry_count
+        else:
+            delay = (
+                self.config.retry_delay
+                * 2 ** (attempt - 1)
+                * self._rng.uniform(0.5, 1.5)
             )
+        out_of_retries = not throttled and task.retry_count >= task.max_retries
+        if out_of_retries or now + delay >= task.deadline:
+            why = "no retries left" if out_of_retries else "no time left for a retry"
             await self._finish(task, FAILED, now, error=f"{error}; {why}")
             return
         retried = await self.tasks.change_task(
@@ -870,7 +993,9 @@ class Router:
             RETRYING,
             now,
             owner=self.owner,
-            detail=f"{error}; retry {attempt} in {delay:.1f} s",
+            detail=f"{error}; retry {attempt} in {delay:.1f} s"
+            if not throttled
+            else f"{error}; asked to try again in {delay:.1f} s",
             changes={
                 "retry_count": attempt,
                 "not_before": now + delay,
@@ -900,6 +1025,7 @@ class Router:
         *,
         result: Any = None,
         error: str | None = None,
+        detail: str | None = None,
     ) -> None:
         finished = await self.tasks.change_task(
             task.id,
@@ -907,7 +1033,7 @@ class Router:
             status,
             now,
             owner=self.owner,
-            detail=error,
+            detail=detail or error,
             changes={
                 "result": result,
                 "error": error,
@@ -925,7 +1051,7 @@ class Router:
     def _ended(
         self, task: Task, status: str, error: str | None, *, log: bool = True
     ) -> None:
-        self._metrics.finished.labels(task.task_type, task.agent_id or "", status).inc()
+        self._metrics.task_finished(task.task_type, task.agent_id or "", status)
         for listener in self.finished_listeners:
             listener(task)
         if not log:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
+import orjson
 from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
@@ -12,10 +13,12 @@ from twisted.web.iweb import IRequest
 from optiinfra.auth import Permission
 from optiinfra.errors import InvalidField
 from optiinfra.registry.model import AGENT_TYPES
-from optiinfra.routing.model import STATUSES, TASK_TYPES, Task, TaskEvent, TaskQuery
+from optiinfra.routing.model import STATUSES, TASK_TYPE, Task, TaskEvent, TaskQuery
 from optiinfra.routing.parse import (
     TRACEPARENT,
+    check_offered,
     idempotency_key,
+    known_without_agents,
     parse_task,
     request_hash,
 )
@@ -32,9 +35,13 @@ from optiinfra.web.render import render_json
 T = TypeVar("T")
 
 
-def task_view(task: Task) -> dict[str, Any]:
+#: Bytes of results one page of C{GET /tasks?fields=result} holds at most.
+MAX_LISTED_RESULTS: Final = 8 * 1024 * 1024
+
+
+def task_view(task: Task, result: bool = True) -> dict[str, Any]:
     """The contract's task record, with what an operator also wants to see."""
-    return {
+    view = {
         "task_id": task.id,
         "status": task.status,
         "agent_id": task.agent_id,
@@ -50,6 +57,39 @@ def task_view(task: Task) -> dict[str, Any]:
         "timeout_seconds": task.timeout_seconds,
         "deadline": rfc3339_ms_or_none(task.deadline),
     }
+    if not result:
+        del view["result"]
+    return view
+
+
+def _with_results(request: IRequest) -> bool:
+    """C{?fields=result}: listings leave results out unless asked."""
+    fields = query_arg(request, "fields")
+    if fields is None:
+        return False
+    if fields != "result":
+        raise InvalidField("fields", "may only be result")
+    return True
+
+
+def listing(tasks: list[Task], query: TaskQuery, results: bool) -> dict[str, Any]:
+    """
+    A page of tasks; with results, cut short once they pass
+    L{MAX_LISTED_RESULTS} (C{truncated} and C{next_offset} say where to go on).
+    """
+    views: list[dict[str, Any]] = []
+    size = 0
+    for task in tasks:
+        if results:
+            size += len(orjson.dumps(task.result))
+            if size > MAX_LISTED_RESULTS and views:
+                return {
+                    **page_of("tasks", views, query.limit, query.offset),
+                    "truncated": True,
+                    "next_offset": query.offset + len(views),
+                }
+        views.append(task_view(task, results))
+    return page_of("tasks", views, query.limit, query.offset)
 
 
 def _history(events: list[TaskEvent]) -> list[dict[str, Any]]:
@@ -77,8 +117,8 @@ def _query(request: IRequest) -> TaskQuery:
     if agent_type is not None and agent_type not in AGENT_TYPES:
         raise InvalidField("agent_type", f"must be one of {', '.join(AGENT_TYPES)}")
     task_type = query_arg(request, "task_type")
-    if task_type is not None and task_type not in TASK_TYPES:
-        raise InvalidField("task_type", f"must be one of {', '.join(TASK_TYPES)}")
+    if task_type is not None and not TASK_TYPE.fullmatch(task_type):
+        raise InvalidField("task_type", f"must match {TASK_TYPE.pattern}")
     page = query_page(request)
     return TaskQuery(
         status=status,
@@ -123,6 +163,12 @@ def mount(
         guard.check(request, Permission.OPERATE)
         document = read_json(request)
         task_request = parse_task(document, router.config)
+        configured = router.config.task_types
+        if not known_without_agents(task_request.task_type, configured):
+            offered = await router.offered(task_request.agent_type)
+            check_offered(
+                task_request.task_type, task_request.agent_type, offered, configured
+            )
         key = idempotency_key(request)
         traceparent = _header(request, b"traceparent")
         if traceparent is not None and not TRACEPARENT.fullmatch(traceparent):
@@ -162,13 +208,9 @@ def mount(
     async def list_tasks(request: IRequest) -> bytes:
         guard.check(request, Permission.READ)
         query = _query(request)
+        results = _with_results(request)
         tasks = await router.list_tasks(query)
-        return render_json(
-            request,
-            page_of(
-                "tasks", [task_view(task) for task in tasks], query.limit, query.offset
-            ),
-        )
+        return render_json(request, listing(tasks, query, results))
 
     @route(app, "/tasks/{task_id}", ("DELETE",))
     async def cancel(request: IRequest, task_id: str) -> bytes:

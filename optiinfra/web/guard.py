@@ -39,7 +39,8 @@ class Guard:
         principal = self.keys.authenticate(presented)
         if principal is None:
             raise Unauthenticated()
+        # Named in the access log, allowed or not.
+        request.principal = principal  # type: ignore[attr-defined]
         if not principal.allows(permission):
             raise Forbidden(principal, permission)
-        request.principal = principal  # type: ignore[attr-defined]
         return principal

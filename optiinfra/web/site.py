@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
+from optiinfra.auth import Principal
 from optiinfra.metrics import HttpMetrics
 from optiinfra.timefmt import rfc3339_ms
 
@@ -84,6 +85,8 @@ class OrchestratorRequest(server.Request):
 
     #: The route template that matched, set by the router; bounds metric labels.
     route: str = "unmatched"
+    #: Who presented a valid key, set by the guard; named in the access log.
+    principal: Principal | None = None
 
     def __init__(self, channel: DrainingChannel, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
@@ -555,6 +558,8 @@ class OrchestratorSite(server.Site):
             "request_id": request.request_id,
             "client": getattr(client, "host", None) or str(client),
         }
+        if request.principal is not None:
+            record["key"] = request.principal.name  # its name, never the key
         if request.aborted:
             record["aborted"] = True
         self._access_log(record)
