@@ -10,7 +10,7 @@ IMAGE ?= optiinfra-orchestrator
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' optiinfra/__init__.py)
 SOURCES := setup.py pyproject.toml $(shell find optiinfra twisted -name '*.py' -o -name '*.sql' 2>/dev/null)
 
-.PHONY: help deps build run test lint fmt clean docker-build docker-run docker-test bench api-key
+.PHONY: help deps browser-deps build run test lint fmt clean docker-build docker-run docker-test bench api-key
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -28,6 +28,12 @@ $(VENV)/.installed: $(BIN)/python $(SOURCES)
 
 deps: $(VENV)/.installed ## Create .venv and install the service with its dev tools
 
+# The console's browser tests drive Debian's chromium through Playwright (never
+# `playwright install`, which downloads a browser build of its own).
+CHROMIUM ?= /usr/bin/chromium
+browser-deps: ## Install Debian's chromium for the browser tests, when missing
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 build: deps ## Build the wheel into dist/
 	$(BIN)/pip wheel --quiet --no-deps -w dist .
 
@@ -43,7 +49,7 @@ fmt: deps ## Format and auto-fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint ## Every check: lint, types, tests with the coverage gate
+test: lint browser-deps ## Every check: lint, types, tests with the coverage gate
 	$(BIN)/pytest --cov=optiinfra --cov-report=term-missing $(PYTEST_ARGS)
 
 bench: deps ## Throughput and latency against baselines measured in the same run

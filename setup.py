@@ -52,6 +52,7 @@ setup(
             "ruff>=0.6,<0.18",
             "mypy>=1.11,<2.5",
             "mypy-zope>=1.0.17,<2",
+            "playwright>=1.45,<2",
         ],
     },
     entry_points={},

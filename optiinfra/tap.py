@@ -37,6 +37,10 @@ from optiinfra.coordination.plans import (
     load_templates,
 )
 from optiinfra.coordination.service import Coordinator, CoordinatorConfig
+from optiinfra.events import routes as event_routes
+from optiinfra.events.feed import Feed
+from optiinfra.events.loops import EventPurge, FeedReader, StreamsEnd
+from optiinfra.events.record import Recorder, Watch
 from optiinfra.lifecycle import OrderedServices
 from optiinfra.logs import (
     LEVELS,
@@ -62,6 +66,7 @@ from optiinfra.settings import (
     build_settings,
     read_environment,
 )
+from optiinfra.store.events import EventLog
 from optiinfra.store.interface import IBackend, IStore, StoreError, StoreUnavailable
 from optiinfra.store.postgres import PostgresBackend
 from optiinfra.store.sql import SQLStore
@@ -308,6 +313,10 @@ def build_service(
         ),
     )
     coordination_routes.mount(app, coordinator, guard)
+    feed = Feed(EventLog(store.backend), reactor)
+    recorder = Recorder(feed.log, reactor, recorded=feed.wake)
+    Watch(recorder, registry).attach(router, coordinator, coordinator.executor)
+    event_routes.mount(app, feed, guard)
     openapi.mount(app)
     for mount in mounts:
         mount(app)
@@ -332,6 +341,8 @@ def build_service(
         interval=settings.coordination_interval,
         retention=settings.coordination_retention,
     ).setServiceParent(top)
+    FeedReader(feed, reactor).setServiceParent(top)
+    EventPurge(recorder, feed, reactor, settings.event_retention).setServiceParent(top)
     web = HTTPService(
         endpoint,
         site,
@@ -339,6 +350,7 @@ def build_service(
         settings.drain_timeout,
     )
     web.setServiceParent(top)
+    StreamsEnd(feed).setServiceParent(top)
     SystemdNotifier(
         reactor, web.when_listening(), settings.notify_socket, settings.watchdog_usec
     ).setServiceParent(top)

@@ -21,7 +21,9 @@ from optiinfra.errors import NotFound
 from optiinfra.registry.model import (
     AGENT_TYPES,
     STATUSES,
+    UNREACHABLE,
     Agent,
+    AgentChange,
     AgentQuery,
     AgentState,
     Heartbeat,
@@ -100,10 +102,16 @@ class Registry:
         self._metrics = metrics
         #: Called when an agent may have become able to take work.
         self.listeners: list[Callable[[], None]] = []
+        #: Called with each change this process made to an agent.
+        self.change_listeners: list[Callable[[AgentChange], object]] = []
 
     def _notify(self) -> None:
         for listener in self.listeners:
             listener()
+
+    def _changed(self, change: AgentChange) -> None:
+        for listener in self.change_listeners:
+            listener(change)
 
     def now(self) -> float:
         """The clock's time to the millisecond, the precision every view shows,
@@ -146,6 +154,7 @@ class Registry:
             capabilities=list(agent.capabilities),
         )
         self._notify()
+        self._changed(AgentChange("registered", agent.id, agent))
         return agent, created
 
     async def heartbeat(self, agent_id: str, beat: Beat) -> float:
@@ -161,6 +170,15 @@ class Registry:
         if was != beat.status:
             self._status_changed(before, was, beat.status, "heartbeat")
             self._notify()
+            self._changed(
+                AgentChange(
+                    "status_changed",
+                    agent_id,
+                    previous=was,
+                    status=beat.status,
+                    cause="heartbeat",
+                )
+            )
         return now
 
     def _status_changed(
@@ -182,6 +200,7 @@ class Registry:
             raise NotFound("Agent not found", agent_id=agent_id)
         self._metrics.removals.labels(removed.type, "unregistered").inc()
         _log.info("agent unregistered", agent_id=agent_id, agent_type=removed.type)
+        self._changed(AgentChange("removed", agent_id, removed, cause="unregistered"))
         return removed
 
     async def get(self, agent_id: str) -> Agent:
@@ -223,7 +242,17 @@ class Registry:
         for agent in await self.store.mark_unreachable(
             now - self.config.unreachable_after
         ):
-            self._status_changed(agent, agent.status, "unreachable", "silence")
+            self._status_changed(agent, agent.status, UNREACHABLE, "silence")
+            self._changed(
+                AgentChange(
+                    "status_changed",
+                    agent.id,
+                    agent,
+                    previous=agent.status,
+                    status=UNREACHABLE,
+                    cause="silence",
+                )
+            )
         for agent in await self.store.remove_silent(now - self.config.expire_after):
             self._metrics.removals.labels(agent.type, "expired").inc()
             _log.warn(
@@ -232,6 +261,7 @@ class Registry:
                 agent_type=agent.type,
                 silent_seconds=round(now - agent.last_seen, 1),
             )
+            self._changed(AgentChange("removed", agent.id, agent, cause="expired"))
         counts = await self.store.count_agents(now - self.config.unreachable_after)
         for kind in AGENT_TYPES:
             for status in STATUSES:

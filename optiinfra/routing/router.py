@@ -196,6 +196,8 @@ class Router:
         self._last_settled = float("-inf")
         #: Called with each task that reaches a final status in this process.
         self.finished_listeners: list[Callable[[Task], object]] = []
+        #: Called with each task whose status this process changed (the feed).
+        self.status_listeners: list[Callable[[Task], object]] = []
         registry.listeners.append(self._agents_changed)
 
     def now(self) -> float:
@@ -281,6 +283,7 @@ class Router:
             # Its first submission may still be waiting for the disk.
             await self.tasks.sync()
             return stored, False
+        self._status_changed(stored)
         if agent is not None and stored.status == SENT:
             self._metrics.dispatch_latency.observe(0.0)
             self._start(stored, agent)
@@ -399,6 +402,7 @@ class Router:
                     task, TIMEOUT, "the deadline passed before an agent took it"
                 )
             for task in await self.tasks.recover_abandoned(now):
+                self._status_changed(task)
                 _log.warn("task recovered from a stopped orchestrator", task_id=task.id)
         if self._draining():
             return
@@ -454,9 +458,11 @@ class Router:
             self._ended(failed, FAILED, reason)
 
     async def _queue(self, task: Task, now: float) -> None:
-        await self.tasks.change_task(
+        queued = await self.tasks.change_task(
             task.id, (PENDING,), QUEUED, now, detail="no agent free", durable=False
         )
+        if queued is not None:
+            self._status_changed(queued)
 
     async def _claim(self, task: Task, agent: Agent, now: float) -> None:
         try:
@@ -480,6 +486,7 @@ class Router:
         if claimed is None:  # cancelled, or another replica took it
             self._unreserve(agent)
             return
+        self._status_changed(claimed)
         if task.started_at is None:
             self._metrics.dispatch_latency.observe(max(0.0, now - task.created_at))
         self._start(claimed, agent)
@@ -636,7 +643,7 @@ class Router:
             elif why == _ATTEMPT:
                 outcome = Retryable(f"no answer from {agent.id} within {budget:g} s")
             elif why == _DRAIN:
-                await self.tasks.change_task(
+                handed_back = await self.tasks.change_task(
                     task.id,
                     IN_FLIGHT,
                     RETRYING,
@@ -646,6 +653,8 @@ class Router:
                     changes={"owner": None, "lease_until": None, "not_before": now},
                     durable=False,
                 )
+                if handed_back is not None:
+                    self._status_changed(handed_back)
                 return
             else:
                 return  # cancelled by request: already recorded
@@ -698,6 +707,7 @@ class Router:
             durable=False,
         )
         if retried is not None:
+            self._status_changed(retried)
             _log.info(
                 "task will be retried",
                 task_id=task.id,
@@ -739,6 +749,7 @@ class Router:
 
     def _ended(self, task: Task, status: str, error: str | None) -> None:
         self._metrics.finished.labels(task.task_type, task.agent_id or "", status).inc()
+        self._status_changed(task)
         for listener in self.finished_listeners:
             listener(task)
         log = _log.info if status == COMPLETED else _log.warn
@@ -751,6 +762,10 @@ class Router:
             error=error,
             request_id=task.request_id,
         )
+
+    def _status_changed(self, task: Task) -> None:
+        for listener in self.status_listeners:
+            listener(task)
 
     # Housekeeping ---------------------------------------------------------------
 
