@@ -56,16 +56,16 @@ class Window:
 class IEventLog(Interface):
     """Where the change feed's events are kept, whichever database holds them."""
 
-    def append(events: Sequence[NewEvent]) -> Deferred[list[int]]:
+    def append(events: Sequence[NewEvent]) -> Deferred[list[int]]:  # noqa: N805
         """Record C{events} in one transaction; fires with their ids, in order."""
 
-    def after(last_id: int, limit: int) -> Deferred[list[StoredEvent]]:
+    def after(last_id: int, limit: int) -> Deferred[list[StoredEvent]]:  # noqa: N805
         """Up to C{limit} events with ids above C{last_id}, oldest first."""
 
     def window() -> Deferred[Window]:
         """The newest id, and the newest id purged."""
 
-    def purge(before: float) -> Deferred[int]:
+    def purge(before: float) -> Deferred[int]:  # noqa: N805
         """Forget events recorded before C{before}; fires with how many."""
 
 

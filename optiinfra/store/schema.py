@@ -180,7 +180,8 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 purged_through BIGINT NOT NULL
             )
             """,
-            "INSERT INTO event_sequence (one, last_id, purged_through) VALUES (1, 0, 0)",
+            "INSERT INTO event_sequence (one, last_id, purged_through)"
+            " VALUES (1, 0, 0)",
         ),
     ),
 )
