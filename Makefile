@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PORT ?= 8080
 IMAGE ?= optiinfra-orchestrator
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' optiinfra/__init__.py)
-SOURCES := setup.py pyproject.toml $(shell find optiinfra twisted -name '*.py' -o -name '*.sql' 2>/dev/null)
+SOURCES := setup.py pyproject.toml $(shell find optiinfra twisted -name '*.py' -o -name '*.sql' -o -path '*/console/static/*' 2>/dev/null)
 
 .PHONY: help deps browser-deps build run test lint fmt clean docker-build docker-run docker-test bench api-key
 

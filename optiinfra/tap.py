@@ -26,6 +26,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from optiinfra import __version__, openapi
 from optiinfra.auth import ApiKeyFileError, ApiKeys
+from optiinfra.console import routes as console_routes
 from optiinfra.coordination import routes as coordination_routes
 from optiinfra.coordination.approvals import ApprovalPolicy
 from optiinfra.coordination.executor import CoordinationMetrics, Executor
@@ -317,6 +318,7 @@ def build_service(
     recorder = Recorder(feed.log, reactor, recorded=feed.wake)
     Watch(recorder, registry).attach(router, coordinator, coordinator.executor)
     event_routes.mount(app, feed, guard)
+    console_routes.mount(app, guard)
     openapi.mount(app)
     for mount in mounts:
         mount(app)
