@@ -23,9 +23,10 @@ import attrs
 import orjson
 import structlog
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -49,6 +50,8 @@ class FeedConfig:
     page: int = 500
     #: Milliseconds a client should wait before reconnecting.
     retry_ms: int = 2000
+    #: Seconds a cut-off slow client has to read its last bytes.
+    cut_off_grace: float = 10.0
 
 
 @attrs.frozen
@@ -180,7 +183,12 @@ class Stream:
                 {"reason": "the client did not keep up; reconnect to resume"},
             )
         )
+        channel = self._request.channel
         self.close()
+        # The connection goes too: what it still buffers is freed once the
+        # client reads it, or after a grace period when it never does.
+        if channel is not None:
+            self._feed.cut_off(channel)
 
     def is_closed(self) -> bool:
         return self.closed
@@ -243,6 +251,8 @@ class Feed:
         self._again = False
         #: Set for good when the process stops.
         self.stopped = False
+        #: Streams asked for while the feed was starting.
+        self._waiting: list[Deferred[None]] = []
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
 
@@ -261,11 +271,18 @@ class Feed:
             return
         self.cursor = window.last_id
         self._heartbeat.start(self.config.heartbeat, now=False)
+        self._release()
+
+    def _release(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(None)
 
     def stop(self) -> None:
         """End every stream now and refuse new ones (the process is stopping)."""
         self.stopped = True
         self.cursor = None
+        self._release()
         if self._heartbeat.running:
             self._heartbeat.stop()
         for stream in list(self._streams):
@@ -277,6 +294,12 @@ class Feed:
 
     def forget(self, stream: Stream) -> None:
         self._streams.discard(stream)
+
+    def cut_off(self, channel: HTTPChannel) -> None:
+        """Close a slow client's connection; abort it if it does not drain."""
+        tcp = cast(ITCPTransport, channel.transport)
+        channel.loseConnection()
+        self._clock.callLater(self.config.cut_off_grace, tcp.abortConnection)
 
     # Reading the log ------------------------------------------------------------
 
@@ -324,6 +347,10 @@ class Feed:
         A stream for C{request}, headers sent; resumed after C{last_id} when
         given, or a C{reset} first when the log no longer reaches back there.
         """
+        if self.cursor is None and not self.stopped:  # starting: wait for it
+            waiter: Deferred[None] = Deferred()
+            self._waiting.append(waiter)
+            await waiter
         if self.cursor is None:
             raise FeedClosed()
         reset = False
