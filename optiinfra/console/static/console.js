@@ -339,7 +339,7 @@ function renderPlans() {
             el(
               "li",
               { "data-step": step.task_type, "data-status": step.status },
-              el("span", { text: `${step.task_type} (${step.agent_type})` }),
+              el("span", { text: `${step.index + 1}. ${step.task_type} (${step.agent_type})` }),
               badge(step.status),
               ROLLBACK_STEP.has(step.status) || step.rollback_task_id
                 ? el("span", { class: "rollback", text: `rollback: ${step.rollback_task_type || "—"}` })
@@ -535,15 +535,8 @@ function main() {
     loadTasks().then(render, report);
   });
   setInterval(tick, 1000);
-  if (storedKey() === null) {
-    // Without keys configured the service answers anyone: try without one.
-    call("GET", "/whoami").then(
-      () => open().catch(report),
-      () => showSignIn(),
-    );
-  } else {
-    open().catch(report);
-  }
+  if (storedKey() === null) showSignIn();
+  else open().catch(report);
 }
 
 main();
