@@ -9,7 +9,7 @@ fake agents, in this process) goes on serving; the test awaits each step.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,11 +73,11 @@ class BrowserThread:
 
 
 @pytest.fixture
-def shots(tmp_path: Path) -> Iterator[Path]:
+def shots(tmp_path: Path) -> Path:
     """Where this test's screenshots go: under the run's output folder."""
     folder = tmp_path / "screenshots"
     folder.mkdir()
-    yield folder
+    return folder
 
 
 @pytest_twisted.async_yield_fixture

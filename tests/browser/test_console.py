@@ -198,7 +198,7 @@ async def test_agents_go_healthy_then_one_turns_unreachable_without_a_reload(
 
     await browser.run(b_unreachable)
     await agents[0].stop()
-    assert sorted(p.name for p in shots.iterdir()) == [
+    assert sorted(p.name for p in shots.iterdir()) == [  # noqa: ASYNC240
         "agents-healthy.png",
         "agents-one-unreachable.png",
         "agents-phone.png",
@@ -361,6 +361,7 @@ async def test_two_operators_approve_a_critical_change_and_watch_it_run(
             "button", name="Details"
         ).click()
         expect(alice.locator("#task-detail")).to_contain_text("History")
+        expect(alice.locator("#task-detail")).not_to_contain_text("null")
         shoot(alice, shots / "tasks.png")
         alice.set_viewport_size(PHONE)
         show(alice, "Plans")

@@ -65,7 +65,8 @@ function left(iso) {
 }
 
 function shortId(id) {
-  return id ? id.slice(0, 8) : "—";
+  // The last characters: task ids begin with their creation time.
+  return id ? id.slice(-8) : "—";
 }
 
 function report(error) {
@@ -187,7 +188,7 @@ async function showTask(taskId) {
   try {
     const task = await call("GET", `/tasks/${taskId}`);
     const history = task.history || [];
-    detail.replaceChildren(
+    const parts = [
       el("h3", { text: `Task ${task.task_id}` }),
       el("p", {}, badge(task.status), ` ${task.task_type} for a ${task.agent_type} agent`),
       el("p", { class: "meta", text: `agent ${task.agent_id || "—"}, ${task.retry_count} retries` }),
@@ -200,7 +201,8 @@ async function showTask(taskId) {
       ),
       el("h4", { text: "Result" }),
       el("pre", { text: JSON.stringify(task.result, null, 2) }),
-    );
+    ];
+    detail.replaceChildren(...parts.filter(Boolean));
     detail.hidden = false;
     detail.querySelector("h3").setAttribute("tabindex", "-1");
     detail.querySelector("h3").focus();
