@@ -2828,6 +2828,40 @@ def _feed_paths() -> dict[str, Any]:
                 ],
             )
         },
+        "/whoami": {
+            "get": _guarded(
+                "console",
+                "whoAmI",
+                "The key's name, role and permissions",
+                Permission.READ_AGENTS.value,
+                {
+                    "200": _answer(
+                        "Who the key belongs to; nulls when access control is "
+                        "off (everything is allowed).",
+                        {
+                            "type": "object",
+                            "required": ["name", "role", "permissions"],
+                            "properties": {
+                                "name": {"type": ["string", "null"]},
+                                "role": {
+                                    "type": ["string", "null"],
+                                    "enum": ["agent", "operator", "viewer", None],
+                                },
+                                "permissions": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "string",
+                                        "enum": [p.value for p in Permission],
+                                    },
+                                },
+                            },
+                        },
+                    ),
+                    **_errors("401", "403", "503"),
+                },
+                description="The console asks, to show a viewer no buttons.",
+            )
+        },
         "/console": {
             "get": {
                 **console,
