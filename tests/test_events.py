@@ -459,3 +459,71 @@ def test_event_retention_must_be_positive_seconds(retention: str) -> None:
     with pytest.raises(SettingsError) as raised:
         build_settings({"EVENT_RETENTION": retention}, {})
     assert raised.value.name == "EVENT_RETENTION"
+
+
+@pytest_twisted.ensureDeferred
+async def test_circuits_opening_and_closing_are_agent_events(
+    start_service: StartService, start_agent: StartAgent
+) -> None:
+    service = await start_service(breaker_threshold=1, breaker_cooldown=0.2)
+    worker = await start_agent(COMPLETE)
+    assert worker.port is not None
+    number = worker.port.getHost().port
+    agent_id = await register(service, "flaky", "cost", number, ["analyze_cost"])
+    _, feed = await open_feed(
+        service.url + "/events?topics=agents&agent_id=" + agent_id
+    )
+    await worker.port.stopListening()  # the agent goes away: calls are refused
+
+    async def submit() -> None:
+        code, body = await call(
+            service,
+            "POST",
+            "/tasks",
+            {
+                "task_type": "analyze_cost",
+                "agent_type": "cost",
+                "max_retries": 0,
+                "timeout_seconds": 5,
+            },
+        )
+        assert code == 201, body
+
+    def circuits() -> list[Any]:
+        return [e for e in feed.events if e.data["kind"].startswith("circuit")]
+
+    await submit()
+    await feed.until(lambda: bool(circuits()))
+    [opened] = circuits()
+    assert (opened.data["kind"], opened.data["circuit"]) == ("circuit_opened", "open")
+    assert opened.data["agent"]["name"] == "flaky"
+    # Back on the same port: after the cool-down the trial call succeeds.
+    worker.port = await TCP4ServerEndpoint(
+        reactor, number, interface="127.0.0.1"
+    ).listen(Site(worker))
+    while len(circuits()) < 2:
+        await deferLater(reactor, 0.25)
+        await submit()
+    closed = circuits()[1]
+    assert (closed.data["kind"], closed.data["circuit"]) == ("circuit_closed", "closed")
+    feed.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_older_than_the_retention_are_purged(
+    start_service: StartService,
+) -> None:
+    service = await start_service(event_retention=0.001)
+    _, live = await open_feed(service.url + "/events")
+    await register(service, "a", "cost", 9000, ["x"])
+    await register(service, "b", "cost", 9001, ["x"])
+    await live.until(lambda: len(live.events) == 2)
+    await deferLater(reactor, 0.01)
+    await service.top.getServiceNamed("event-purge").run_once()
+    _, resumed = await open_feed(
+        service.url + "/events", headers={"Last-Event-ID": str(live.events[0].id)}
+    )
+    await resumed.until(lambda: bool(resumed.events))
+    assert [e.name for e in resumed.events] == ["reset"]
+    live.close()
+    resumed.close()

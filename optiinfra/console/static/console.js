@@ -146,7 +146,7 @@ function renderTasks() {
   const tasks = [...state.tasks.values()]
     .filter(taskShown)
     .sort((a, b) => (b.created_at || "").localeCompare(a.created_at || ""))
-    .slice(0, 200);
+    .slice(0, 500);
   const operate = canOperate();
   renderKeyed(
     document.querySelector("#tasks tbody"),
