@@ -23,7 +23,12 @@ import attrs
 import orjson
 import structlog
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -42,6 +47,8 @@ _HEARTBEAT: Final = b": keep-alive\n\n"
 class FeedConfig:
     #: Seconds between reads of the log for other replicas' events.
     poll_interval: float = 0.25
+    #: Seconds between two reads at least, however many changes come.
+    min_read_interval: float = 0.025
     #: Seconds between comment lines that keep idle streams (and proxies) open.
     heartbeat: float = 15.0
     #: Bytes a paused client may have waiting before it is cut off.
@@ -60,6 +67,8 @@ class Filters:
 
     topics: frozenset[str]
     labels: Mapping[str, str] = attrs.field(factory=dict)
+    #: Every topic and no labels: every event is wanted.
+    everything: bool = False
 
     def match(self, event: StoredEvent) -> bool:
         return event.topic in self.topics and all(
@@ -144,6 +153,32 @@ class Stream:
         self.last_id = event.id
         if self.filters.match(event):
             self._write(data)
+
+    def offer_all(self, batch: list[tuple[StoredEvent, bytes]], joined: bytes) -> None:
+        """
+        New events from the log, in order, sent in one write: a read of the
+        log costs one write per client, however many events it found.
+        C{joined} is all of them, for the clients that want everything.
+        """
+        if self.closed:
+            return
+        if self._held is not None:
+            for event, data in batch:
+                self.offer(event, data)
+            return
+        if self.filters.everything and batch[0][0].id > self.last_id:
+            self.last_id = batch[-1][0].id
+            self._write(joined)
+            return
+        wanted = []
+        for event, data in batch:
+            if event.id <= self.last_id:
+                continue
+            self.last_id = event.id
+            if self.filters.match(event):
+                wanted.append(data)
+        if wanted:
+            self._write(b"".join(wanted))
 
     def heartbeat(self) -> None:
         if not self._paused:
@@ -249,6 +284,8 @@ class Feed:
         self.cursor: int | None = None
         self._reading: Deferred[None] | None = None
         self._again = False
+        self._read_call: IDelayedCall | None = None
+        self._last_read = float("-inf")
         #: Set for good when the process stops.
         self.stopped = False
         #: Streams asked for while the feed was starting.
@@ -282,6 +319,8 @@ class Feed:
         """End every stream now and refuse new ones (the process is stopping)."""
         self.stopped = True
         self.cursor = None
+        if self._read_call is not None and self._read_call.active():
+            self._read_call.cancel()
         self._release()
         if self._heartbeat.running:
             self._heartbeat.stop()
@@ -304,12 +343,29 @@ class Feed:
     # Reading the log ------------------------------------------------------------
 
     def wake(self) -> None:
-        """Read the log now (this process recorded, or it is time)."""
+        """
+        Read the log soon (this process recorded, or it is time): at once
+        after a quiet spell, else once C{min_read_interval} has passed since
+        the last read, so that a burst of changes costs each client a few
+        writes rather than one per change.
+        """
         if self.cursor is None:
             return
         if self._reading is not None:
             self._again = True
             return
+        if self._read_call is not None and self._read_call.active():
+            return
+        wait = self._last_read + self.config.min_read_interval - self._clock.seconds()
+        if wait > 0:
+            self._read_call = self._clock.callLater(wait, self._start_read)
+        else:
+            self._start_read()
+
+    def _start_read(self) -> None:
+        if self.cursor is None or self._reading is not None:
+            return
+        self._last_read = self._clock.seconds()
         self._reading = ensureDeferred(self.read())
         self._reading.addErrback(
             lambda failure: _log.warn(
@@ -328,13 +384,13 @@ class Feed:
         """Pass every event after the cursor to the streams."""
         while self.cursor is not None:
             page = await self.log.after(self.cursor, self.config.page)
-            for event in page:
-                if not self.running:
-                    return
-                self.cursor = event.id
-                data = encode(event)
-                for stream in list(self._streams):
-                    stream.offer(event, data)
+            if not page or not self.running:
+                return
+            self.cursor = page[-1].id
+            batch = [(event, encode(event)) for event in page]
+            joined = b"".join(data for _, data in batch)
+            for stream in list(self._streams):
+                stream.offer_all(batch, joined)
             if len(page) < self.config.page:
                 return
 

@@ -45,7 +45,7 @@ def parse_filters(request: IRequest) -> Filters:
         if not TOKEN.fullmatch(value):
             raise InvalidField(name, "is not a valid value")
         labels[name] = value
-    return Filters(topics, labels)
+    return Filters(topics, labels, everything=topics == set(TOPICS) and not labels)
 
 
 def last_event_id(request: IRequest) -> int | None:
