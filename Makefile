@@ -57,6 +57,7 @@ bench: deps ## Throughput and latency against baselines measured in the same run
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/tasks.py
 	$(BIN)/python bench/coordination.py
+	$(BIN)/python bench/events.py
 
 api-key: deps ## New API key: make api-key NAME=cost-agent ROLE=agent [KEYS=api-keys]
 	@test -n "$(NAME)" -a -n "$(ROLE)" || { echo "usage: make api-key NAME=... ROLE=agent|operator|viewer [KEYS=file]" >&2; exit 2; }
