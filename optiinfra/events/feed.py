@@ -48,7 +48,7 @@ class FeedConfig:
     #: Seconds between reads of the log for other replicas' events.
     poll_interval: float = 0.25
     #: Seconds between two reads at least, however many changes come.
-    min_read_interval: float = 0.025
+    min_read_interval: float = 0.05
     #: Seconds between comment lines that keep idle streams (and proxies) open.
     heartbeat: float = 15.0
     #: Bytes a paused client may have waiting before it is cut off.
