@@ -264,7 +264,8 @@ class Stream:
         self.closed = True
         self._backlog = []
         self._feed.forget(self)
-        self._request.unregisterProducer()
+        if self._request.channel is not None:  # None once the client has gone
+            self._request.unregisterProducer()
         resumed, self._resumed = self._resumed, None
         if resumed is not None:
             resumed.callback(None)
