@@ -527,3 +527,26 @@ async def test_events_older_than_the_retention_are_purged(
     assert [e.name for e in resumed.events] == ["reset"]
     live.close()
     resumed.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resumed_stream_replays_then_goes_live_in_order(
+    tmp_path: Path,
+) -> None:
+    """Events arriving while a client catches up are held, then sent once each."""
+    feed, (backend, port), url = await _feed_server(tmp_path, page=3)
+    try:
+        await _append(feed, 20)
+        streams = []
+        for _ in range(3):
+            _, stream = await open_feed(url + "?last_event_id=0")
+            streams.append(stream)
+            await _append(feed, 5)  # while the ones opened are replaying
+        for stream in streams:
+            await stream.until(lambda s=stream: len(s.events) == 35)  # type: ignore[misc]
+            assert [e.id for e in stream.events] == list(range(1, 36))
+            stream.close()
+    finally:
+        feed.stop()
+        await port.stopListening()
+        await backend.close()
