@@ -402,6 +402,14 @@ async def test_a_viewer_sees_no_buttons_and_a_forged_approve_is_refused(
 
     def nothing_to_press() -> int:
         expect(page.locator("#who")).to_contain_text("watcher (viewer: read only)")
+        # The tabs by keyboard: arrow keys move between them.
+        page.get_by_role("tab", name="Agents").focus()
+        page.keyboard.press("ArrowRight")
+        expect(page.get_by_role("tab", name="Tasks")).to_be_focused()
+        expect(page.locator("#view-tasks")).to_be_visible()
+        expect(page.locator("#view-agents")).to_be_hidden()
+        page.keyboard.press("ArrowLeft")
+        expect(page.locator("#view-agents")).to_be_visible()
         show(page, "Approvals")
         card = page.locator("article[data-approval]").filter(has_text="Move db")
         expect(card).to_contain_text("0 of 1", timeout=WAIT)
