@@ -2828,6 +2828,43 @@ def _feed_paths() -> dict[str, Any]:
                 ],
             )
         },
+        "/coordination/plans": {
+            "get": _guarded(
+                "coordination",
+                "listPlans",
+                "Plans, newest first (those not finished, by default)",
+                Permission.READ.value,
+                {
+                    "200": _answer(
+                        "The matching plans.",
+                        {
+                            "type": "object",
+                            "required": ["plans", "count", "limit", "offset"],
+                            "properties": {
+                                "plans": {"type": "array", "items": _schema("Plan")},
+                                "count": {"type": "integer", "minimum": 0},
+                                "limit": {"type": "integer", "minimum": 0},
+                                "offset": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                    ),
+                    **_errors("400", "401", "403", "503"),
+                },
+                description=(
+                    "For the console's plans view: without `status`, the plans "
+                    "pending, waiting, running or rolling back."
+                ),
+                parameters=[
+                    query(
+                        "status",
+                        "Only plans in this status.",
+                        _schema("PlanStatus"),
+                    ),
+                    _ref("parameters", "LimitQuery"),
+                    _ref("parameters", "OffsetQuery"),
+                ],
+            )
+        },
         "/whoami": {
             "get": _guarded(
                 "console",

@@ -91,3 +91,34 @@ async def test_whoami_tells_the_page_what_the_key_may_do(
         "role": None,
         "permissions": [p.value for p in Permission],
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_plans_listing_for_the_console(start_service: StartService) -> None:
+    service = await start_service()
+    rec = {
+        "id": "r1",
+        "agent_id": "cost-agent",
+        "agent_type": "cost",
+        "customer_id": "acme",
+        "type": "optimization",
+        "title": "t",
+        "action": "right_size",
+        "risk_level": "low",
+        "affected_resources": ["res-1"],
+    }
+    response = await service.request(
+        "POST",
+        "/coordination/coordinate",
+        json={"customer_id": "acme", "recommendations": [rec]},
+    )
+    [plan] = (await response.json())["execution_plans"]
+    listed = await (await service.get("/coordination/plans")).json()
+    assert [p["id"] for p in listed["plans"]] == [plan["id"]]
+    assert listed["plans"][0] == plan
+    assert (listed["count"], listed["limit"], listed["offset"]) == (1, 100, 0)
+    done = await (await service.get("/coordination/plans?status=completed")).json()
+    assert done["plans"] == []
+    bad = await service.get("/coordination/plans?status=sideways")
+    assert bad.code == 400
+    assert (await bad.json())["field"] == "status"

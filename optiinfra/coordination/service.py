@@ -386,6 +386,11 @@ class Coordinator:
             _log.info("old coordinations purged", count=purged)
         return purged
 
+    async def list_plans(self, statuses: tuple[str, ...]) -> list[Plan]:
+        """Plans in C{statuses}, newest first."""
+        found = await self.store.plans_in(statuses)
+        return sorted(found, key=lambda plan: plan.created_at, reverse=True)
+
     async def get_plan(self, plan_id: str) -> Plan:
         found = await self.store.get_plan(plan_id)
         if found is None:

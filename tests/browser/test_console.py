@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall
 
 from optiinfra.auth import Role, generate
 
-from ..agents import COMPLETE, FAIL, FakeAgent, StartAgent
+from ..agents import COMPLETE, FAIL, HANG, FakeAgent, StartAgent
 from ..conftest import RunningService, StartService
 from .conftest import BrowserThread
 
@@ -445,3 +445,61 @@ async def test_a_viewer_sees_no_buttons_and_a_forged_approve_is_refused(
         headers={"Authorization": f"Bearer {keys['watcher']}"},
     )
     assert (await response.json())["status"] == "pending"
+
+
+# 4. An operator's other buttons ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_operator_cancels_a_task_and_executes_a_plan(
+    start_service: StartService,
+    start_agent: StartAgent,
+    browser: BrowserThread,
+    shots: Path,
+    tmp_path: Path,
+) -> None:
+    keys = key_file(tmp_path / "keys", ("ops", Role.OPERATOR), ("agents", Role.AGENT))
+    service = await start_service(api_keys_file=tmp_path / "keys")
+    await fleet(service, start_agent, keys["agents"])
+    stuck = LiveAgent(service, await start_agent(HANG), keys["agents"])
+    await stuck.register("slow-1", "resource", ["balance_load"], every=5)
+    code, task = await post(
+        service,
+        "/tasks",
+        {"task_type": "balance_load", "agent_type": "resource", "timeout_seconds": 120},
+        keys["ops"],
+    )
+    assert code == 201, task
+    code, result = await post(
+        service,
+        "/coordination/coordinate",
+        {
+            "customer_id": "initech",
+            "auto_approve": True,
+            "recommendations": [migrate("cache", "initech", "high")],
+        },
+        keys["ops"],
+    )
+    assert code == 200, result
+    [plan] = result["execution_plans"]
+    assert plan["status"] == "pending"
+    page = await browser.run(sign_in, browser, service.url, keys["ops"])
+
+    def cancel_and_execute() -> None:
+        show(page, "Tasks")
+        row = page.locator("#tasks tbody tr").filter(has_text=task["task_id"][-8:])
+        expect(row).to_contain_text("sent", timeout=WAIT)
+        row.get_by_role("button", name="Cancel").click()
+        expect(row).to_contain_text("cancelled", timeout=WAIT)
+        expect(row.get_by_role("button", name="Cancel")).to_have_count(0)
+        show(page, "Plans")
+        card = plan_card(page, "migrate_to_spot", "initech")
+        expect(card.locator(".badge").first).to_have_text("pending", timeout=WAIT)
+        card.get_by_role("button", name="Execute").click()
+        expect(card.locator(".badge").first).to_have_text("completed", timeout=WAIT)
+        expect(card.get_by_role("button", name="Execute")).to_have_count(0)
+        shoot(page, shots / "plans-executed.png")
+        still_same_page(page)
+
+    await browser.run(cancel_and_execute)
+    assert stuck.agent.cancelled == 1  # the call itself was cut short

@@ -424,12 +424,14 @@ async function loadTasks() {
 }
 
 async function loadAll() {
-  const [agents, approvals] = await Promise.all([
+  const [agents, approvals, plans] = await Promise.all([
     call("GET", "/agents"),
     call("GET", "/coordination/approvals?limit=500"),
+    call("GET", "/coordination/plans?limit=500"),
     loadTasks(),
   ]);
   for (const agent of agents.agents) state.agents.set(agent.id, agent);
+  for (const plan of plans.plans) if (!state.plans.has(plan.id)) state.plans.set(plan.id, plan);
   for (const approval of approvals.approvals) state.approvals.set(approval.id, approval);
   render();
   await Promise.all([...new Set(approvals.approvals.map((a) => a.coordination_id))].map(loadResult));
