@@ -483,6 +483,16 @@ async def test_an_operator_cancels_a_task_and_executes_a_plan(
     assert code == 200, result
     [plan] = result["execution_plans"]
     assert plan["status"] == "pending"
+    code, result = await post(
+        service,
+        "/coordination/coordinate",
+        {
+            "customer_id": "initech",
+            "recommendations": [migrate("queue", "initech", "medium")],
+        },
+        keys["ops"],
+    )
+    assert code == 200, result
     page = await browser.run(sign_in, browser, service.url, keys["ops"])
 
     def cancel_and_execute() -> None:
@@ -499,6 +509,17 @@ async def test_an_operator_cancels_a_task_and_executes_a_plan(
         expect(card.locator(".badge").first).to_have_text("completed", timeout=WAIT)
         expect(card.get_by_role("button", name="Execute")).to_have_count(0)
         shoot(page, shots / "plans-executed.png")
+        show(page, "Approvals")
+        card = page.locator("article[data-approval]").filter(has_text="Move queue")
+        card.get_by_role("button", name="Reject").click()  # no reason yet: refused
+        reason = card.get_by_label("Reason for rejecting")
+        expect(reason).to_be_focused()
+        expect(reason).to_have_attribute("aria-invalid", "true")
+        reason.fill("not during the freeze")
+        card.get_by_role("button", name="Reject").click()
+        expect(card.locator(".badge").first).to_have_text("rejected", timeout=WAIT)
+        expect(card).to_contain_text("Rejected by ops: not during the freeze")
+        expect(card.get_by_role("button")).to_have_count(0)
         still_same_page(page)
 
     await browser.run(cancel_and_execute)
