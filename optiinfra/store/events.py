@@ -150,8 +150,3 @@ class EventLog:
             return int(count)
 
         return self._backend.run(purge)
-
-
-def labels_match(labels: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
-    """Whether an event with C{labels} passes the filters C{wanted}."""
-    return all(labels.get(name) == value for name, value in wanted.items())
