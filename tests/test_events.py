@@ -550,3 +550,23 @@ async def test_a_resumed_stream_replays_then_goes_live_in_order(
         feed.stop()
         await port.stopListening()
         await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_approval_that_expires_is_an_event(
+    start_service: StartService,
+) -> None:
+    service = await start_service(approval_expiry_high=0.2, coordination_interval=0.1)
+    _, feed = await open_feed(service.url + "/events?topics=approvals&customer_id=acme")
+    code, result = await call(
+        service,
+        "POST",
+        "/coordination/coordinate",
+        {"customer_id": "acme", "recommendations": [recommendation("r9")]},
+    )
+    assert code == 200, result
+    await feed.until(lambda: any(e.data["kind"] == "expired" for e in feed.events))
+    kinds = [e.data["kind"] for e in feed.events]
+    assert kinds == ["created", "expired"]
+    assert feed.events[-1].data["approval"]["status"] == "expired"
+    feed.close()
