@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 PORT ?= 8080
 IMAGE ?= optiinfra-orchestrator
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' optiinfra/__init__.py)
-SOURCES := setup.py pyproject.toml $(shell find optiinfra twisted -name '*.py' -o -name '*.sql' 2>/dev/null)
+SOURCES := setup.py pyproject.toml $(shell find optiinfra twisted -name '*.py' -o -name '*.sql' -o -path '*/console/static/*' 2>/dev/null)
 
-.PHONY: help deps build run test lint fmt clean docker-build docker-run docker-test bench api-key
+.PHONY: help deps browser-deps build run test lint fmt clean docker-build docker-run docker-test bench api-key
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -28,6 +28,12 @@ $(VENV)/.installed: $(BIN)/python $(SOURCES)
 
 deps: $(VENV)/.installed ## Create .venv and install the service with its dev tools
 
+# The console's browser tests drive Debian's chromium through Playwright (never
+# `playwright install`, which downloads a browser build of its own).
+CHROMIUM ?= /usr/bin/chromium
+browser-deps: ## Install Debian's chromium for the browser tests, when missing
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 build: deps ## Build the wheel into dist/
 	$(BIN)/pip wheel --quiet --no-deps -w dist .
 
@@ -43,7 +49,7 @@ fmt: deps ## Format and auto-fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint ## Every check: lint, types, tests with the coverage gate
+test: lint browser-deps ## Every check: lint, types, tests with the coverage gate
 	$(BIN)/pytest --cov=optiinfra --cov-report=term-missing $(PYTEST_ARGS)
 
 bench: deps ## Throughput and latency against baselines measured in the same run
@@ -51,6 +57,7 @@ bench: deps ## Throughput and latency against baselines measured in the same run
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/tasks.py
 	$(BIN)/python bench/coordination.py
+	$(BIN)/python bench/events.py
 
 api-key: deps ## New API key: make api-key NAME=cost-agent ROLE=agent [KEYS=api-keys] [AGENTS=id,id | AGENT_TYPE=cost]
 	@test -n "$(NAME)" -a -n "$(ROLE)" || { echo "usage: make api-key NAME=... ROLE=agent|operator|viewer [KEYS=file] [AGENTS=id,... | AGENT_TYPE=type]" >&2; exit 2; }

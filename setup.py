@@ -24,7 +24,15 @@ setup(
     # purpose: shipping one would shadow Twisted's own), so find_packages cannot
     # see it and it is listed by hand.
     packages=[*find_packages(include=["optiinfra", "optiinfra.*"]), "twisted.plugins"],
-    package_data={"optiinfra": ["py.typed", "store/migrations/*/*.sql"]},
+    package_data={
+        "optiinfra": [
+            "py.typed",
+            "store/migrations/*/*.sql",
+            "console/static/*.html",
+            "console/static/*.js",
+            "console/static/*.css",
+        ]
+    },
     exclude_package_data={"twisted.plugins": ["dropin.cache", "*.pyc"]},
     install_requires=[
         "Twisted>=24.7,<27",
@@ -52,6 +60,7 @@ setup(
             "ruff>=0.6,<0.18",
             "mypy>=1.11,<2.5",
             "mypy-zope>=1.0.17,<2",
+            "playwright>=1.45,<2",
         ],
     },
     entry_points={},

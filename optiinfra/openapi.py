@@ -44,6 +44,8 @@ from optiinfra.coordination.plans import (
     STEP_SKIPPED,
     WAITING,
 )
+from optiinfra.events.record import TOPICS
+from optiinfra.events.routes import LABELS
 from optiinfra.registry.model import (
     AGENT_TYPES,
     REPORTED_STATUSES,
@@ -2805,6 +2807,220 @@ execute plans). A service running without API_KEYS_FILE needs no key.
 """
 
 
+# The change feed and the console (issue 13) -----------------------------------------
+
+
+def _feed_paths() -> dict[str, Any]:
+    """C{GET /events} and the console's pages, with what they need of their own."""
+
+    def query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": description,
+            "schema": schema,
+        }
+
+    token = {"type": "string", "pattern": _whole(TOKEN), "maxLength": 128}
+    labels = [
+        query(
+            name,
+            f"Only events whose `{name}` is this (events without one are left "
+            "out); the listings' filter of the same name.",
+            {**token, "enum": list(AGENT_TYPES)} if name == "agent_type" else token,
+        )
+        for name in LABELS
+    ]
+    stream = {
+        "text/event-stream": {
+            "schema": {
+                "type": "string",
+                "description": (
+                    "Server-Sent Events.  Each change is `id: <n>` (increasing "
+                    "across replicas), `event: <topic>` and `data:` one JSON "
+                    "object: `topic`, `kind`, `at`, and the REST view of what "
+                    "changed under `agent`, `task`, `approval` or `plan` "
+                    "(agents: `registered`, `status_changed` with `previous`, "
+                    "`status` and `cause`, `circuit_opened`, `circuit_closed`, "
+                    "`removed`; tasks: `status_changed`; approvals: `created`, "
+                    "`decided`, `expired`; plans: `created`, `step`, "
+                    "`rollback`, `finished`).  `: keep-alive` comments come "
+                    "every 15 s.  `event: reset` says the events after "
+                    "Last-Event-ID are gone (older than EVENT_RETENTION): "
+                    "reload.  `event: overflow` then the end: the client fell "
+                    "too far behind; reconnect with Last-Event-ID.  On "
+                    "shutdown the stream ends cleanly."
+                ),
+            }
+        }
+    }
+    page = {"text/html": {"schema": {"type": "string"}}}
+    console = {
+        "tags": ["console"],
+        "security": [],
+        "parameters": [_ref("parameters", "RequestId")],
+    }
+    return {
+        "/events": {
+            "get": _guarded(
+                "events",
+                "streamEvents",
+                "Live change feed (Server-Sent Events)",
+                Permission.READ.value,
+                {
+                    "200": _answer(
+                        "The stream, until either side ends it.", content=stream
+                    ),
+                    **_errors("400", "401", "403"),
+                    "503": _answer(
+                        "The store is down, or the feed is stopping.",
+                        _schema("Error"),
+                    ),
+                },
+                description=(
+                    "One connection per client; events are filtered by topic "
+                    "and by the listings' filters."
+                ),
+                parameters=[
+                    query(
+                        "topics",
+                        f"Comma-separated, of {', '.join(TOPICS)} (default all).",
+                        {"type": "string"},
+                    ),
+                    *labels,
+                    query(
+                        "last_event_id",
+                        "Resume after this id (as the Last-Event-ID header).",
+                        {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    ),
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "description": (
+                            "Resume after this id: what was missed is replayed "
+                            "from the store's window, or `reset` is sent."
+                        ),
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    },
+                ],
+            )
+        },
+        "/coordination/plans": {
+            "get": _guarded(
+                "coordination",
+                "listPlans",
+                "Plans, newest first (those not finished, by default)",
+                Permission.READ.value,
+                {
+                    "200": _answer(
+                        "The matching plans.",
+                        {
+                            "type": "object",
+                            "required": ["plans", "count", "limit", "offset"],
+                            "properties": {
+                                "plans": {"type": "array", "items": _schema("Plan")},
+                                "count": {"type": "integer", "minimum": 0},
+                                "limit": {"type": "integer", "minimum": 0},
+                                "offset": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                    ),
+                    **_errors("400", "401", "403", "503"),
+                },
+                description=(
+                    "For the console's plans view: without `status`, the plans "
+                    "pending, waiting, running or rolling back."
+                ),
+                parameters=[
+                    query(
+                        "status",
+                        "Only plans in this status.",
+                        _schema("PlanStatus"),
+                    ),
+                    _ref("parameters", "LimitQuery"),
+                    _ref("parameters", "OffsetQuery"),
+                ],
+            )
+        },
+        "/whoami": {
+            "get": _guarded(
+                "console",
+                "whoAmI",
+                "The key's name, role and permissions",
+                Permission.READ_AGENTS.value,
+                {
+                    "200": _answer(
+                        "Who the key belongs to; nulls when access control is "
+                        "off (everything is allowed).",
+                        {
+                            "type": "object",
+                            "required": ["name", "role", "permissions"],
+                            "properties": {
+                                "name": {"type": ["string", "null"]},
+                                "role": {
+                                    "type": ["string", "null"],
+                                    "enum": ["agent", "operator", "viewer", None],
+                                },
+                                "permissions": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "string",
+                                        "enum": [p.value for p in Permission],
+                                    },
+                                },
+                            },
+                        },
+                    ),
+                    **_errors("401", "403", "503"),
+                },
+                description="The console asks, to show a viewer no buttons.",
+            )
+        },
+        "/console": {
+            "get": {
+                **console,
+                "operationId": "getConsole",
+                "summary": "The operators' console (HTML; the key is asked for "
+                "in the page)",
+                "responses": {
+                    "200": _answer("The console page.", content=page),
+                    "default": _ref("responses", "Error"),
+                },
+            }
+        },
+        "/console/{name}": {
+            "get": {
+                **console,
+                "operationId": "getConsoleFile",
+                "summary": "The console's scripts and style sheet",
+                "parameters": [
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "description": "A file shipped with the console.",
+                        "schema": {"type": "string"},
+                    },
+                    _ref("parameters", "RequestId"),
+                ],
+                "responses": {
+                    "200": _answer(
+                        "The file.",
+                        content={
+                            "text/javascript": {"schema": {"type": "string"}},
+                            "text/css": {"schema": {"type": "string"}},
+                        },
+                    ),
+                    "404": _answer("No such file.", _schema("Error")),
+                    "default": _ref("responses", "Error"),
+                },
+            }
+        },
+    }
+
+
 def build_document() -> dict[str, Any]:
     """The OpenAPI document, built afresh."""
     return {
@@ -2830,6 +3046,8 @@ def build_document() -> dict[str, Any]:
                     "plans carried out as tasks."
                 ),
             },
+            {"name": "events", "description": "The live change feed."},
+            {"name": "console", "description": "The operators' console."},
         ],
         "security": _key_required(),
         "paths": {
@@ -2837,6 +3055,7 @@ def build_document() -> dict[str, Any]:
             **_registry_paths(),
             **_task_paths(),
             **_coordination_paths(),
+            **_feed_paths(),
         },
         "components": _components(),
     }

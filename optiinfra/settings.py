@@ -89,6 +89,8 @@ class Settings:
     plan_step_retries: int = 1
     #: Seconds a finished coordination (results, approvals, plans) is kept.
     coordination_retention: float = 30 * 24 * 3600.0
+    #: Seconds the change feed keeps events for clients that resume.
+    event_retention: float = 3600.0
     #: systemd's notification socket and watchdog period, when run by systemd.
     notify_socket: str | None = None
     watchdog_usec: int | None = None
@@ -307,6 +309,7 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "COORDINATION_INTERVAL": ("coordination_interval", parse_positive_seconds),
     "PLAN_STEP_RETRIES": ("plan_step_retries", parse_retries),
     "COORDINATION_RETENTION": ("coordination_retention", parse_positive_seconds),
+    "EVENT_RETENTION": ("event_retention", parse_positive_seconds),
     "NOTIFY_SOCKET": ("notify_socket", parse_text),
     "WATCHDOG_USEC": ("watchdog_usec", parse_microseconds),
 }

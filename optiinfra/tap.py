@@ -29,6 +29,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from optiinfra import __version__, openapi
 from optiinfra.auth import ApiKeyFileError, ApiKeys
+from optiinfra.console import routes as console_routes
 from optiinfra.coordination import routes as coordination_routes
 from optiinfra.coordination.approvals import ApprovalPolicy
 from optiinfra.coordination.executor import CoordinationMetrics, Executor
@@ -42,6 +43,10 @@ from optiinfra.coordination.plans import (
 from optiinfra.coordination.service import Coordinator, CoordinatorConfig
 from optiinfra.destinations import Destinations
 from optiinfra.keyreload import KeyReloader
+from optiinfra.events import routes as event_routes
+from optiinfra.events.feed import Feed
+from optiinfra.events.loops import EventPurge, FeedReader, StreamsEnd
+from optiinfra.events.record import Recorder, Watch
 from optiinfra.lifecycle import OrderedServices
 from optiinfra.logs import (
     LEVELS,
@@ -67,6 +72,7 @@ from optiinfra.settings import (
     build_settings,
     read_environment,
 )
+from optiinfra.store.events import EventLog
 from optiinfra.store.interface import IBackend, IStore, StoreError, StoreUnavailable
 from optiinfra.store.postgres import PostgresBackend
 from optiinfra.store.sql import SQLStore
@@ -320,6 +326,11 @@ def build_service(
         ),
     )
     coordination_routes.mount(app, coordinator, guard)
+    feed = Feed(EventLog(store.backend), reactor)
+    recorder = Recorder(feed.log, reactor, recorded=feed.wake)
+    Watch(recorder, registry).attach(router, coordinator, coordinator.executor)
+    event_routes.mount(app, feed, guard)
+    console_routes.mount(app, guard)
     openapi.mount(app)
     for mount in mounts:
         mount(app)
@@ -353,6 +364,8 @@ def build_service(
         interval=settings.coordination_interval,
         retention=settings.coordination_retention,
     ).setServiceParent(top)
+    FeedReader(feed, reactor).setServiceParent(top)
+    EventPurge(recorder, feed, reactor, settings.event_retention).setServiceParent(top)
     web = HTTPService(
         endpoint,
         site,
@@ -361,6 +374,7 @@ def build_service(
     )
     web.setServiceParent(top)
     web.when_listening().addCallback(_own_address, destinations)
+    StreamsEnd(feed).setServiceParent(top)
     SystemdNotifier(
         reactor, web.when_listening(), settings.notify_socket, settings.watchdog_usec
     ).setServiceParent(top)

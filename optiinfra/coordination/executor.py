@@ -13,6 +13,7 @@ active plans picks up the rest (other replicas' tasks, restarts).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -111,6 +112,20 @@ class Executor:
         self._driving: dict[str, Deferred[None]] = {}
         self._again: set[str] = set()
         router.finished_listeners.append(self._task_finished)
+        #: Called with each plan made, or changed by this process (the feed).
+        self.plan_listeners: list[Callable[[Plan], object]] = []
+
+    def announce(self, plan: Plan) -> None:
+        """Tell the listeners of C{plan}: made, or changed."""
+        for listener in self.plan_listeners:
+            listener(plan)
+
+    async def _change_plan(self, plan: Plan) -> Plan | None:
+        """Store a change to C{plan}; the plan as stored, or None if it moved."""
+        changed = await self._plans.change_plan(plan)
+        if changed is not None:
+            self.announce(changed)
+        return changed
 
     def now(self) -> float:
         return round(self._clock.seconds(), 3)
@@ -121,7 +136,7 @@ class Executor:
             raise Conflict(
                 f"plan is already {plan.status}", plan_id=plan.id, status=plan.status
             )
-        started = await self._plans.change_plan(
+        started = await self._change_plan(
             attrs.evolve(plan, status=WAITING, requested_at=self.now())
         )
         if started is None:  # another request (or replica) got there first
@@ -186,15 +201,13 @@ class Executor:
                 continue
             move = next_move(plan)
             if isinstance(move, Done):
-                ended = await self._plans.change_plan(
-                    finished(plan, move.status, self.now())
-                )
+                ended = await self._change_plan(finished(plan, move.status, self.now()))
                 if ended is not None:
                     await self._ended(ended)
                     return
             elif isinstance(move, Send):
                 task_id = await self._send(plan, move.step, move.rollback)
-                await self._plans.change_plan(
+                await self._change_plan(
                     sent(plan, move.step, task_id, move.rollback, self.now())
                 )
             else:
@@ -218,7 +231,7 @@ class Executor:
             _log.info("plan started", plan_id=plan.id, steps=len(plan.steps))
         else:
             changed = finished(attrs.evolve(plan, error=blocker), CANCELLED, now)
-        await self._plans.change_plan(changed)
+        await self._change_plan(changed)
         return True
 
     async def _blocker(self, plan: Plan) -> str | None:
@@ -306,7 +319,7 @@ class Executor:
                     move.step.task_type, "completed" if succeeded else task.status
                 ).observe(max(0.0, now - (move.step.started_at or task.started_at)))
         changed = settled(plan, move.step, move.rollback, succeeded, result, error, now)
-        if await self._plans.change_plan(changed) is not None:
+        if await self._change_plan(changed) is not None:
             if not succeeded:
                 (_log.error if move.rollback else _log.warn)(
                     "plan step failed",

@@ -8,6 +8,7 @@ from twisted.web.iweb import IRequest
 from optiinfra.auth import Permission
 from optiinfra.coordination.approvals import APPROVAL_STATUSES
 from optiinfra.coordination.parse import parse_coordination, parse_decision
+from optiinfra.coordination.plans import ACTIVE, PENDING, PLAN_STATUSES
 from optiinfra.coordination.service import Coordinator
 from optiinfra.coordination.views import approval_view, plan_view
 from optiinfra.errors import InvalidField
@@ -18,6 +19,9 @@ from optiinfra.web.body import read_json
 from optiinfra.web.guard import Guard
 from optiinfra.web.query import page_of, query_arg, query_page
 from optiinfra.web.render import render_json
+
+#: What C{GET /coordination/plans} lists when no status is asked for.
+UNFINISHED = (PENDING, *ACTIVE)
 
 
 def _id(name: str, value: str) -> str:
@@ -104,6 +108,26 @@ def mount(app: Klein, coordinator: Coordinator, guard: Guard) -> None:
             _id("approval_id", approval_id), user_id, reason
         )
         return render_json(request, approval_view(approval, coordinator.now()))
+
+    @route(app, "/coordination/plans", ("GET",))
+    async def plans(request: IRequest) -> bytes:
+        guard.check(request, Permission.READ)
+        status = query_arg(request, "status")
+        if status is not None and status not in PLAN_STATUSES:
+            raise InvalidField("status", f"must be one of {', '.join(PLAN_STATUSES)}")
+        page = query_page(request)
+        found = await coordinator.list_plans(
+            UNFINISHED if status is None else (status,)
+        )
+        return render_json(
+            request,
+            page_of(
+                "plans",
+                [plan_view(p) for p in found[page.offset : page.offset + page.limit]],
+                page.limit,
+                page.offset,
+            ),
+        )
 
     @route(app, "/coordination/plans/{plan_id}", ("GET",))
     async def plan(request: IRequest, plan_id: str) -> bytes:

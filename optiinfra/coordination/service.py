@@ -177,6 +177,13 @@ class Coordinator:
         self._clock = clock
         self._metrics = metrics
         self._offload = offload
+        #: Called with each approval this process made or changed, and what
+        #: happened: C{created}, C{decided} or C{expired} (the feed).
+        self.approval_listeners: list[Callable[[Approval, str], object]] = []
+
+    def _approval_changed(self, approval: Approval, kind: str) -> None:
+        for listener in self.approval_listeners:
+            listener(approval, kind)
 
     def now(self) -> float:
         return round(self._clock.seconds(), 3)
@@ -221,6 +228,10 @@ class Coordinator:
                     coordination_id=earlier["id"],
                 )
             return earlier, False
+        for approval in approvals:
+            self._approval_changed(approval, "created")
+        for plan in plans:
+            self.executor.announce(plan)
         for conflict in decision.conflicts:
             self._metrics.conflicts.labels(conflict.type).inc()
         if plans:
@@ -315,7 +326,9 @@ class Coordinator:
                 required=stored.required,
                 status=stored.status,
             )
+            self._approval_changed(stored, "decided")
             if plan is not None:
+                self.executor.announce(plan)
                 self._metrics.approvals.labels(APPROVED).inc()
                 if stored.execute_now:
                     plan = await self.executor.start(plan)
@@ -333,6 +346,7 @@ class Coordinator:
             if stored is None:
                 continue
             self._metrics.approvals.labels(REJECTED).inc()
+            self._approval_changed(stored, "decided")
             _log.info(
                 "approval rejected",
                 approval_id=approval_id,
@@ -350,6 +364,7 @@ class Coordinator:
         expired = await self.store.expire_approvals(self.now())
         for approval in expired:
             self._metrics.approvals.labels(EXPIRED).inc()
+            self._approval_changed(approval, "expired")
             _log.warn(
                 "approval expired",
                 approval_id=approval.id,
@@ -370,6 +385,11 @@ class Coordinator:
         if purged:
             _log.info("old coordinations purged", count=purged)
         return purged
+
+    async def list_plans(self, statuses: tuple[str, ...]) -> list[Plan]:
+        """Plans in C{statuses}, newest first."""
+        found = await self.store.plans_in(statuses)
+        return sorted(found, key=lambda plan: plan.created_at, reverse=True)
 
     async def get_plan(self, plan_id: str) -> Plan:
         found = await self.store.get_plan(plan_id)

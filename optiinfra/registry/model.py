@@ -85,3 +85,20 @@ class Heartbeat:
     status: str
     metadata: Mapping[str, Any]
     seen_at: float
+
+
+@attrs.frozen
+class AgentChange:
+    """
+    Something that happened to an agent, for those watching (the change feed):
+    C{registered}, C{status_changed} (with C{previous}, C{status} and
+    C{cause}) or C{removed}.  C{agent} is the record as the change left it,
+    or None when the change did not read it (a heartbeat reads only the state).
+    """
+
+    kind: str
+    agent_id: str
+    agent: Agent | None = None
+    previous: str | None = None
+    status: str | None = None
+    cause: str | None = None

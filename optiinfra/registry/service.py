@@ -23,7 +23,9 @@ from optiinfra.errors import InvalidField, NotFound
 from optiinfra.registry.model import (
     AGENT_TYPES,
     STATUSES,
+    UNREACHABLE,
     Agent,
+    AgentChange,
     AgentQuery,
     AgentState,
     Heartbeat,
@@ -113,6 +115,8 @@ class Registry:
         self.removal_listeners: list[Callable[[str], None]] = []
         #: Called when an agent may have become able to take work.
         self.listeners: list[Callable[[], None]] = []
+        #: Called with each change this process made to an agent.
+        self.change_listeners: list[Callable[[AgentChange], object]] = []
 
     def _removed(self, agent_id: str) -> None:
         self.ownership.forget(agent_id)
@@ -122,6 +126,10 @@ class Registry:
     def _notify(self) -> None:
         for listener in self.listeners:
             listener()
+
+    def _changed(self, change: AgentChange) -> None:
+        for listener in self.change_listeners:
+            listener(change)
 
     def now(self) -> float:
         """The clock's time to the millisecond, the precision every view shows,
@@ -182,6 +190,7 @@ class Registry:
             capabilities=list(agent.capabilities),
         )
         self._notify()
+        self._changed(AgentChange("registered", agent.id, agent))
         return agent, created
 
     async def _check_destination(self, registration: Registration) -> None:
@@ -214,6 +223,15 @@ class Registry:
         if was != beat.status:
             self._status_changed(before, was, beat.status, "heartbeat")
             self._notify()
+            self._changed(
+                AgentChange(
+                    "status_changed",
+                    agent_id,
+                    previous=was,
+                    status=beat.status,
+                    cause="heartbeat",
+                )
+            )
         return now
 
     def _status_changed(
@@ -243,6 +261,7 @@ class Registry:
             agent_type=removed.type,
             by=None if actor is None else actor.name,
         )
+        self._changed(AgentChange("removed", agent_id, removed, cause="unregistered"))
         return removed
 
     async def get(self, agent_id: str) -> Agent:
@@ -284,7 +303,17 @@ class Registry:
         for agent in await self.store.mark_unreachable(
             now - self.config.unreachable_after
         ):
-            self._status_changed(agent, agent.status, "unreachable", "silence")
+            self._status_changed(agent, agent.status, UNREACHABLE, "silence")
+            self._changed(
+                AgentChange(
+                    "status_changed",
+                    agent.id,
+                    agent,
+                    previous=agent.status,
+                    status=UNREACHABLE,
+                    cause="silence",
+                )
+            )
         for agent in await self.store.remove_silent(now - self.config.expire_after):
             self._metrics.removals.labels(agent.type, "expired").inc()
             self._removed(agent.id)
@@ -294,6 +323,7 @@ class Registry:
                 agent_type=agent.type,
                 silent_seconds=round(now - agent.last_seen, 1),
             )
+            self._changed(AgentChange("removed", agent.id, agent, cause="expired"))
         counts = await self.store.count_agents(now - self.config.unreachable_after)
         for kind in AGENT_TYPES:
             for status in STATUSES:

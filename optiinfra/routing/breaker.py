@@ -8,6 +8,7 @@ it again for another cool-down.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -35,6 +36,13 @@ class Breakers:
         self.threshold = threshold
         self.cooldown = cooldown
         self._circuits: dict[str, _Circuit] = {}
+        #: Called with (agent id, C{OPEN} or C{CLOSED}) when a circuit opens
+        #: or closes again.
+        self.listeners: list[Callable[[str, str], object]] = []
+
+    def _changed(self, agent_id: str, state: str) -> None:
+        for listener in self.listeners:
+            listener(agent_id, state)
 
     def state(self, agent_id: str) -> str:
         circuit = self._circuits.get(agent_id)
@@ -65,7 +73,9 @@ class Breakers:
             circuit.trial_out = False
 
     def succeeded(self, agent_id: str) -> None:
-        self._circuits.pop(agent_id, None)
+        circuit = self._circuits.pop(agent_id, None)
+        if circuit is not None and circuit.opened_at is not None:
+            self._changed(agent_id, CLOSED)
 
     def failed(self, agent_id: str) -> bool:
         """Count a failure; True when this failure opened the circuit."""
@@ -75,6 +85,7 @@ class Breakers:
         circuit.trial_out = False
         if was_open or circuit.failures >= self.threshold:
             circuit.opened_at = self._clock.seconds()
+            self._changed(agent_id, OPEN)
             return True
         return False
 

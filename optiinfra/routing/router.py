@@ -264,6 +264,8 @@ class Router:
         self._last_pass = clock.seconds()
         #: Called with each task that reaches a final status in this process.
         self.finished_listeners: list[Callable[[Task], object]] = []
+        #: Called with each task whose status this process changed (the feed).
+        self.status_listeners: list[Callable[[Task], object]] = []
         registry.listeners.append(self._agents_changed)
         registry.removal_listeners.append(self._agent_removed)
 
@@ -359,6 +361,7 @@ class Router:
             # Its first submission may still be waiting for the disk.
             await self.tasks.sync()
             return stored, False
+        self._status_changed(stored)
         if agent is not None and stored.status == SENT:
             self._metrics.dispatch_latency.observe(0.0)
             self._start(stored, agent)
@@ -503,6 +506,7 @@ class Router:
             self._last_settled = now
             self._expired(await self.tasks.expire_waiting(now))
             for task in await self.tasks.recover_abandoned(now):
+                self._status_changed(task)
                 _log.warn("task recovered from a stopped orchestrator", task_id=task.id)
         if self._draining():
             return
@@ -601,9 +605,11 @@ class Router:
             self._ended(failed, FAILED, reason)
 
     async def _queue(self, task: Task, now: float) -> None:
-        await self.tasks.change_task(
+        queued = await self.tasks.change_task(
             task.id, (PENDING,), QUEUED, now, detail="no agent free", durable=False
         )
+        if queued is not None:
+            self._status_changed(queued)
 
     async def _claim(self, task: Task, agent: Agent, now: float) -> None:
         """Claim C{task} for C{agent}, whose slot is reserved, and call it."""
@@ -629,6 +635,7 @@ class Router:
             self._unreserve(agent)
             return
         self.admission.dequeued(task.agent_type)
+        self._status_changed(claimed)
         if task.started_at is None:
             self._metrics.dispatch_latency.observe(max(0.0, now - task.created_at))
         self._start(claimed, agent)
@@ -794,6 +801,7 @@ class Router:
         )
         if back is not None:
             self.admission.queued(task.agent_type)
+            self._status_changed(back)
             self.wake()
 
     def _background(self, recording: Any, task: Task) -> Deferred[None]:
@@ -911,7 +919,7 @@ class Router:
             elif why == _ATTEMPT:
                 outcome = Retryable(f"no answer from {agent.id} within {budget:g} s")
             elif why == _DRAIN:
-                await self.tasks.change_task(
+                handed_back = await self.tasks.change_task(
                     task.id,
                     IN_FLIGHT,
                     RETRYING,
@@ -921,6 +929,8 @@ class Router:
                     changes={"owner": None, "lease_until": None, "not_before": now},
                     durable=False,
                 )
+                if handed_back is not None:
+                    self._status_changed(handed_back)
                 return
             else:
                 return  # cancelled by request: already recorded
@@ -1008,6 +1018,7 @@ class Router:
         )
         if retried is not None:
             self.admission.queued(task.agent_type)
+            self._status_changed(retried)
             _log.info(
                 "task will be retried",
                 task_id=task.id,
@@ -1052,6 +1063,7 @@ class Router:
         self, task: Task, status: str, error: str | None, *, log: bool = True
     ) -> None:
         self._metrics.task_finished(task.task_type, task.agent_id or "", status)
+        self._status_changed(task)
         for listener in self.finished_listeners:
             listener(task)
         if not log:
@@ -1066,6 +1078,10 @@ class Router:
             error=error,
             request_id=task.request_id,
         )
+
+    def _status_changed(self, task: Task) -> None:
+        for listener in self.status_listeners:
+            listener(task)
 
     # Housekeeping ---------------------------------------------------------------
 

@@ -155,12 +155,41 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX plans_coordination ON plans (coordination_id)",
         ),
     ),
+    # The change feed's window (optiinfra.store.events): one row per change,
+    # ids handed out by the one row of event_sequence, whose lock orders the
+    # commits of every replica as their ids are.
+    Migration(
+        5,
+        "events",
+        (
+            """
+            CREATE TABLE events (
+                id BIGINT PRIMARY KEY,
+                at DOUBLE PRECISION NOT NULL,
+                topic TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                labels TEXT NOT NULL,
+                document TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX events_at ON events (at)",
+            """
+            CREATE TABLE event_sequence (
+                one INTEGER PRIMARY KEY,
+                last_id BIGINT NOT NULL,
+                purged_through BIGINT NOT NULL
+            )
+            """,
+            "INSERT INTO event_sequence (one, last_id, purged_through)"
+            " VALUES (1, 0, 0)",
+        ),
+    ),
     # Every status change of every task moved its entry in both indexes, and
     # a task created already sent wrote a page of each for nothing: now they
     # hold only the tasks their queries look for (waiting; finished; in
     # flight).  Fewer pages written per task, a smaller write-ahead log.
     Migration(
-        5,
+        6,
         "tasks: partial indexes",
         (
             "DROP INDEX tasks_waiting",

@@ -248,3 +248,5 @@ def test_plugin_is_listed_and_the_wheel_is_clean(tmp_path: Path) -> None:
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert not [name for name in names if name.endswith("dropin.cache")]
+    console = {"index.html", "console.js", "feed.js", "api.js", "console.css"}
+    assert {f"optiinfra/console/static/{name}" for name in console} <= set(names)

@@ -1,0 +1,1 @@
+"""The operators' console: static pages served by the orchestrator itself."""
