@@ -42,11 +42,11 @@ from optiinfra.coordination.plans import (
 )
 from optiinfra.coordination.service import Coordinator, CoordinatorConfig
 from optiinfra.destinations import Destinations
-from optiinfra.keyreload import KeyReloader
 from optiinfra.events import routes as event_routes
 from optiinfra.events.feed import Feed
 from optiinfra.events.loops import EventPurge, FeedReader, StreamsEnd
 from optiinfra.events.record import Recorder, Watch
+from optiinfra.keyreload import KeyReloader
 from optiinfra.lifecycle import OrderedServices
 from optiinfra.logs import (
     LEVELS,
