@@ -60,6 +60,8 @@ _log = structlog.get_logger("optiinfra.store")
 
 #: Units of work committed together at most.
 _MAX_BATCH = 256
+#: Callers answered in one turn of the reactor (see L{SQLiteBackend._answer}).
+_ANSWERS_PER_TURN: Final = 16
 #: Seconds a relaxed commit may wait for its fsync at most.
 SYNC_WITHIN: Final = 0.2
 #: Seconds between checkpoints while there are writes.
@@ -275,11 +277,12 @@ class SQLiteBackend:
                 self._checkpoint_soon()
                 if not durable:
                     self._sync_soon()
-            for (_, done, _), (ok, value) in zip(batch, outcomes, strict=True):
-                if ok:
-                    done.callback(value)
-                else:
-                    done.errback(Failure(value))
+            self._answer(
+                [
+                    (done, ok, value)
+                    for (_, done, _), (ok, value) in zip(batch, outcomes, strict=True)
+                ]
+            )
 
         def fail_all(failure: Failure) -> None:
             for _, done, _ in batch:
@@ -292,6 +295,25 @@ class SQLiteBackend:
                 self._pumping = False
 
         ran.addCallbacks(deliver, fail_all).addBoth(next_batch)
+
+    def _answer(self, answers: list[tuple[Deferred[Any], bool, Any]]) -> None:
+        """
+        Answer a batch's callers, L{_ANSWERS_PER_TURN} a turn of the reactor:
+        each answer runs its caller on (rendering, writing a response), and a
+        full batch answered at once held the reactor for tens of milliseconds
+        in which no probe or other socket was served.
+        """
+        now, rest = answers[:_ANSWERS_PER_TURN], answers[_ANSWERS_PER_TURN:]
+        if rest:
+            if self._clock is None:
+                now, rest = answers, []
+            else:
+                self._clock.callLater(0, self._answer, rest)
+        for done, ok, value in now:
+            if ok:
+                done.callback(value)
+            else:
+                done.errback(Failure(value))
 
     def _sync_soon(self) -> None:
         """Have the relaxed commits on disk within L{SYNC_WITHIN} seconds."""
