@@ -270,8 +270,10 @@ class Router:
             if agent is not None:
                 self._unreserve(agent)
             raise
-        if agent is not None and stored.status != SENT:
-            self._unreserve(agent)  # not created, or queued behind another
+        if agent is not None and (not created or stored.status != SENT):
+            # A replay (even of a task in flight: that call holds its own
+            # slot), or queued behind another.
+            self._unreserve(agent)
         if not created:
             if stored.request_hash != request_hash:
                 raise Conflict(

@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from optiinfra.store.barrier import Barriers
 from optiinfra.store.interface import (
     IBackend,
     StoreUnavailable,
@@ -78,6 +79,7 @@ class PostgresBackend:
             name="optiinfra",
         )
         self._connect_timeout = connect_timeout
+        self._barriers = Barriers(self._barrier)
 
     def open(self) -> None:
         try:
@@ -131,13 +133,21 @@ class PostgresBackend:
 
     def sync(self) -> Deferred[None]:
         """
-        Fires once every commit so far, relaxed ones too, is on disk: a
-        transaction given an id commits synchronously, and the server's log
-        is flushed in order, up to and past everything committed before it.
-        """
+        Fires once every commit so far, relaxed ones too, is on disk.
 
+        PostgreSQL flushes the log at a commit only when the transaction wrote
+        to it (an id alone is not enough: such a commit is not waited for).
+        The barrier therefore changes a row, with C{synchronous_commit} on:
+        its commit waits for the log to be flushed up to its own commit
+        record, and so past every commit made before it.  Callers arriving
+        while a barrier runs share the next one (L{Barriers}).
+        """
+        return self._barriers.wait()
+
+    def _barrier(self) -> Deferred[None]:
         def barrier(tx: Transaction) -> None:
-            tx.execute("SELECT pg_current_xact_id()")
+            tx.execute("SET LOCAL synchronous_commit TO ON")
+            tx.execute("UPDATE store_sync SET flushes = flushes + 1 WHERE id = 1")
 
         return self.run(barrier)
 

@@ -37,6 +37,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorT
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from optiinfra.store.barrier import Barriers
 from optiinfra.store.interface import (
     IBackend,
     StoreUnavailable,
@@ -137,9 +138,8 @@ class SQLiteBackend:
         #: Checkpoints run on the sync thread, on this connection.
         self._checkpointer: sqlite3.Connection | None = None
         self._checkpoint_call: IDelayedCall | None = None
-        #: Waiting for the next fsync of the log, and whether one is going on.
-        self._sync_waiting: list[Deferred[None]] = []
-        self._syncing = False
+        #: fsyncs of the log, each shared by every caller waiting for one.
+        self._barriers = Barriers(lambda: self._syncer.call(self._fsync_log))
         self._closed = False
 
     def open(self) -> None:
@@ -212,28 +212,7 @@ class SQLiteBackend:
         """
         if self._closed:
             return fail(StoreUnavailable("the SQLite store is closed"))
-        done: Deferred[None] = Deferred()
-        self._sync_waiting.append(done)
-        if not self._syncing:
-            self._next_sync()
-        return done
-
-    def _next_sync(self) -> None:
-        waiting, self._sync_waiting = self._sync_waiting, []
-        self._syncing = True
-        synced = self._syncer.call(self._fsync_log)
-
-        def answer(result: Failure | None) -> None:
-            self._syncing = False
-            for done in waiting:
-                if isinstance(result, Failure):
-                    done.errback(result)
-                else:
-                    done.callback(None)
-            if self._sync_waiting:
-                self._next_sync()
-
-        synced.addBoth(answer)
+        return self._barriers.wait()
 
     def _enqueue(self, work: Callable[[Transaction], T], durable: bool) -> Deferred[T]:
         done: Deferred[T] = Deferred()

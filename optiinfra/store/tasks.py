@@ -158,10 +158,19 @@ class TaskStore:
                     lease_until=claim.lease_until,
                     started_at=task.created_at,
                 )
-            tx.execute(
-                f"INSERT INTO tasks ({_COLUMNS}) VALUES ({_marks(_FIELDS)})",
+            inserted = tx.execute(
+                f"INSERT INTO tasks ({_COLUMNS}) VALUES ({_marks(_FIELDS)})"
+                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
                 [_encode(f, getattr(stored, f)) for f in _FIELDS],
             )
+            if not inserted:
+                # Another submission with this key was stored since the look
+                # above (PostgreSQL waited for its commit): this one replays it.
+                rows = tx.execute(
+                    f"SELECT {_COLUMNS} FROM tasks WHERE idempotency_key = ?",
+                    (task.idempotency_key,),
+                )
+                return _task(rows[0]), False
             _event(tx, task.id, task.status, task.created_at, None)
             if claim is not None and stored is not task:
                 _event(tx, task.id, SENT, task.created_at, claim.detail)
