@@ -43,6 +43,8 @@ class Settings:
     state_dir: Path = Path("var")
     #: A PostgreSQL URL for the shared store; None means the embedded SQLite one.
     database_url: str | None = None
+    #: Seconds any one call to PostgreSQL may take, from asking to answer.
+    store_timeout: float = 5.0
     api_keys_file: Path | None = None
     auth_disabled: bool = False
     heartbeat_interval: float = 30.0
@@ -241,6 +243,7 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "STATE_DIRECTORY": ("state_dir", parse_path),
     "STATE_DIR": ("state_dir", parse_path),
     "DATABASE_URL": ("database_url", parse_database_url),
+    "STORE_TIMEOUT": ("store_timeout", parse_positive_seconds),
     "API_KEYS_FILE": ("api_keys_file", parse_path),
     "AUTH_DISABLED": ("auth_disabled", parse_flag),
     "HEARTBEAT_INTERVAL": ("heartbeat_interval", parse_positive_seconds),

@@ -175,7 +175,9 @@ def open_store(settings: Settings, reactor: IReactorTime) -> IStore:
     threads = cast(IReactorThreads, reactor)
     backend: IBackend
     if settings.database_url:
-        backend = PostgresBackend(settings.database_url, threads)
+        backend = PostgresBackend(
+            settings.database_url, threads, timeout=settings.store_timeout
+        )
     else:
         backend = SQLiteBackend(settings.state_dir / "orchestrator.db", threads)
     backend.open()
@@ -320,7 +322,9 @@ def build_service(
     )
     top = OrderedServices()
     StoreService(store).setServiceParent(top)
-    StoreWatch(store, readiness, reactor, interval=2.0).setServiceParent(top)
+    # Each second: a lost store is seen within one STORE_TIMEOUT and a second,
+    # and one that is back is used again within a second.
+    StoreWatch(store, readiness, reactor, interval=1.0).setServiceParent(top)
     Sweeper(registry, reactor).setServiceParent(top)
     AgentPool(pool).setServiceParent(top)
     RouterService(

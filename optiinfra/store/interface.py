@@ -25,6 +25,10 @@ class StoreUnavailable(Exception):
     """The database did not answer; the caller should try again later."""
 
 
+class DatabaseLost(StoreUnavailable):
+    """No connection to the database could be made or kept: it is down."""
+
+
 class StoreError(Exception):
     """The database answered, but not with something this build can use."""
 
@@ -68,6 +72,12 @@ class IBackend(Interface):
         Run C{work} in one transaction in a worker thread; commit if it returns,
         roll back if it raises.  Failures of the database itself arrive as
         L{StoreUnavailable}.
+        """
+
+    def ping() -> Deferred[None]:
+        """
+        Succeeds when the database answers; tried even while the backend
+        knows it to be down (when L{run} fails at once), so it comes back.
         """
 
     def run_relaxed(work: Callable[[Transaction], T]) -> Deferred[T]:

@@ -43,7 +43,7 @@ def _hex_bodies_to_sha256(tx: Transaction) -> None:
     """
     for table in ("tasks", "coordinations"):
         rows = tx.execute(
-            f"SELECT idempotency_key, request_hash FROM {table}"  # noqa: S608
+            f"SELECT idempotency_key, request_hash FROM {table}"
             " WHERE request_hash IS NOT NULL"
         )
         changed = []
@@ -55,10 +55,9 @@ def _hex_bodies_to_sha256(tx: Transaction) -> None:
             changed.append((digest if len(old) < _CUT else f"cut:{digest}", key))
         if changed:
             tx.executemany(
-                f"UPDATE {table} SET request_hash = ? WHERE idempotency_key = ?",  # noqa: S608
+                f"UPDATE {table} SET request_hash = ? WHERE idempotency_key = ?",
                 changed,
             )
-
 
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (

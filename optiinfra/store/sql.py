@@ -113,10 +113,7 @@ class SQLStore:
         self._flushing = False
 
     def ping(self) -> Deferred[None]:
-        def ping(tx: Transaction) -> None:
-            tx.execute("SELECT 1")
-
-        return self.backend.run(ping, write=False)
+        return self.backend.ping()
 
     # Registration -----------------------------------------------------------
 

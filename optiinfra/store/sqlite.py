@@ -197,6 +197,12 @@ class SQLiteBackend:
         """
         return self._enqueue(work, write)
 
+    def ping(self) -> Deferred[None]:
+        def ping(tx: Transaction) -> None:
+            tx.execute("SELECT 1")
+
+        return self.run(ping, write=False)
+
     def run_relaxed(self, work: Callable[[Transaction], T]) -> Deferred[T]:
         """
         As L{run}, but answered before its commit is on disk: a power cut (not
