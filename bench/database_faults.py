@@ -72,9 +72,8 @@ def main() -> None:
         report("frozen", timed_calls(port, 5))
         print(f"frozen: /readyz 503 after {until_ready(port, 503, frozen):.2f} s")
         cluster.thaw()
-        print(
-            f"thawed: /readyz 200 after {until_ready(port, 200, time.monotonic()):.2f} s"
-        )
+        thawed = until_ready(port, 200, time.monotonic())
+        print(f"thawed: /readyz 200 after {thawed:.2f} s")
 
         cluster.stop()
         stopped = time.monotonic()
