@@ -284,6 +284,7 @@ def build_service(
             result_ttl=settings.result_ttl,
             breaker_threshold=settings.breaker_threshold,
             breaker_cooldown=settings.breaker_cooldown,
+            lease=settings.task_lease,
         ),
         metrics,
         draining=lambda: readiness.draining,
@@ -328,7 +329,11 @@ def build_service(
     Sweeper(registry, reactor).setServiceParent(top)
     AgentPool(pool).setServiceParent(top)
     RouterService(
-        router, reactor, interval=1.0, grace=settings.drain_timeout
+        router,
+        reactor,
+        interval=1.0,
+        grace=settings.drain_timeout,
+        store_timeout=settings.store_timeout,
     ).setServiceParent(top)
     CoordinationService(
         coordinator,

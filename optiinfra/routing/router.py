@@ -51,6 +51,7 @@ from optiinfra.routing.model import (
     TaskEvent,
     TaskQuery,
 )
+from optiinfra.routing.recording import record_until_stored
 from optiinfra.store.tasks import Claim, TaskStore
 
 _log = structlog.get_logger("optiinfra.routing")
@@ -603,7 +604,15 @@ class Router:
         self._calls.pop(task.id, None)
         self.outstanding.finished(agent.id)
         why = self._cut.pop(task.id, None)
-        settled = ensureDeferred(self._settle(task, agent, outcome, why, budget))
+        # Kept while the store cannot take it, within the lease (see recording).
+        settled = ensureDeferred(
+            record_until_stored(
+                lambda: self._settle(task, agent, outcome, why, budget),
+                self._clock,
+                until=self.now() + self.config.lease,
+                give_up=self._draining,
+            )
+        )
         settled.addErrback(
             lambda failure: _log.error(
                 "could not record a task's outcome",
@@ -775,8 +784,7 @@ class Router:
         if purged:
             _log.info("finished tasks purged", count=purged)
         self._metrics.queue_depth.set(await self.tasks.count_waiting())
-        await self.renew()
-        self.wake()
+        self.wake()  # leases are renewed by optiinfra.routing.leases
 
     async def drain(self, grace: float) -> None:
         """Let calls in flight finish for C{grace} seconds, then hand them back."""
@@ -791,6 +799,14 @@ class Router:
                 continue
         if timer.active():
             timer.cancel()
+
+    def give_up_calls(self) -> None:
+        """
+        End every call in flight without recording anything: their leases
+        could not be renewed, so their tasks go to whoever takes them back.
+        """
+        for task_id in list(self._calls):
+            self._cut_short(task_id, _CANCELLED)
 
     def _hand_back(self) -> None:
         for task_id in list(self._calls):
