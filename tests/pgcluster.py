@@ -10,6 +10,7 @@ and every backend: a stalled disk or a partition) and started again.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -147,11 +148,13 @@ class PrivateCluster:
     def freeze(self) -> None:
         """SIGSTOP the postmaster and its backends: connections stay open, mute."""
         for pid in self._pids():
-            os.kill(pid, signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):  # a backend just ended
+                os.kill(pid, signal.SIGSTOP)
 
     def thaw(self) -> None:
         for pid in self._pids():
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def query(self, sql: str) -> list[tuple[object, ...]]:
         with psycopg.connect(self.url, connect_timeout=10, autocommit=True) as db:

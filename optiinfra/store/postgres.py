@@ -288,10 +288,12 @@ class PostgresBackend:
         if isinstance(result, Failure):
             if result.check(DatabaseLost):
                 self._went_down(result.getErrorMessage())
-            job.answer.errback(result)
+            if not job.answer.called:  # else its caller cancelled (hung up)
+                job.answer.errback(result)
         else:
             self._came_back()
-            job.answer.callback(result)
+            if not job.answer.called:
+                job.answer.callback(result)
 
     def _expire(self, job: _Job) -> None:
         if not job.expire():
@@ -299,7 +301,8 @@ class PostgresBackend:
         self._waiting -= 1
         reason = f"no answer from PostgreSQL within {self.timeout:g} s"
         self._went_down(reason)
-        job.answer.errback(DatabaseLost(reason))
+        if not job.answer.called:  # else its caller cancelled (hung up)
+            job.answer.errback(DatabaseLost(reason))
 
     def _went_down(self, reason: str) -> None:
         if self.down is None:
