@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 
 from optiinfra.settings import SettingsError, build_settings
 
-from ..agents import COMPLETE, FakeAgent, StartAgent, settle
+from ..agents import COMPLETE, HANG, FakeAgent, StartAgent, settle
 from ..conftest import LogCapture, RunningService, StartService
 from ..databases import postgres_schema
 from ..pgcluster import PrivateCluster, private_cluster  # noqa: F401 - a fixture
@@ -143,3 +143,27 @@ async def test_a_client_hanging_up_while_the_database_is_frozen_is_its_hang_up(
     assert len(hung_up) == 1  # the access log's word for a client gone
     noise = ("Traceback", "CancelledError", "AlreadyCalled", "Unhandled")
     assert not [e for e in logs.events if any(n in str(e) for n in noise)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_end_before_a_lease_that_cannot_be_renewed_lapses(
+    start_service: StartService,
+    start_agent: StartAgent,
+    logs: LogCapture,
+    private_cluster: PrivateCluster,  # noqa: F811 - the fixture
+) -> None:
+    agent = await start_agent(HANG)
+    service = await start_service(database_url=private_cluster.url, **QUICK)
+    await register(service, agent)
+    response = await service.request("POST", "/tasks", json=TASK)
+    task_id = (await response.json())["task_id"]
+    await until(lambda: agent.in_flight == 1, "sent")
+    await deferToThread(private_cluster.stop)
+    # No renewal can reach the database: the call is ended by this replica,
+    # before its lease lapses and the task may be taken back and sent again.
+    await until(lambda: agent.in_flight == 0, "ended")
+    assert "leases could not be renewed: ending the calls in flight" in logs.messages()
+    await deferToThread(private_cluster.start)
+    await until(lambda: len(agent.tasks) == 2, "sent again once it lapsed")
+    assert agent.tasks == [task_id, task_id]
+    assert agent.most_in_flight == 1  # never out twice at once
