@@ -166,6 +166,7 @@ class PostgresBackend:
         reactor: IReactorThreads,
         max_connections: int = 4,
         timeout: float = 5.0,
+        max_waiting: int = MAX_WAITING,
     ) -> None:
         self._url = url
         self._reactor = reactor
@@ -176,6 +177,7 @@ class PostgresBackend:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._waiting = 0
+        self._max_waiting = max_waiting
         #: Why the store is down, or None while it answers.
         self.down: str | None = None
         #: Bumped when the store goes down: connections made before are dropped.
@@ -271,7 +273,7 @@ class PostgresBackend:
     def _submit(self, work: Callable[[Transaction], T]) -> Deferred[T]:
         if self._closed:
             return fail(StoreUnavailable("the PostgreSQL store is closed"))
-        if self._waiting >= MAX_WAITING:
+        if self._waiting >= self._max_waiting:
             return fail(StoreUnavailable("too much work waiting for the database"))
         job = _Job(work)
         self._waiting += 1
