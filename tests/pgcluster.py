@@ -132,11 +132,17 @@ class PrivateCluster:
         self.thaw()
         self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.data))
 
-    def _pids(self) -> list[int]:
+    def _postmaster(self) -> int | None:
         pidfile = self.data / "postmaster.pid"
         if not pidfile.exists():
+            return None
+        return int(pidfile.read_text().split()[0])
+
+    def _pids(self) -> list[int]:
+        """The postmaster first, then its children (listed after it stopped)."""
+        postmaster = self._postmaster()
+        if postmaster is None:
             return []
-        postmaster = int(pidfile.read_text().split()[0])
         children = subprocess.run(
             ["pgrep", "-P", str(postmaster)],
             capture_output=True,
@@ -147,6 +153,9 @@ class PrivateCluster:
 
     def freeze(self) -> None:
         """SIGSTOP the postmaster and its backends: connections stay open, mute."""
+        postmaster = self._postmaster()
+        if postmaster is not None:  # first: then it forks no backend meanwhile
+            os.kill(postmaster, signal.SIGSTOP)
         for pid in self._pids():
             with contextlib.suppress(ProcessLookupError):  # a backend just ended
                 os.kill(pid, signal.SIGSTOP)

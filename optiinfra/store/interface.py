@@ -53,6 +53,10 @@ class IBackend(Interface):
     """A database the store can run units of work on, off the reactor thread."""
 
     name: str = Attribute("'sqlite' or 'postgresql', for logs and metrics.")
+    clock_offset: float = Attribute(
+        "Seconds the database's clock is ahead of this host's, as last measured:"
+        " what replicas compare with each other is kept in the database's time."
+    )
 
     def open() -> None:
         """
@@ -78,6 +82,7 @@ class IBackend(Interface):
         """
         Succeeds when the database answers; tried even while the backend
         knows it to be down (when L{run} fails at once), so it comes back.
+        Measures L{clock_offset} on the way.
         """
 
     def run_relaxed(work: Callable[[Transaction], T]) -> Deferred[T]:

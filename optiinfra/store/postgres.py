@@ -178,6 +178,9 @@ class PostgresBackend:
         self._threads: list[threading.Thread] = []
         self._waiting = 0
         self._max_waiting = max_waiting
+        #: The database's clock less this host's, as of the last ping: leases
+        #: are written and compared in the database's time (see TaskStore).
+        self.clock_offset = 0.0
         #: Why the store is down, or None while it answers.
         self.down: str | None = None
         #: Bumped when the store goes down: connections made before are dropped.
@@ -197,7 +200,9 @@ class PostgresBackend:
                     return migrate(tx)
 
                 with connection.transaction():
-                    applied = migrate_locked(_PostgresTransaction(connection))
+                    tx = _PostgresTransaction(connection)
+                    applied = migrate_locked(tx)
+                    self.clock_offset = self._clock_offset(tx)
         except psycopg.OperationalError as error:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {error}") from error
         if applied:
@@ -262,13 +267,22 @@ class PostgresBackend:
     def ping(self) -> Deferred[None]:
         """
         Whether the database answers, tried even while the store is down: the
-        one way it comes back up.
+        one way it comes back up.  Measures L{clock_offset} on the way.
         """
 
-        def ping(tx: Transaction) -> None:
-            tx.execute("SELECT 1")
+        pinged = self._submit(self._clock_offset)
 
-        return self._submit(ping)
+        def measured(offset: float) -> None:
+            self.clock_offset = offset
+
+        return pinged.addCallback(measured)
+
+    def _clock_offset(self, tx: Transaction) -> float:
+        """The database's clock less this host's, read halfway through the query."""
+        before = self._clock.seconds()
+        [(database,)] = tx.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())")
+        # to 10 ms: below that it is the query's own noise, and leases are seconds
+        return round(float(database) - (before + self._clock.seconds()) / 2, 2)
 
     def _submit(self, work: Callable[[Transaction], T]) -> Deferred[T]:
         if self._closed:
