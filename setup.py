@@ -46,7 +46,6 @@ setup(
         "zope.interface>=6.0,<9",
         "python-dotenv>=1.0,<2",
         "psycopg[binary]>=3.2,<4",
-        "psycopg-pool>=3.2,<4",
     ],
     extras_require={
         "tls": ["Twisted[tls]>=24.7,<27"],

@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 import attrs
 from dotenv import dotenv_values
@@ -52,6 +52,10 @@ class Settings:
     state_dir: Path = Path("var")
     #: A PostgreSQL URL for the shared store; None means the embedded SQLite one.
     database_url: str | None = None
+    #: Seconds any one call to PostgreSQL may take, from asking to answer.
+    store_timeout: float = 5.0
+    #: Seconds a replica's claim on a task in flight lasts unless renewed.
+    task_lease: float = 15.0
     api_keys_file: Path | None = None
     auth_disabled: bool = False
     heartbeat_interval: float = 30.0
@@ -283,6 +287,8 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, tuple[str, Callable[[str, str], object
     "STATE_DIRECTORY": ("state_dir", parse_path),
     "STATE_DIR": ("state_dir", parse_path),
     "DATABASE_URL": ("database_url", parse_database_url),
+    "STORE_TIMEOUT": ("store_timeout", parse_positive_seconds),
+    "TASK_LEASE": ("task_lease", parse_positive_seconds),
     "API_KEYS_FILE": ("api_keys_file", parse_path),
     "AUTH_DISABLED": ("auth_disabled", parse_flag),
     "HEARTBEAT_INTERVAL": ("heartbeat_interval", parse_positive_seconds),
@@ -336,6 +342,33 @@ def read_environment(
     return merged
 
 
+#: Seconds between a replica's lease renewals (the router's periodic pass).
+RENEW_EVERY: Final = 1.0
+
+
+def least_lease(store_timeout: float) -> float:
+    """
+    The shortest TASK_LEASE that a replica keeps renewed: two renewals fit
+    in it, each of which may wait STORE_TIMEOUT for the database.  A shorter
+    one lapses while its calls are open, and another replica sends the task
+    again: two deliveries at once.
+    """
+    return 2 * (RENEW_EVERY + store_timeout)
+
+
+def check_lease(values: Mapping[str, object]) -> None:
+    defaults = attrs.fields(Settings)
+    lease = cast(float, values.get("task_lease", defaults.task_lease.default))
+    timeout = cast(float, values.get("store_timeout", defaults.store_timeout.default))
+    if lease < least_lease(timeout):
+        raise SettingsError(
+            "TASK_LEASE",
+            f"{lease:g}",
+            f"must be at least {least_lease(timeout):g} s (2 x (1 s + STORE_TIMEOUT))"
+            " so that it is renewed before it lapses",
+        )
+
+
 @attrs.frozen
 class Override:
     """A command-line value for one variable, and the option it came from."""
@@ -374,6 +407,7 @@ def build_settings(
             "required when ENVIRONMENT=production (or set AUTH_DISABLED=true"
             " to run without access control)",
         )
+    check_lease(values)
     # systemd names the process the watchdog is meant for; a child ignores it.
     watchdog_pid = raw.get("WATCHDOG_PID")
     if watchdog_pid and watchdog_pid != str(os.getpid() if pid is None else pid):

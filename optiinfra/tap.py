@@ -186,7 +186,9 @@ def open_store(settings: Settings, reactor: IReactorTime) -> IStore:
     threads = cast(IReactorThreads, reactor)
     backend: IBackend
     if settings.database_url:
-        backend = PostgresBackend(settings.database_url, threads)
+        backend = PostgresBackend(
+            settings.database_url, threads, timeout=settings.store_timeout
+        )
     else:
         backend = SQLiteBackend(settings.state_dir / "orchestrator.db", threads)
     backend.open()
@@ -299,6 +301,7 @@ def build_service(
             breaker_cooldown=settings.breaker_cooldown,
             max_waiting=settings.max_waiting_tasks,
             task_types=settings.task_types,
+            lease=settings.task_lease,
         ),
         metrics,
         draining=lambda: readiness.draining,
@@ -349,7 +352,9 @@ def build_service(
         guard, settings.api_keys_file, cast(IReactorFromThreads, reactor)
     ).setServiceParent(top)
     StoreService(store).setServiceParent(top)
-    StoreWatch(store, readiness, reactor, interval=2.0).setServiceParent(top)
+    # Each second: a lost store is seen within one STORE_TIMEOUT and a second,
+    # and one that is back is used again within a second.
+    StoreWatch(store, readiness, reactor, interval=1.0).setServiceParent(top)
     Sweeper(registry, reactor).setServiceParent(top)
     AgentPool(pool).setServiceParent(top)
     RouterService(
@@ -357,6 +362,7 @@ def build_service(
         reactor,
         interval=router.config.pass_interval,
         grace=settings.drain_timeout,
+        store_timeout=settings.store_timeout,
     ).setServiceParent(top)
     CoordinationService(
         coordinator,

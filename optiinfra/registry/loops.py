@@ -14,6 +14,9 @@ from optiinfra.store.interface import IStore, StoreUnavailable
 
 _log = structlog.get_logger("optiinfra.registry")
 
+#: Seconds this host's clock may differ from the database's and be ready.
+MAX_CLOCK_SKEW = 1.0
+
 
 class Every(Service):
     """
@@ -78,6 +81,7 @@ class StoreWatch(Every):
         self._store = store
         self._readiness = readiness
         self._failing: str | None = None
+        self._skewed = False
 
     async def run_once(self) -> None:
         try:
@@ -92,6 +96,28 @@ class StoreWatch(Every):
                 _log.info("store available again")
             self._failing = None
             self._readiness.set_failing("store", None)
+            self._check_clock(self._store.backend.clock_offset)
+
+    def _check_clock(self, offset: float) -> None:
+        """
+        Not ready while this host's clock is more than L{MAX_CLOCK_SKEW} off
+        the database's: leases are corrected for it, but task deadlines and
+        approval expiries are read with this host's clock.
+        """
+        skewed = abs(offset) > MAX_CLOCK_SKEW
+        if skewed and not self._skewed:
+            _log.error(
+                "this host's clock is off the database's",
+                offset_seconds=round(offset, 3),
+                limit_seconds=MAX_CLOCK_SKEW,
+            )
+        elif self._skewed and not skewed:
+            _log.info("this host's clock agrees with the database's again")
+        self._skewed = skewed
+        self._readiness.set_failing(
+            "clock",
+            f"{offset:+.3f} s off the database's clock" if skewed else None,
+        )
 
 
 class StoreService(Service):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Final
 
@@ -110,5 +111,11 @@ def idempotency_key(request: IRequest) -> str | None:
 
 
 def request_hash(document: object) -> str:
-    """The same request, whatever the key order: for Idempotency-Key checks."""
-    return orjson.dumps(document, option=orjson.OPT_SORT_KEYS).hex()[:4096]
+    """
+    The same request, whatever the key order: for Idempotency-Key checks.
+    SHA-256 of the whole body with its keys sorted (hex): bodies differing
+    anywhere differ.  (Before schema version 6 this was the first 2 KB of that
+    body, in hex: see that migration.)
+    """
+    canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()

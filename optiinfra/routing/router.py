@@ -27,7 +27,6 @@ from twisted.internet.defer import (
     gatherResults,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from optiinfra.bounded import bounded
@@ -62,6 +61,7 @@ from optiinfra.routing.model import (
     TaskEvent,
     TaskQuery,
 )
+from optiinfra.routing.recording import record_until_stored
 from optiinfra.store.interface import StoreUnavailable
 from optiinfra.store.tasks import Claim, TaskStore
 
@@ -76,8 +76,6 @@ _DRAIN: Final = "drain"
 #: The least wait after a busy agent's C{Retry-After}: a C{0} must not make a
 #: tight loop of calls.
 _MIN_RETRY_AFTER: Final = 0.05
-#: Seconds between tries to record an outcome while the store is unreachable.
-_RECORD_AGAIN: Final = 0.5
 #: Seconds between looks for late or abandoned tasks during dispatch passes.
 _SETTLE_EVERY: Final = 0.25
 #: Due tasks read beyond the free slots, for tasks that cannot go after all
@@ -350,8 +348,10 @@ class Router:
             if agent is not None:
                 self._unreserve(agent)
             raise
-        if agent is not None and stored.status != SENT:
-            self._unreserve(agent)  # not created, or queued behind another
+        if agent is not None and (not created or stored.status != SENT):
+            # A replay (even of a task in flight: that call holds its own
+            # slot), or queued behind another.
+            self._unreserve(agent)
         if not created:
             if stored.request_hash != request_hash:
                 raise Conflict(
@@ -858,38 +858,30 @@ class Router:
         the outcome is kept and recorded again (as long as the lease would
         have lasted); an outcome the store refuses fails the task, saying why.
         """
-        while True:
+        try:
+            await record_until_stored(
+                lambda: self._settle(task, agent, outcome, why, budget),
+                self._clock,
+                until=answered + self.config.lease,
+                give_up=self._draining,
+            )
+        except StoreUnavailable as error:
+            _log.error(
+                "could not record a task's outcome", task_id=task.id, error=str(error)
+            )
+        except Exception as error:
+            reason = bounded(f"its outcome could not be recorded: {error}", 1024)
+            _log.error(
+                "could not record a task's outcome", task_id=task.id, error=reason
+            )
             try:
-                await self._settle(task, agent, outcome, why, budget)
-                return
-            except StoreUnavailable as error:
-                if self.now() - answered >= self.config.lease:
-                    _log.error(
-                        "could not record a task's outcome",
-                        task_id=task.id,
-                        error=str(error),
-                    )
-                    return
-                _log.warn(
-                    "task outcome kept until the store answers",
-                    task_id=task.id,
-                    error=str(error),
-                )
-                await deferLater(self._clock, _RECORD_AGAIN)
-            except Exception as error:
-                reason = bounded(f"its outcome could not be recorded: {error}", 1024)
+                await self._finish(task, FAILED, self.now(), error=reason)
+            except Exception as again:
                 _log.error(
-                    "could not record a task's outcome", task_id=task.id, error=reason
+                    "could not record that a task failed",
+                    task_id=task.id,
+                    error=bounded(str(again), 1024),
                 )
-                try:
-                    await self._finish(task, FAILED, self.now(), error=reason)
-                except Exception as again:
-                    _log.error(
-                        "could not record that a task failed",
-                        task_id=task.id,
-                        error=bounded(str(again), 1024),
-                    )
-                return
 
     async def _settle(
         self,
@@ -1107,8 +1099,7 @@ class Router:
         self.admission.counted(Backlog(await self.tasks.backlog()), now)
         self._metrics.queue_depth.set(self.admission.waiting)
         self._metrics.oldest_wait.set(self.admission.oldest_wait(now))
-        await self.renew()
-        self.wake(full=True)
+        self.wake(full=True)  # leases are renewed by optiinfra.routing.leases
 
     def _check_stalled(self) -> None:
         """
@@ -1147,6 +1138,14 @@ class Router:
                 continue
         if timer.active():
             timer.cancel()
+
+    def give_up_calls(self) -> None:
+        """
+        End every call in flight without recording anything: their leases
+        could not be renewed, so their tasks go to whoever takes them back.
+        """
+        for task_id in list(self._calls):
+            self._cut_short(task_id, _CANCELLED)
 
     def _hand_back(self) -> None:
         for task_id in list(self._calls):

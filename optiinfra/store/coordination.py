@@ -108,18 +108,23 @@ class CoordinationStore:
         the result stored under it and its request's hash; else None.
         """
 
+        def earlier(tx: Transaction) -> tuple[dict[str, Any], str | None] | None:
+            rows = tx.execute(
+                "SELECT document, request_hash FROM coordinations"
+                " WHERE idempotency_key = ?",
+                (idempotency_key,),
+            )
+            return (orjson.loads(rows[0][0]), rows[0][1]) if rows else None
+
         def save(tx: Transaction) -> tuple[dict[str, Any], str | None] | None:
             if idempotency_key is not None:
-                rows = tx.execute(
-                    "SELECT document, request_hash FROM coordinations"
-                    " WHERE idempotency_key = ?",
-                    (idempotency_key,),
-                )
-                if rows:
-                    return orjson.loads(rows[0][0]), rows[0][1]
-            tx.execute(
+                found = earlier(tx)
+                if found is not None:
+                    return found
+            inserted = tx.execute(
                 "INSERT INTO coordinations (id, customer_id, created_at, document,"
-                " idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?)",
+                " idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
                 (
                     coordination_id,
                     customer_id,
@@ -129,6 +134,8 @@ class CoordinationStore:
                     request_hash,
                 ),
             )
+            if not inserted:  # stored by another request since the look above
+                return earlier(tx)
             for approval in approvals:
                 _insert_approval(tx, approval)
             for plan in plans:

@@ -25,6 +25,10 @@ class StoreUnavailable(Exception):
     """The database did not answer; the caller should try again later."""
 
 
+class DatabaseLost(StoreUnavailable):
+    """No connection to the database could be made or kept: it is down."""
+
+
 class StoreError(Exception):
     """The database answered, but not with something this build can use."""
 
@@ -49,6 +53,10 @@ class IBackend(Interface):
     """A database the store can run units of work on, off the reactor thread."""
 
     name: str = Attribute("'sqlite' or 'postgresql', for logs and metrics.")
+    clock_offset: float = Attribute(
+        "Seconds the database's clock is ahead of this host's, as last measured:"
+        " what replicas compare with each other is kept in the database's time."
+    )
 
     def open() -> None:
         """
@@ -68,6 +76,13 @@ class IBackend(Interface):
         Run C{work} in one transaction in a worker thread; commit if it returns,
         roll back if it raises.  Failures of the database itself arrive as
         L{StoreUnavailable}.
+        """
+
+    def ping() -> Deferred[None]:
+        """
+        Succeeds when the database answers; tried even while the backend
+        knows it to be down (when L{run} fails at once), so it comes back.
+        Measures L{clock_offset} on the way.
         """
 
     def run_relaxed(work: Callable[[Transaction], T]) -> Deferred[T]:

@@ -8,7 +8,10 @@ documents are stored as text in both, so the store reads them the same way.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -21,6 +24,40 @@ class Migration:
     version: int
     name: str
     statements: tuple[str, ...]
+    #: Work SQL common to both databases cannot express, run after the statements.
+    convert: Callable[[Transaction], None] | None = None
+
+
+_HEX: Final = re.compile(r"[0-9a-f]+")
+#: The length at which hashes were cut before version 6 (2 KB, in hex).
+_CUT: Final = 4096
+
+
+def _hex_bodies_to_sha256(tx: Transaction) -> None:
+    """
+    Idempotency keys stored before version 6 hold the hex of their request's
+    sorted JSON, cut at 2 KB; since then, its SHA-256.  Whole bodies (almost
+    all) are hashed now, so a replay of one still matches.  Cut ones cannot
+    be: they are marked, and a replay of one is answered 409 (its body was
+    never recorded whole).  Plan steps' own keys (not hex) are left alone.
+    """
+    for table in ("tasks", "coordinations"):
+        rows = tx.execute(
+            f"SELECT idempotency_key, request_hash FROM {table}"
+            " WHERE request_hash IS NOT NULL"
+        )
+        changed = []
+        for key, old in rows:
+            if len(old) % 2 or not _HEX.fullmatch(old):
+                continue
+            body = bytes.fromhex(old)
+            digest = hashlib.sha256(body).hexdigest()
+            changed.append((digest if len(old) < _CUT else f"cut:{digest}", key))
+        if changed:
+            tx.executemany(
+                f"UPDATE {table} SET request_hash = ? WHERE idempotency_key = ?",
+                changed,
+            )
 
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -203,6 +240,22 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             " WHERE status IN ('sent', 'running')",
         ),
     ),
+    # PostgreSQL flushes its log at a commit only when the transaction wrote
+    # to it; the durability barrier (PostgresBackend.sync) writes this row.
+    Migration(
+        7,
+        "durability barrier",
+        (
+            "CREATE TABLE store_sync (id INTEGER PRIMARY KEY, flushes BIGINT NOT NULL)",
+            "INSERT INTO store_sync (id, flushes) VALUES (1, 0)",
+        ),
+    ),
+    Migration(
+        8,
+        "idempotency: request hashes are SHA-256",
+        (),
+        _hex_bodies_to_sha256,
+    ),
 )
 
 LATEST: Final = MIGRATIONS[-1].version
@@ -228,6 +281,8 @@ def migrate(tx: Transaction) -> list[int]:
             continue
         for statement in migration.statements:
             tx.execute(statement)
+        if migration.convert is not None:
+            migration.convert(tx)
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_at)"
             " VALUES (?, ?, ?)",

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from optiinfra.errors import Conflict
 from optiinfra.registry.model import (
     UNREACHABLE,
     Agent,
@@ -38,6 +39,9 @@ _COLUMNS: Final = (
     "id, name, type, host, port, capabilities, status, version, registered_at,"
     " last_seen, metadata, endpoint, health_check_endpoint"
 )
+
+#: Looks and inserts one registration makes while others race it, at most.
+_REGISTER_TRIES: Final = 3
 
 #: Heartbeats written in one transaction at most.
 MAX_BATCH: Final = 500
@@ -109,17 +113,14 @@ class SQLStore:
         self._flushing = False
 
     def ping(self) -> Deferred[None]:
-        def ping(tx: Transaction) -> None:
-            tx.execute("SELECT 1")
-
-        return self.backend.run(ping, write=False)
+        return self.backend.ping()
 
     # Registration -----------------------------------------------------------
 
     def register_agent(self, agent: Agent, by_id: bool) -> Deferred[tuple[Agent, bool]]:
         lock = self.backend.lock_suffix()
 
-        def register(tx: Transaction) -> tuple[Agent, bool]:
+        def refresh(tx: Transaction) -> Agent | None:
             if by_id:
                 # The same agent registered earlier under another id (it chose a
                 # new one) is replaced: name, host and port are its identity too.
@@ -137,26 +138,41 @@ class SQLStore:
                     f" WHERE name = ? AND host = ? AND port = ?{lock}",
                     (agent.name, agent.host, agent.port),
                 )
-            if rows:
-                existing = _agent(rows[0])
-                stored = attrs.evolve(
-                    agent, id=existing.id, registered_at=existing.registered_at
-                )
-                tx.execute(
-                    f"UPDATE agents SET {_UPSERT_SET} WHERE id = ?",
-                    (*_refresh_values(stored), stored.id),
-                )
-                return stored, False
-            tx.execute(
-                f"INSERT INTO agents ({_COLUMNS}, registered_at_text,"
-                f" last_seen_text) VALUES ({', '.join('?' * 15)})",
-                (
-                    *_values(agent),
-                    rfc3339_ms(agent.registered_at),
-                    rfc3339_ms(agent.last_seen),
-                ),
+            if not rows:
+                return None
+            existing = _agent(rows[0])
+            stored = attrs.evolve(
+                agent, id=existing.id, registered_at=existing.registered_at
             )
-            return agent, True
+            tx.execute(
+                f"UPDATE agents SET {_UPSERT_SET} WHERE id = ?",
+                (*_refresh_values(stored), stored.id),
+            )
+            return stored
+
+        def register(tx: Transaction) -> tuple[Agent, bool]:
+            for _ in range(_REGISTER_TRIES):
+                refreshed = refresh(tx)
+                if refreshed is not None:
+                    return refreshed, False
+                inserted = tx.execute(
+                    f"INSERT INTO agents ({_COLUMNS}, registered_at_text,"
+                    f" last_seen_text) VALUES ({', '.join('?' * 15)})"
+                    " ON CONFLICT DO NOTHING RETURNING id",
+                    (
+                        *_values(agent),
+                        rfc3339_ms(agent.registered_at),
+                        rfc3339_ms(agent.last_seen),
+                    ),
+                )
+                if inserted:
+                    return agent, True
+                # Registered by a concurrent request since the look above
+                # (PostgreSQL waited for its commit): refresh that one.
+            raise Conflict(
+                "the agent is being registered by other requests; try again",
+                name=agent.name,
+            )
 
         return self.backend.run(register)
 

@@ -47,6 +47,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorT
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from optiinfra.store.barrier import Barriers
 from optiinfra.store.interface import (
     IBackend,
     StoreUnavailable,
@@ -134,6 +135,8 @@ class _SQLiteTransaction:
 @implementer(IBackend)
 class SQLiteBackend:
     name = "sqlite"
+    #: One process on one host: its clock is the database's.
+    clock_offset = 0.0
 
     def __init__(
         self,
@@ -159,9 +162,8 @@ class SQLiteBackend:
         #: Checkpoints run on the sync thread, on this connection.
         self._checkpointer: sqlite3.Connection | None = None
         self._checkpoint_call: IDelayedCall | None = None
-        #: Waiting for the next fsync of the log, and whether one is going on.
-        self._sync_waiting: list[Deferred[None]] = []
-        self._syncing = False
+        #: fsyncs of the log, each shared by every caller waiting for one.
+        self._barriers = Barriers(lambda: self._syncer.call(self._fsync_log))
         self._closed = False
 
     def open(self) -> None:
@@ -220,6 +222,12 @@ class SQLiteBackend:
         """
         return self._enqueue(work, write)
 
+    def ping(self) -> Deferred[None]:
+        def ping(tx: Transaction) -> None:
+            tx.execute("SELECT 1")
+
+        return self.run(ping, write=False)
+
     def run_relaxed(self, work: Callable[[Transaction], T]) -> Deferred[T]:
         """
         As L{run}, but answered before its commit is on disk: a power cut (not
@@ -235,28 +243,7 @@ class SQLiteBackend:
         """
         if self._closed:
             return fail(StoreUnavailable("the SQLite store is closed"))
-        done: Deferred[None] = Deferred()
-        self._sync_waiting.append(done)
-        if not self._syncing:
-            self._next_sync()
-        return done
-
-    def _next_sync(self) -> None:
-        waiting, self._sync_waiting = self._sync_waiting, []
-        self._syncing = True
-        synced = self._syncer.call(self._fsync_log)
-
-        def answer(result: Failure | None) -> None:
-            self._syncing = False
-            for done in waiting:
-                if isinstance(result, Failure):
-                    done.errback(result)
-                else:
-                    done.callback(None)
-            if self._sync_waiting:
-                self._next_sync()
-
-        synced.addBoth(answer)
+        return self._barriers.wait()
 
     def _enqueue(self, work: Callable[[Transaction], T], durable: bool) -> Deferred[T]:
         done: Deferred[T] = Deferred()

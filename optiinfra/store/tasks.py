@@ -5,6 +5,12 @@ Every change of a task's status is a compare-and-set: it names the statuses it
 expects the task to be in (and, for work in flight, the replica that owns it),
 so two replicas never both dispatch a task and a late answer never overwrites a
 cancellation.  Each change also appends to C{task_events}, the task's history.
+
+Leases are what replicas compare with each other, so they are kept in the
+database's time: each replica adds the offset it measured between its clock and
+the database's (L{IBackend.clock_offset}) to the leases it writes and to the
+time it compares them with.  A replica whose clock is off by 30 s still sees
+another's lease as the database does.
 """
 
 from __future__ import annotations
@@ -143,6 +149,8 @@ class TaskStore:
         before it tells anyone the task was accepted.
         """
 
+        offset = self._backend.clock_offset
+
         def create(tx: Transaction) -> tuple[Task, bool]:
             if task.idempotency_key is not None:
                 rows = tx.execute(
@@ -170,15 +178,24 @@ class TaskStore:
                     status=SENT,
                     agent_id=claim.agent_id,
                     owner=claim.owner,
-                    lease_until=claim.lease_until,
+                    lease_until=claim.lease_until + offset,
                     started_at=task.created_at,
                 )
             elif (claim is not None or busy) and task.status == PENDING:
                 stored = attrs.evolve(task, status=QUEUED)
-            tx.execute(
-                f"INSERT INTO tasks ({_COLUMNS}) VALUES ({_marks(_FIELDS)})",
+            inserted = tx.execute(
+                f"INSERT INTO tasks ({_COLUMNS}) VALUES ({_marks(_FIELDS)})"
+                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
                 [_encode(f, getattr(stored, f)) for f in _FIELDS],
             )
+            if not inserted:
+                # Another submission with this key was stored since the look
+                # above (PostgreSQL waited for its commit): this one replays it.
+                rows = tx.execute(
+                    f"SELECT {_COLUMNS} FROM tasks WHERE idempotency_key = ?",
+                    (task.idempotency_key,),
+                )
+                return _task(rows[0]), False
             _event(tx, task.id, task.status, task.created_at, None)
             if claim is not None and stored.status == SENT:
                 _event(tx, task.id, SENT, task.created_at, claim.detail)
@@ -267,6 +284,8 @@ class TaskStore:
         C{durable}: see L{_run_relaxed}.
         """
         changes = dict(changes or {})
+        if changes.get("lease_until") is not None:
+            changes["lease_until"] += self._backend.clock_offset
         unknown = set(changes) - CHANGEABLE
         if unknown:
             raise ValueError(f"cannot change {sorted(unknown)}")
@@ -299,12 +318,13 @@ class TaskStore:
     ) -> Deferred[set[str]]:
         """Extend the leases this owner still holds; the ids it still holds."""
         condition, params = self._backend.in_list("id", task_ids)
+        offset = self._backend.clock_offset
 
         def renew(tx: Transaction) -> set[str]:
             rows = tx.execute(
                 f"UPDATE tasks SET lease_until = ? WHERE owner = ?"
                 f" AND status IN ({_marks(IN_FLIGHT)}) AND {condition} RETURNING id",
-                (lease_until, owner, *IN_FLIGHT, *params),
+                (lease_until + offset, owner, *IN_FLIGHT, *params),
             )
             return {row[0] for row in rows}
 
@@ -352,7 +372,7 @@ class TaskStore:
 
         return self._settle(
             f"{_IS_IN_FLIGHT} AND lease_until < ?",
-            (now,),
+            (now + self._backend.clock_offset,),
             now,
             settle,
         )
