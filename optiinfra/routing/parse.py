@@ -114,7 +114,7 @@ def request_hash(document: object) -> str:
     """
     The same request, whatever the key order: for Idempotency-Key checks.
     SHA-256 of the whole body with its keys sorted (hex): bodies differing
-    anywhere differ.  (Before schema version 6 this was the first 2 KB of that
+    anywhere differ.  (Before schema version 8 this was the first 2 KB of that
     body, in hex: see that migration.)
     """
     canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)

@@ -29,13 +29,13 @@ class Migration:
 
 
 _HEX: Final = re.compile(r"[0-9a-f]+")
-#: The length at which hashes were cut before version 6 (2 KB, in hex).
+#: The length at which hashes were cut before version 8 (2 KB, in hex).
 _CUT: Final = 4096
 
 
 def _hex_bodies_to_sha256(tx: Transaction) -> None:
     """
-    Idempotency keys stored before version 6 hold the hex of their request's
+    Idempotency keys stored before version 8 hold the hex of their request's
     sorted JSON, cut at 2 KB; since then, its SHA-256.  Whole bodies (almost
     all) are hashed now, so a replay of one still matches.  Cut ones cannot
     be: they are marked, and a replay of one is answered 409 (its body was

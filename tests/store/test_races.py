@@ -177,7 +177,7 @@ async def test_bodies_differing_after_two_kilobytes_are_different_requests(
 
 
 def _old_hash(document: object) -> str:
-    """How request hashes were stored before schema version 6."""
+    """How request hashes were stored before schema version 8."""
     return orjson.dumps(document, option=orjson.OPT_SORT_KEYS).hex()[:4096]
 
 
@@ -196,10 +196,10 @@ async def test_keys_stored_before_hashes_were_sha256_keep_working(
                 " idempotency_key, request_hash) VALUES (?, 'c', 1.0, '{}', ?, ?)",
                 (key, key, old),
             )
-        tx.execute("DELETE FROM schema_migrations WHERE version = 6")
+        tx.execute("DELETE FROM schema_migrations WHERE version = 8")
 
     await store.backend.run(downgrade)
-    assert await store.backend.run(migrate) == [6]
+    assert await store.backend.run(migrate) == [8]
     stored = dict(
         await store.backend.run(
             lambda tx: tx.execute(
