@@ -10,7 +10,7 @@ IMAGE ?= optiinfra-orchestrator
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' optiinfra/__init__.py)
 SOURCES := setup.py pyproject.toml $(shell find optiinfra twisted -name '*.py' -o -name '*.sql' -o -path '*/console/static/*' 2>/dev/null)
 
-.PHONY: help deps browser-deps build run test lint fmt clean docker-build docker-run docker-test bench api-key
+.PHONY: help deps browser-deps build run test lint fmt clean docker-build docker-run docker-test bench soak api-key
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench: deps ## Throughput and latency against baselines measured in the same run
 	$(BIN)/python bench/tasks.py
 	$(BIN)/python bench/coordination.py
 	$(BIN)/python bench/events.py
+
+soak: deps ## Minutes of 3x overload, then of 80 % load, beside the unloaded rate
+	$(BIN)/python bench/soak.py
 
 api-key: deps ## New API key: make api-key NAME=cost-agent ROLE=agent [KEYS=api-keys] [AGENTS=id,id | AGENT_TYPE=cost]
 	@test -n "$(NAME)" -a -n "$(ROLE)" || { echo "usage: make api-key NAME=... ROLE=agent|operator|viewer [KEYS=file] [AGENTS=id,... | AGENT_TYPE=type]" >&2; exit 2; }
