@@ -133,10 +133,10 @@ class Recorder:
             if self._pending:
                 self._flush()
 
-        # Held before its callbacks are added: a store known to be down fails
-        # at once, and done() must then find (and clear) this write.
-        self._writing = writing
-        writing.addCallbacks(lambda _: None, failed).addBoth(done)
+        # Held before done() is added: a store known to be down fails at once,
+        # and done() must then find (and clear) this write.
+        self._writing = writing.addCallbacks(lambda _: None, failed)
+        self._writing.addBoth(done)
 
     async def idle(self) -> None:
         """Wait until everything queued so far is written (for a clean stop)."""

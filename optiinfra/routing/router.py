@@ -777,7 +777,12 @@ class Router:
             timer = self._clock.callLater(budget, self._cut_short, task.id, why)
         except BaseException:
             self._unreserve(agent)
-            self._background(self._hand_back_claim(task, now), task)
+            self._background(
+                self._requeue(
+                    task, now, "not sent: the dispatcher failed; dispatching again"
+                ),
+                task,
+            )
             raise
         self.admission.starts.started(task.agent_type, now)
         call: Deferred[Outcome] = Deferred.fromCoroutine(
@@ -787,15 +792,15 @@ class Router:
         self._call_agents[task.id] = agent.id
         call.addBoth(self._answered, task, agent, timer, budget)
 
-    async def _hand_back_claim(self, task: Task, now: float) -> None:
-        """Put a task claimed by this process back in the queue, uncalled."""
+    async def _requeue(self, task: Task, now: float, detail: str) -> None:
+        """Put a task this process holds back in the queue, for any replica."""
         back = await self.tasks.change_task(
             task.id,
             IN_FLIGHT,
             RETRYING,
             now,
             owner=self.owner,
-            detail="not sent: the dispatcher failed; dispatching again",
+            detail=detail,
             changes={"owner": None, "lease_until": None, "not_before": now},
             durable=False,
         )
@@ -911,18 +916,9 @@ class Router:
             elif why == _ATTEMPT:
                 outcome = Retryable(f"no answer from {agent.id} within {budget:g} s")
             elif why == _DRAIN:
-                handed_back = await self.tasks.change_task(
-                    task.id,
-                    IN_FLIGHT,
-                    RETRYING,
-                    now,
-                    owner=self.owner,
-                    detail="the orchestrator stopped; dispatching again",
-                    changes={"owner": None, "lease_until": None, "not_before": now},
-                    durable=False,
+                await self._requeue(
+                    task, now, "the orchestrator stopped; dispatching again"
                 )
-                if handed_back is not None:
-                    self._status_changed(handed_back)
                 return
             else:
                 return  # cancelled by request: already recorded
