@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gc
 import http.client
+import json
 import os
 import re
 import resource
@@ -29,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -173,14 +174,101 @@ def add_run_options(parser: argparse.ArgumentParser, *, strict: str) -> None:
     )
 
 
-def print_verdict(missed: list[str], checks: int) -> bool:
-    """The closing PASS/FAIL line; True when every target was met."""
+def table(title: str, columns: str, rows: Iterable[Sequence[Any]]) -> None:
+    """
+    The one table printer of bench/: a blank line, C{title}, the header, a rule
+    and C{rows}.  C{columns} is "heading width|heading width|...": the first
+    column is left-aligned, the others right-aligned; cells are text already
+    formatted, units included.
+    """
+    spec = [column.rpartition(" ") for column in columns.split("|")]
+    (first, _, width), *rest = ((name, _, int(w)) for name, _, w in spec)
+    header = f"  {first:<{width}}" + "".join(f"{n:>{w}}" for n, _, w in rest)
+    print(f"\n{title}\n{header}\n  " + "-" * (len(header) - 2))
+    for head, *cells in rows:
+        print(
+            f"  {head!s:<{width}}"
+            + "".join(f"{c!s:>{w}}" for c, (_, _, w) in zip(cells, rest, strict=True))
+        )
+
+
+def print_machine(what: str, info: dict[str, Any]) -> None:
+    """The report's first line: what ran, on which machine, at which commit."""
+    packages = "".join(
+        f", {name.capitalize() if name != 'treq' else name} {info[name]}"
+        for name in ("twisted", "klein", "treq")
+        if name in info
+    )
+    print(
+        f"\nOptiInfra {what} benchmark -- {info.get('cpu_model', 'unknown CPU')}, "
+        f"Python {info['python']}{packages}, {info['pinning']}, "
+        f"git {info.get('git', '?')}"
+    )
+
+
+def check(what: str, figure: str, met: bool, subject: str = "") -> dict[str, Any]:
+    """One target of a benchmark: what it asks, the figure measured, met or not."""
+    return {"subject": subject, "what": what, "figure": figure, "met": bool(met)}
+
+
+def noise_warning(noisy: int, runs: int, more: str = ", or with more --rounds") -> None:
+    if noisy:
+        print(
+            f"warning: {noisy} of {runs} runs had other load above "
+            f"{NOISE_LIMIT:.0%} of a benchmark CPU (see the per-run lines): the "
+            f"machine was not quiet; rerun when it is{more}."
+        )
+
+
+def finish(
+    args: argparse.Namespace,
+    checks: Sequence[dict[str, Any]],
+    figures: dict[str, Any],
+    machine: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> int:
+    """
+    The one ending and report shape of every benchmark: a PASS/FAIL line per
+    check, the verdict, and with --json FILE the report C{{machine, config,
+    figures, checks, passed}}.  The exit status is 1 on FAIL only with --strict.
+    """
     print()
-    if not missed:
-        print(f"PASS: every target met ({checks} checks)")
-        return True
-    print(f"FAIL: {len(missed)} of {checks} targets missed: " + "; ".join(missed))
-    return False
+    for c in checks:
+        subject = f"{c['subject']:<11}" if c["subject"] else ""
+        print(
+            f"  {'PASS' if c['met'] else 'FAIL'}  {subject}{c['what']}: {c['figure']}"
+        )
+    missed = [
+        f"{c['subject'] + ' ' if c['subject'] else ''}{c['what']} ({c['figure']})"
+        for c in checks
+        if not c["met"]
+    ]
+    print()
+    if missed:
+        print(
+            f"FAIL: {len(missed)} of {len(checks)} targets missed: " + "; ".join(missed)
+        )
+    else:
+        print(f"PASS: every target met ({len(checks)} checks)")
+    if args.json:
+        report = {
+            "machine": machine,
+            "config": config,
+            "figures": figures,
+            "checks": list(checks),
+            "passed": not missed,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"figures written to {args.json}")
+    return 1 if missed and args.strict else 0
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """The value C{share} (0.99: p99) of the way up C{values}; NaN for none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def env_int(name: str, default: int) -> int:

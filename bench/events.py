@@ -51,6 +51,7 @@ from _shared import (
     choose_cpus,
     guarded,
     machine_info,
+    percentile,
     print_verdict,
     say,
     service_server,
@@ -59,13 +60,6 @@ from registry import memory
 
 TARGET_P99_MS = 100.0
 _NAME = re.compile(rb'"name":"bench-(\d+)"')
-
-
-def percentile(values: list[float], share: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def connect(port: int) -> socket.socket:

@@ -51,6 +51,7 @@ from _shared import (
     http_request,
     machine_info,
     metric_samples,
+    percentile,
     print_verdict,
     say,
     script_server,
@@ -117,13 +118,6 @@ class HealthProbe(threading.Thread):
     def take(self) -> list[float]:
         taken, self.samples = self.samples, []
         return taken
-
-
-def p99(values: list[float]) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
 class Watch:
@@ -209,7 +203,7 @@ class Watch:
             "written_kb/task": (now["written"] - last["written"])
             / 1024
             / max(1.0, now["completed"] - last["completed"]),
-            "health_p99_ms": p99(self.probe.take()),
+            "health_p99_ms": percentile(self.probe.take(), 0.99),
         }
         self.rows.append(row)
         print(

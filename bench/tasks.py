@@ -82,6 +82,7 @@ from _shared import (
     machine_info,
     metric_samples,
     noise_note,
+    percentile,
     print_verdict,
     run_wrk,
     say,
@@ -553,18 +554,12 @@ def relay_run(
 # Latency ---------------------------------------------------------------------
 
 
-def _percentile(ordered: Sequence[float], share: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
 def spread(values: Sequence[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {
-        "p50": _percentile(ordered, 0.50),
-        "p90": _percentile(ordered, 0.90),
-        "p99": _percentile(ordered, 0.99),
+        "p50": percentile(ordered, 0.50),
+        "p90": percentile(ordered, 0.90),
+        "p99": percentile(ordered, 0.99),
         "max": ordered[-1] if ordered else float("nan"),
         "mean": statistics.fmean(ordered) if ordered else float("nan"),
     }
