@@ -50,14 +50,13 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -67,7 +66,6 @@ import orjson
 from _shared import (
     BENCH,
     INTERFACE,
-    NOISE_LIMIT,
     BenchError,
     CpuWindow,
     Pinning,
@@ -77,18 +75,24 @@ from _shared import (
     base_environment,
     choose_cpus,
     ensure_wrk,
+    finish,
     guarded,
     http_request,
     machine_info,
     metric_samples,
     noise_note,
+    noise_warning,
     percentile,
-    print_verdict,
+    print_machine,
     run_wrk,
     say,
     script_server,
     service_server,
+    table,
     with_service_env,
+)
+from _shared import (
+    check as one_check,
 )
 
 TASKS_SCRIPT = BENCH / "tasks.lua"
@@ -971,62 +975,35 @@ def measure(
         + bool(relay_latency["noisy"])
     )
     total_runs = sum(len(kind) for kind in runs.values()) + 2
-    if noisy:
-        print(
-            f"warning: {noisy} of {total_runs} runs had other load above "
-            f"{NOISE_LIMIT:.0%} of a benchmark CPU (see the per-run lines): the "
-            "machine was not quiet; rerun when it is, or with more --rounds."
-        )
-    print()
-    for result in results:
-        print(
-            f"  {'PASS' if result['met'] else 'FAIL'}  {result['what']}: "
-            f"{result['figure']}"
-        )
-    missed = [f"{r['what']} ({r['figure']})" for r in results if not r["met"]]
-    passed = print_verdict(missed, len(results))
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "config": {
-                        "duration_s": args.duration,
-                        "rounds": args.rounds,
-                        "warmup_s": args.warmup,
-                        "connections": args.connections,
-                        "health_duration_s": args.health_duration,
-                        "rate": args.rate,
-                        "latency_seconds": args.latency_seconds,
-                        "target_rate": args.target_rate,
-                        "latency_limit_ms": args.latency_limit,
-                        "service_settings": service_settings(args),
-                        "task_body": TASK_BODY,
-                        "load_generator": "wrk -t1 --latency -s bench/tasks.lua",
-                        "relay": "bench/baseline_relay.py: bare Klein POST /tasks, "
-                        "one treq call to the agent, no store/logging/metrics",
-                        "relay_duration_s": args.health_duration,
-                        "pace_connections": PACE_CONNECTIONS,
-                    },
-                    "runs": runs,
-                    "summary": summary,
-                    "latency": latency,
-                    "relay_latency": relay_latency,
-                    "totals": totals,
-                    "agent": agent_health,
-                    "checks": results,
-                    "noisy_runs": noisy,
-                    "passed": passed,
-                },
-                indent=2,
-                default=str,
-            )
-            + "\n"
-        )
-        print(f"figures written to {args.json}")
-    if not passed and args.strict:
-        return 1
-    return 0
+    noise_warning(noisy, total_runs)
+    config = {
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "health_duration_s": args.health_duration,
+        "rate": args.rate,
+        "latency_seconds": args.latency_seconds,
+        "target_rate": args.target_rate,
+        "latency_limit_ms": args.latency_limit,
+        "service_settings": service_settings(args),
+        "task_body": TASK_BODY,
+        "load_generator": "wrk -t1 --latency -s bench/tasks.lua",
+        "relay": "bench/baseline_relay.py: bare Klein POST /tasks, "
+        "one treq call to the agent, no store/logging/metrics",
+        "relay_duration_s": args.health_duration,
+        "pace_connections": PACE_CONNECTIONS,
+    }
+    figures = {
+        "runs": runs,
+        "summary": summary,
+        "latency": latency,
+        "relay_latency": relay_latency,
+        "totals": totals,
+        "agent": agent_health,
+        "noisy_runs": noisy,
+    }
+    return finish(args, results, figures, info, config)
 
 
 # Summaries --------------------------------------------------------------------
@@ -1092,7 +1069,7 @@ def checks(
     results: list[dict[str, Any]] = []
 
     def check(what: str, figure: str, met: bool) -> None:
-        results.append({"what": what, "figure": figure, "met": met})
+        results.append(one_check(what, figure, met))
 
     rate = summary["tasks"]["completed_per_s"]
     rounds = " ".join(f"{r:,.0f}" for r in summary["completed_per_s_per_round"])
@@ -1130,11 +1107,18 @@ def checks(
     return results
 
 
-def _ms(spread_ms: dict[str, float]) -> str:
-    return (
-        f"{spread_ms['p50']:>7.2f}{spread_ms['p90']:>8.2f}{spread_ms['p99']:>8.2f}"
-        f"{spread_ms['max']:>8.2f}{spread_ms['mean']:>8.2f}"
-    )
+#: The columns of a spread of milliseconds (L{_ms}), after a label of 52.
+SPREAD_COLUMNS = "p50 7|p90 8|p99 8|max 8|mean 8"
+
+
+def _ms(spread_ms: dict[str, float]) -> list[str]:
+    return [f"{spread_ms[key]:.2f}" for key in ("p50", "p90", "p99", "max", "mean")]
+
+
+def spread_rows(
+    rows: Iterable[tuple[str, dict[str, float]]],
+) -> list[tuple[str, ...]]:
+    return [(label, *_ms(values)) for label, values in rows]
 
 
 def print_phase_end(figures: dict[str, Any], whose: str) -> None:
@@ -1167,8 +1151,7 @@ def print_relay_latency(latency: dict[str, Any], relay: dict[str, Any]) -> None:
         ("the agent's own time (received -> answered)", relay["agent_own_ms"]),
         ("client lateness (sent - scheduled)", relay["client_late_ms"]),
     )
-    for label, values in rows:
-        print(f"  {label:<52}{_ms(values)}")
+    table("  the relay's phase", f"ms 52|{SPREAD_COLUMNS}", spread_rows(rows))
     print_phase_end(relay, "relay")
     floor, service = relay["added_ms"], latency["added_ms"]
     over = relay["service_minus_relay_ms"]
@@ -1204,13 +1187,7 @@ def print_report(
     totals: dict[str, int],
 ) -> None:
     settings = " ".join(f"{k}={v}" for k, v in service_settings(args).items())
-    print()
-    print(
-        f"OptiInfra tasks benchmark -- {info.get('cpu_model', 'unknown CPU')}, "
-        f"Python {info['python']}, Twisted {info.get('twisted', '?')}, "
-        f"Klein {info.get('klein', '?')}, treq {info.get('treq', '?')}, "
-        f"{pinning.note}, git {info.get('git', '?')}"
-    )
+    print_machine("tasks", info)
     print(
         f"service: {settings}, SQLite in a temporary STATE_DIR, log to "
         f"{args.service_log or 'a temporary file'}; one fast agent (bench/"
@@ -1218,33 +1195,32 @@ def print_report(
     )
 
     t = summary["tasks"]
-    print()
-    print(
+    rounds = [
+        (number, run, "yes" if run["all_completed"] else "NO", run["noisy"])
+        for number, run in enumerate(runs["tasks"], 1)
+    ]
+    table(
         f"Throughput: wrk -c{args.connections} POST /tasks for {args.duration} s per "
         f"round, then until all finished (median of {args.rounds} round"
-        f"{'s' if args.rounds > 1 else ''})"
-    )
-    header = (
-        f"  {'round':<7}{'tasks':>8}{'submitted/s':>13}{'completed/s':>13}"
-        f"{'drain':>9}{'submit p50':>12}{'p99':>10}{'CPU/task':>10}{'CPU':>6}"
-        f"{'all done':>10}"
-    )
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-    for number, run in enumerate(runs["tasks"], 1):
-        print(
-            f"  {number:<7}{run['tasks']:>8,}{run['submitted_per_s']:>13,.0f}"
-            f"{run['completed_per_s']:>13,.0f}{run['drain_s']:>7.2f} s"
-            f"{run['submit_p50_ms']:>9.2f} ms{run['submit_p99_ms']:>7.2f} ms"
-            f"{run['cpu_us_per_task']:>7,.0f} us{run['server_cpu']:>6.0%}"
-            f"{'yes' if run['all_completed'] else 'NO':>10}"
-            + (" NOISY" if run["noisy"] else "")
-        )
-    print(
-        f"  {'median':<7}{t['tasks']:>8,.0f}{t['submitted_per_s']:>13,.0f}"
-        f"{t['completed_per_s']:>13,.0f}{t['drain_s']:>7.2f} s"
-        f"{t['submit_p50_ms']:>9.2f} ms{t['submit_p99_ms']:>7.2f} ms"
-        f"{t['cpu_us_per_task']:>7,.0f} us{t['server_cpu']:>6.0%}"
+        f"{'s' if args.rounds > 1 else ''})",
+        "round 7|tasks 8|submitted/s 13|completed/s 13|drain 9|submit p50 12|p99 10"
+        "|CPU/task 10|CPU 6|all done 10| 0",
+        [
+            (
+                number,
+                f"{run['tasks']:,.0f}",
+                f"{run['submitted_per_s']:,.0f}",
+                f"{run['completed_per_s']:,.0f}",
+                f"{run['drain_s']:.2f} s",
+                f"{run['submit_p50_ms']:.2f} ms",
+                f"{run['submit_p99_ms']:.2f} ms",
+                f"{run['cpu_us_per_task']:,.0f} us",
+                f"{run['server_cpu']:.0%}",
+                done,
+                " NOISY" if noisy else "",
+            )
+            for number, run, done, noisy in [*rounds, ("median", t, "", False)]
+        ],
     )
     print(
         "  completed/s = tasks / (last completion in the service's log - wrk's "
@@ -1252,34 +1228,34 @@ def print_report(
         "completed"
     )
 
-    print()
-    print(
-        f"Beside it, GET /health at {args.connections} connections, and POST /tasks "
-        f"through the bare Klein + treq relay ({args.health_duration} s runs "
-        "interleaved with the rounds above)"
-    )
-    header = (
-        f"  {'target':<32}{'req/s':>9}{'p50':>11}{'p99':>11}{'CPU/req':>11}"
-        f"{'errors':>8}"
-    )
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-
-    def row(name: str) -> None:
+    def row(name: str) -> tuple[str, ...]:
         m = summary[name]
-        print(
-            f"  {LABELS[name]:<32}{m['rps']:>9,.0f}{m['p50_ms']:>8.2f} ms"
-            f"{m['p99_ms']:>8.2f} ms{m['cpu_us_per_request']:>8,.0f} us"
-            f"{m['errors']:>8}"
+        return (
+            LABELS[name],
+            f"{m['rps']:,.0f}",
+            f"{m['p50_ms']:.2f} ms",
+            f"{m['p99_ms']:.2f} ms",
+            f"{m['cpu_us_per_request']:,.0f} us",
+            m["errors"],
         )
 
-    for name in HEALTH_TARGETS:
-        row(name)
-    print(
-        f"  {'tasks, service (end to end)':<32}{t['completed_per_s']:>9,.0f}"
-        f"{'':>22}{t['cpu_us_per_task']:>8,.0f} us"
+    end_to_end = (
+        f"{t['completed_per_s']:,.0f}",
+        "",
+        "",
+        f"{t['cpu_us_per_task']:,.0f} us",
     )
-    row(RELAY)
+    table(
+        f"Beside it, GET /health at {args.connections} connections, and POST /tasks "
+        f"through the bare Klein + treq relay ({args.health_duration} s runs "
+        "interleaved with the rounds above)",
+        "target 32|req/s 9|p50 11|p99 11|CPU/req 11|errors 8",
+        [
+            *(row(name) for name in HEALTH_TARGETS),
+            ("tasks, service (end to end)", *end_to_end, ""),
+            row(RELAY),
+        ],
+    )
     cost = t["cpu_us_per_task"] / summary["service"]["cpu_us_per_request"]
     print(
         f"  one task costs {cost:.1f}"
@@ -1306,15 +1282,6 @@ def print_report(
         )
 
     added = latency["added_ms"]
-    print()
-    print(
-        f"Added latency: {latency['tasks']:,} tasks at {latency['rate']:g}/s "
-        f"(achieved {latency['achieved_rate']:.1f}/s) over {latency['seconds']:g} s, "
-        "sent by a paced open-loop client in the agent's process"
-    )
-    header = f"  {'ms':<52}{'p50':>7}{'p90':>8}{'p99':>8}{'max':>8}{'mean':>8}"
-    print(header)
-    print("  " + "-" * (len(header) - 2))
     rows = (
         ("added: submit-to-complete minus the agent's time", added),
         ("  POST /tasks sent -> agent received (exact)", latency["to_agent_ms"]),
@@ -1323,14 +1290,19 @@ def print_report(
         ("POST /tasks sent -> 201 received", latency["accepted_ms"]),
         ("client lateness (sent - scheduled)", latency["client_late_ms"]),
     )
-    for label, values in rows:
-        print(f"  {label:<52}{_ms(values)}")
-    print(
-        f"  from the service's stored history ({latency['histories']:,} tasks, "
-        "timestamps to the ms):"
+    table(
+        f"Added latency: {latency['tasks']:,} tasks at {latency['rate']:g}/s "
+        f"(achieved {latency['achieved_rate']:.1f}/s) over {latency['seconds']:g} s, "
+        "sent by a paced open-loop client in the agent's process",
+        f"ms 52|{SPREAD_COLUMNS}",
+        spread_rows(rows),
     )
-    for stage, values in latency["stages_ms"].items():
-        print(f"    {stage:<50}{_ms(values)}")
+    table(
+        f"  from the service's stored history ({latency['histories']:,} tasks, "
+        "timestamps to the ms):",
+        f"stage 52|{SPREAD_COLUMNS}",
+        spread_rows(latency["stages_ms"].items()),
+    )
     shapes = ", ".join(
         f"{shape} x{n:,}" for shape, n in latency["history_shapes"].items()
     )
