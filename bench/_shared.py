@@ -174,22 +174,47 @@ def add_run_options(parser: argparse.ArgumentParser, *, strict: str) -> None:
     )
 
 
-def table(title: str, columns: str, rows: Iterable[Sequence[Any]]) -> None:
+def table(
+    title: str, columns: str, rows: Iterable[Sequence[Any]] = ()
+) -> Callable[[Sequence[Any]], None]:
     """
     The one table printer of bench/: a blank line, C{title}, the header, a rule
-    and C{rows}.  C{columns} is "heading width|heading width|...": the first
+    and C{rows}; it returns the printer of one more row, for rows that come one
+    at a time.  C{columns} is "heading width|heading width|...": the first
     column is left-aligned, the others right-aligned; cells are text already
-    formatted, units included.
+    formatted (floats get one decimal).
     """
     spec = [column.rpartition(" ") for column in columns.split("|")]
     (first, _, width), *rest = ((name, _, int(w)) for name, _, w in spec)
     header = f"  {first:<{width}}" + "".join(f"{n:>{w}}" for n, _, w in rest)
     print(f"\n{title}\n{header}\n  " + "-" * (len(header) - 2))
-    for head, *cells in rows:
-        print(
-            f"  {head!s:<{width}}"
-            + "".join(f"{c!s:>{w}}" for c, (_, _, w) in zip(cells, rest, strict=True))
-        )
+
+    def row(cells: Sequence[Any]) -> None:
+        head, *more = (f"{c:.1f}" if isinstance(c, float) else str(c) for c in cells)
+        line = "".join(f"{c:>{w}}" for c, (_, _, w) in zip(more, rest, strict=True))
+        print(f"  {head:<{width}}{line}", flush=True)
+
+    for cells in rows:
+        row(cells)
+    return row
+
+
+def agent_call(
+    server: Server, method: str, path: str, document: object = None
+) -> tuple[int, Any]:
+    """A JSON request to a bench server (the fast agent); status and JSON answer."""
+    body = None if document is None else orjson.dumps(document)
+    status, payload = http_request(server.port, method, path, body, timeout=30)
+    return status, orjson.loads(payload) if payload else None
+
+
+def counter(port: int, name: str, **labels: str) -> float:
+    """The sum of metric C{name}'s samples with C{labels} on the service's page."""
+    return sum(
+        value
+        for found, value in metric_samples(port, name)
+        if all(found.get(k) == v for k, v in labels.items())
+    )
 
 
 def print_machine(what: str, info: dict[str, Any]) -> None:

@@ -72,6 +72,7 @@ from _shared import (
     Server,
     add_run_options,
     add_timing_options,
+    agent_call,
     base_environment,
     choose_cpus,
     ensure_wrk,
@@ -269,14 +270,6 @@ def relay_server(
         "--agent-port",
         str(agent.port),
     )
-
-
-def agent_call(
-    agent: Server, method: str, path: str, document: object = None
-) -> tuple[int, Any]:
-    body = None if document is None else orjson.dumps(document)
-    status, payload = http_request(agent.port, method, path, body, timeout=30)
-    return status, orjson.loads(payload) if payload else None
 
 
 def check_relay(relay: Server) -> None:
