@@ -53,9 +53,9 @@ def call_port(
         connection.close()
 
 
-def raw_http(port: int, data: bytes) -> bytes:
+def raw_http(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     """Send raw bytes and read until the server closes (for malformed requests)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
         chunks = []
         while chunk := sock.recv(65536):
