@@ -27,6 +27,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -286,6 +287,18 @@ def finish(
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"figures written to {args.json}")
     return 1 if missed and args.strict else 0
+
+
+def median(runs: Sequence[dict[str, Any]], key: str) -> float:
+    """The median of C{key} over the runs that have it; NaN for none."""
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def rotated(items: Sequence[Any], number: int) -> Sequence[Any]:
+    """C{items} starting at the C{number}th: round C{number}'s order of targets."""
+    shift = number % len(items)
+    return [*items[shift:], *items[:shift]]
 
 
 def percentile(values: Sequence[float], share: float) -> float:

@@ -5,20 +5,7 @@ GET /health throughput and latency: the service against two baselines.
     python bench/health.py --quick         # 1 round x 2 s, ~20 s
     python bench/health.py --json out.json --strict
 
-Starts three servers, each its own process pinned to one CPU:
-
-  service  the real service, ``twistd -n --pidfile= optiinfra`` from this source
-           tree, with its JSON access log, request ids and metrics all on
-  klein    bench/baseline_klein.py: a bare Klein app, no logging, no metrics
-  web      bench/baseline_web.py: a plain twisted.web Resource, no logging
-
-All three compute the same JSON body per request.  The load generator (wrk, on the
-other CPU) hits them in interleaved rounds -- service, klein, web, then the next
-round rotated -- so a slow patch of the machine touches every target alike, and
-the median of the rounds is reported per target.  See bench/README.md.
-
-Exit status: 0 after a completed run whatever the figures (1 on FAIL only with
---strict); 2 when the benchmark could not run (no wrk, a server did not start).
+What runs, each phase, the figures and the exit statuses: bench/README.md.
 """
 
 from __future__ import annotations
@@ -26,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -46,10 +32,12 @@ from _shared import (
     guarded,
     http_get,
     machine_info,
+    median,
     metric_samples,
     noise_note,
     noise_warning,
     print_machine,
+    rotated,
     run_wrk,
     say,
     script_server,
@@ -195,10 +183,6 @@ def counted_health_requests(server: Server) -> float | None:
 # Measuring ----------------------------------------------------------------
 
 
-def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(run[key] for run in runs))
-
-
 def summarise(
     runs: dict[int, dict[str, list[dict[str, Any]]]], threshold: float
 ) -> dict[str, Any]:
@@ -206,7 +190,7 @@ def summarise(
     for connections, by_target in runs.items():
         medians = {
             name: {
-                key: median_of(target_runs, key)
+                key: median(target_runs, key)
                 for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request")
             }
             | {"errors": sum(run["errors"] for run in target_runs)}
@@ -312,10 +296,8 @@ def measure(
     }
     sent_to_service = 0
     for number in range(args.rounds):
-        shift = number % len(TARGETS)
-        order = TARGETS[shift:] + TARGETS[:shift]
         for connections in args.connections:
-            for name in order:
+            for name in rotated(TARGETS, number):
                 figures = run_wrk(
                     wrk, pinning, servers[name], connections, args.duration
                 )

@@ -6,26 +6,7 @@ The registry under load: registration, heartbeats, listing and memory with
     python bench/registry.py --quick          # 1 round x 2 s, ~40 s
     python bench/registry.py --json out.json --strict
 
-Starts three servers, each its own process pinned to one CPU:
-
-  sqlite      the real service, ``twistd -n --pidfile= optiinfra``, on a fresh
-              SQLite store in a temporary STATE_DIR, JSON access log on
-  postgresql  the same on a fresh PostgreSQL database (``optiinfra_bench_<hex>``,
-              created here and dropped WITH (FORCE) at the end); skipped, with
-              the reason, when no PostgreSQL answers
-  echo        bench/baseline_echo.py: a bare Klein app that parses and echoes
-              the heartbeat's JSON with orjson; no logging, metrics or store
-
-Then, per store: the service's VmRSS; N agents registered through
-``POST /agents/register`` by an asyncio client with 50 connections
-(registrations/s); VmRSS again (memory per agent).  Heartbeats
-(``POST /agents/{id}/heartbeat``, each a real store update) are sent by wrk with
-bench/heartbeat.lua cycling over the N ids, to the services and to the echo
-baseline in interleaved rounds at 1 and 50 connections; medians are reported.
-Last, ``GET /agents`` (all N agents) at 1 connection.  See bench/README.md.
-
-Exit status: 0 after a completed run whatever the figures (1 on FAIL only with
---strict); 2 when the benchmark could not run (no wrk, a server did not start).
+What runs, each phase, the figures and the exit statuses: bench/README.md.
 """
 
 from __future__ import annotations
@@ -35,7 +16,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import statistics
 import sys
 import tempfile
 import time
@@ -67,11 +47,13 @@ from _shared import (
     http_get,
     http_request,
     machine_info,
+    median,
     metric_samples,
     noise_note,
     noise_warning,
     percentile,
     print_machine,
+    rotated,
     run_wrk,
     say,
     script_server,
@@ -600,11 +582,6 @@ def _difference(after: dict[str, float], before: dict[str, float]) -> dict[str, 
 # Summaries --------------------------------------------------------------------
 
 
-def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    values = [run[key] for run in runs if run.get(key) is not None]
-    return float(statistics.median(values)) if values else float("nan")
-
-
 def summarise_heartbeats(
     runs: dict[int, dict[str, list[dict[str, Any]]]],
 ) -> dict[str, Any]:
@@ -612,7 +589,7 @@ def summarise_heartbeats(
     for connections, by_target in runs.items():
         medians = {
             name: {
-                key: median_of(target_runs, key)
+                key: median(target_runs, key)
                 for key in (
                     "rps",
                     "p50_ms",
@@ -1023,10 +1000,8 @@ def measure(
         c: {name: [] for name in targets} for c in args.connections
     }
     for number in range(args.rounds):
-        shift = number % len(targets)
-        order = targets[shift:] + targets[:shift]
         for connections in args.connections:
-            for name in order:
+            for name in rotated(targets, number):
                 figures = load.run(
                     wrk, pinning, servers[name], connections, args.duration
                 )

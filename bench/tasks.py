@@ -6,44 +6,7 @@ local agent, beside GET /health from the same run.
     python bench/tasks.py --quick          # 1 round x 3 s, ~30 s
     python bench/tasks.py --json out.json --strict
 
-Starts, as child processes:
-
-  service     the real service, ``twistd -n --pidfile= optiinfra``, pinned to
-              the server CPU, on a fresh SQLite store in a temporary STATE_DIR,
-              LOG_LEVEL=info (JSON access log and task lines on, to a file: the
-              task lines carry the completion times), AGENT_CONCURRENCY=64
-  klein       bench/baseline_klein.py, the bare Klein /health baseline, same CPU
-  agent       bench/fast_agent.py on the load CPU: registers itself (type cost,
-              capability analyze_cost), heartbeats, answers every POST /task at
-              once; it also holds the paced client of the latency phase
-  relay       bench/baseline_relay.py, same CPU as the service: bare Klein
-              taking POST /tasks and making the one treq call to the agent,
-              nothing else -- the floor of a task with Klein + treq
-
-Then:
-
-  throughput  per round, wrk (tasks.lua, 50 connections, load CPU) submits
-              ``POST /tasks {"task_type":"analyze_cost","agent_type":"cost"}``
-              for D seconds as fast as they are accepted; the harness waits
-              until every task is finished and reads the last completion time
-              from the service's own log.  completed/s end to end = tasks /
-              (last completion - first submission)
-  health      GET /health at 50 connections, the service and bare Klein,
-              interleaved with the throughput runs in rotating order
-  relay       the same wrk POST /tasks at 50 connections against the relay,
-              --health-duration seconds, in the same rotation; it answers
-              after the agent did, so its 201s/s are tasks/s
-  latency     the agent's process submits 100 tasks/s for 10 s on a fixed
-              schedule; per task, added latency = (completion logged by the
-              service - POST /tasks sent) - (agent answered - agent received)
-  relay       then the same paced phase (rate, seconds, body, connections)
-    latency   against the relay, the agent's records reset first; per task,
-              added latency = (201 received - POST /tasks sent) - (agent
-              answered - agent received): the floor of the added latency with
-              Klein + treq, beside the service's
-
-Exit status: 0 after a completed run whatever the figures (1 on FAIL only with
---strict); 2 when the benchmark could not run.  See bench/README.md.
+What runs, each phase, the figures and the exit statuses: bench/README.md.
 """
 
 from __future__ import annotations
@@ -80,11 +43,13 @@ from _shared import (
     guarded,
     http_request,
     machine_info,
+    median,
     metric_samples,
     noise_note,
     noise_warning,
     percentile,
     print_machine,
+    rotated,
     run_wrk,
     say,
     script_server,
@@ -893,8 +858,7 @@ def measure(
     kinds = ("tasks", *HEALTH_TARGETS, RELAY)
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for number in range(args.rounds):
-        shift = number % len(kinds)
-        for kind in kinds[shift:] + kinds[:shift]:
+        for kind in rotated(kinds, number):
             prefix = f"round {number + 1}/{args.rounds}  "
             if kind == "tasks":
                 figures = throughput_run(
@@ -1002,18 +966,13 @@ def measure(
 # Summaries --------------------------------------------------------------------
 
 
-def _median(runs: Sequence[dict[str, Any]], key: str) -> float:
-    values = [run[key] for run in runs if run.get(key) is not None]
-    return float(statistics.median(values)) if values else float("nan")
-
-
 def summarise(
     runs: dict[str, list[dict[str, Any]]], target_rate: float
 ) -> dict[str, Any]:
     tasks = runs["tasks"]
     summary: dict[str, Any] = {
         "tasks": {
-            key: _median(tasks, key)
+            key: median(tasks, key)
             for key in (
                 "tasks",
                 "submitted_per_s",
@@ -1028,7 +987,7 @@ def summarise(
     }
     for name in (*HEALTH_TARGETS, RELAY):
         summary[name] = {
-            key: _median(runs[name], key)
+            key: median(runs[name], key)
             for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request", "server_cpu")
         } | {"errors": sum(run["errors"] for run in runs[name])}
     summary["completed_per_s_per_round"] = [run["completed_per_s"] for run in tasks]
