@@ -1,5 +1,5 @@
 """
-Where every id the service makes comes from.
+Where the service's ids come from.
 
 Task ids sort by creation time (UUID version 7, RFC 9562).
 
