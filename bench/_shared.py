@@ -155,6 +155,16 @@ def add_timing_options(
         )
 
 
+def add_numbers(
+    parser: argparse.ArgumentParser, options: dict[str, tuple[float, str]]
+) -> None:
+    """Numeric options, flag: (default, help); the type is the default's."""
+    for flag, (default, text) in options.items():
+        parser.add_argument(
+            flag, type=type(default), default=default, help=f"{text} [{default:g}]"
+        )
+
+
 def add_run_options(parser: argparse.ArgumentParser, *, strict: str) -> None:
     """--strict (C{strict}: when it exits 1), --json, --no-pin and --no-install."""
     parser.add_argument(

@@ -33,6 +33,7 @@ from _shared import (
     BenchError,
     Pinning,
     Server,
+    add_numbers,
     add_run_options,
     add_timing_options,
     base_environment,
@@ -130,40 +131,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="heartbeat concurrencies; the throughput target is judged at the "
         "highest [BENCH_CONNECTIONS, 1,50]",
     )
-    parser.add_argument(
-        "--register-connections",
-        type=int,
-        default=50,
-        help="concurrent connections registering the agents [50]",
-    )
-    parser.add_argument(
-        "--list-duration",
-        type=int,
-        default=5,
-        help="seconds of GET /agents at 1 connection per store [5]",
+    add_numbers(
+        parser,
+        {
+            "--register-connections": (
+                50,
+                "concurrent connections registering the agents",
+            ),
+            "--list-duration": (5, "seconds of GET /agents at 1 connection per store"),
+            "--threshold": (
+                0.9,
+                "target ratio of service to echo heartbeat throughput",
+            ),
+            "--p99-limit": (25.0, "target heartbeat p99 in ms, at every concurrency"),
+            "--list-limit": (100.0, "target GET /agents p99 in ms"),
+        },
     )
     parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run: 1 round, 2 s per run, 1 s warm-up, 2 s of GET /agents",
-    )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        default=0.9,
-        help="target ratio of service to echo heartbeat throughput [0.9]",
-    )
-    parser.add_argument(
-        "--p99-limit",
-        type=float,
-        default=25.0,
-        help="target heartbeat p99 in ms, at every concurrency [25]",
-    )
-    parser.add_argument(
-        "--list-limit",
-        type=float,
-        default=100.0,
-        help="target GET /agents p99 in ms [100]",
     )
     parser.add_argument(
         "--service-log",

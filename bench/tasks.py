@@ -33,6 +33,7 @@ from _shared import (
     CpuWindow,
     Pinning,
     Server,
+    add_numbers,
     add_run_options,
     add_timing_options,
     agent_call,
@@ -105,50 +106,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         rounds="interleaved rounds; medians are reported",
         warmup="seconds of unmeasured submissions first (0: none)",
     )
-    parser.add_argument(
-        "--connections",
-        type=int,
-        default=50,
-        help="wrk connections submitting tasks and loading /health [50]",
-    )
-    parser.add_argument(
-        "--health-duration",
-        type=int,
-        default=3,
-        help="seconds per GET /health run [3]",
-    )
-    parser.add_argument(
-        "--rate", type=float, default=100.0, help="tasks/s of the latency phase [100]"
-    )
-    parser.add_argument(
-        "--latency-seconds",
-        type=float,
-        default=10.0,
-        help="seconds of the latency phase [10]",
-    )
-    parser.add_argument(
-        "--agent-concurrency",
-        type=int,
-        default=int(SERVICE_SETTINGS["AGENT_CONCURRENCY"]),
-        help="the service's AGENT_CONCURRENCY (calls in flight to the agent) [64]",
+    add_numbers(
+        parser,
+        {
+            "--connections": (
+                50,
+                "wrk connections submitting tasks and loading /health",
+            ),
+            "--health-duration": (3, "seconds per GET /health run"),
+            "--rate": (100.0, "tasks/s of the latency phase"),
+            "--latency-seconds": (10.0, "seconds of the latency phase"),
+            "--agent-concurrency": (
+                int(SERVICE_SETTINGS["AGENT_CONCURRENCY"]),
+                "the service's AGENT_CONCURRENCY (calls in flight to the agent)",
+            ),
+            "--target-rate": (1000.0, "target tasks completed/s end to end"),
+            "--latency-limit": (5.0, "target p99 of the added latency, ms"),
+        },
     )
     parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run: 1 round, 3 s of submissions, 1 s warm-up, 2 s of "
         "/health, 5 s of paced tasks",
-    )
-    parser.add_argument(
-        "--target-rate",
-        type=float,
-        default=1000.0,
-        help="target tasks completed/s end to end [1000]",
-    )
-    parser.add_argument(
-        "--latency-limit",
-        type=float,
-        default=5.0,
-        help="target p99 of the added latency, ms [5]",
     )
     parser.add_argument(
         "--service-log",
