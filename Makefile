@@ -40,10 +40,11 @@ build: deps ## Build the wheel into dist/
 run: deps ## Start the service in the foreground on $(PORT)
 	cd $(CURDIR) && exec $(BIN)/twistd -n --pidfile= optiinfra --port $(PORT)
 
-lint: deps ## ruff (lint and format check) and strict mypy
+lint: deps ## ruff (lint and format check), strict mypy, and the layers (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy optiinfra
+	$(BIN)/lint-imports --no-cache
 
 fmt: deps ## Format and auto-fix
 	$(BIN)/ruff format .

@@ -59,6 +59,7 @@ setup(
             "ruff>=0.6,<0.18",
             "mypy>=1.11,<2.5",
             "mypy-zope>=1.0.17,<2",
+            "import-linter>=2.16,<3",
             "playwright>=1.45,<2",
         ],
     },

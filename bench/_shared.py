@@ -21,15 +21,17 @@ import argparse
 import contextlib
 import gc
 import http.client
+import json
 import os
 import re
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -153,6 +155,16 @@ def add_timing_options(
         )
 
 
+def add_numbers(
+    parser: argparse.ArgumentParser, options: dict[str, tuple[float, str]]
+) -> None:
+    """Numeric options, flag: (default, help); the type is the default's."""
+    for flag, (default, text) in options.items():
+        parser.add_argument(
+            flag, type=type(default), default=default, help=f"{text} [{default:g}]"
+        )
+
+
 def add_run_options(parser: argparse.ArgumentParser, *, strict: str) -> None:
     """--strict (C{strict}: when it exits 1), --json, --no-pin and --no-install."""
     parser.add_argument(
@@ -173,14 +185,138 @@ def add_run_options(parser: argparse.ArgumentParser, *, strict: str) -> None:
     )
 
 
-def print_verdict(missed: list[str], checks: int) -> bool:
-    """The closing PASS/FAIL line; True when every target was met."""
+def table(
+    title: str, columns: str, rows: Iterable[Sequence[Any]] = ()
+) -> Callable[[Sequence[Any]], None]:
+    """
+    The one table printer of bench/: a blank line, C{title}, the header, a rule
+    and C{rows}; it returns the printer of one more row, for rows that come one
+    at a time.  C{columns} is "heading width|heading width|...": the first
+    column is left-aligned, the others right-aligned; cells are text already
+    formatted (floats get one decimal).
+    """
+    spec = [column.rpartition(" ") for column in columns.split("|")]
+    (first, _, width), *rest = ((name, _, int(w)) for name, _, w in spec)
+    header = f"  {first:<{width}}" + "".join(f"{n:>{w}}" for n, _, w in rest)
+    print(f"\n{title}\n{header}\n  " + "-" * (len(header) - 2))
+
+    def row(cells: Sequence[Any]) -> None:
+        head, *more = (f"{c:.1f}" if isinstance(c, float) else str(c) for c in cells)
+        line = "".join(f"{c:>{w}}" for c, (_, _, w) in zip(more, rest, strict=True))
+        print(f"  {head:<{width}}{line}", flush=True)
+
+    for cells in rows:
+        row(cells)
+    return row
+
+
+def agent_call(
+    server: Server, method: str, path: str, document: object = None
+) -> tuple[int, Any]:
+    """A JSON request to a bench server (the fast agent); status and JSON answer."""
+    body = None if document is None else orjson.dumps(document)
+    status, payload = http_request(server.port, method, path, body, timeout=30)
+    return status, orjson.loads(payload) if payload else None
+
+
+def counter(port: int, name: str, **labels: str) -> float:
+    """The sum of metric C{name}'s samples with C{labels} on the service's page."""
+    return sum(
+        value
+        for found, value in metric_samples(port, name)
+        if all(found.get(k) == v for k, v in labels.items())
+    )
+
+
+def print_machine(what: str, info: dict[str, Any]) -> None:
+    """The report's first line: what ran, on which machine, at which commit."""
+    packages = "".join(
+        f", {name.capitalize() if name != 'treq' else name} {info[name]}"
+        for name in ("twisted", "klein", "treq")
+        if name in info
+    )
+    print(
+        f"\nOptiInfra {what} benchmark -- {info.get('cpu_model', 'unknown CPU')}, "
+        f"Python {info['python']}{packages}, {info['pinning']}, "
+        f"git {info.get('git', '?')}"
+    )
+
+
+def check(what: str, figure: str, met: bool, subject: str = "") -> dict[str, Any]:
+    """One target of a benchmark: what it asks, the figure measured, met or not."""
+    return {"subject": subject, "what": what, "figure": figure, "met": bool(met)}
+
+
+def noise_warning(noisy: int, runs: int, more: str = ", or with more --rounds") -> None:
+    if noisy:
+        print(
+            f"warning: {noisy} of {runs} runs had other load above "
+            f"{NOISE_LIMIT:.0%} of a benchmark CPU (see the per-run lines): the "
+            f"machine was not quiet; rerun when it is{more}."
+        )
+
+
+def finish(
+    args: argparse.Namespace,
+    checks: Sequence[dict[str, Any]],
+    figures: dict[str, Any],
+    machine: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> int:
+    """
+    The one ending and report shape of every benchmark: a PASS/FAIL line per
+    check, the verdict, and with --json FILE the report C{{machine, config,
+    figures, checks, passed}}.  The exit status is 1 on FAIL only with --strict.
+    """
     print()
-    if not missed:
-        print(f"PASS: every target met ({checks} checks)")
-        return True
-    print(f"FAIL: {len(missed)} of {checks} targets missed: " + "; ".join(missed))
-    return False
+    for c in checks:
+        subject = f"{c['subject']:<11}" if c["subject"] else ""
+        print(
+            f"  {'PASS' if c['met'] else 'FAIL'}  {subject}{c['what']}: {c['figure']}"
+        )
+    missed = [
+        f"{c['subject'] + ' ' if c['subject'] else ''}{c['what']} ({c['figure']})"
+        for c in checks
+        if not c["met"]
+    ]
+    print()
+    if missed:
+        print(
+            f"FAIL: {len(missed)} of {len(checks)} targets missed: " + "; ".join(missed)
+        )
+    else:
+        print(f"PASS: every target met ({len(checks)} checks)")
+    if args.json:
+        report = {
+            "machine": machine,
+            "config": config,
+            "figures": figures,
+            "checks": list(checks),
+            "passed": not missed,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"figures written to {args.json}")
+    return 1 if missed and args.strict else 0
+
+
+def median(runs: Sequence[dict[str, Any]], key: str) -> float:
+    """The median of C{key} over the runs that have it; NaN for none."""
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def rotated(items: Sequence[Any], number: int) -> Sequence[Any]:
+    """C{items} starting at the C{number}th: round C{number}'s order of targets."""
+    shift = number % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """The value C{share} (0.99: p99) of the way up C{values}; NaN for none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def env_int(name: str, default: int) -> int:

@@ -24,6 +24,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _shared import table
+
 from optiinfra.web.body import read_json
 
 
@@ -83,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--number", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
-    print(f"{'body':<24}{'bytes':>7}{'orjson µs':>12}{'read_json µs':>15}{'added':>9}")
+    row = table(
+        "A request body read: bare orjson, then the checked reader",
+        "body 24|bytes 7|orjson µs 12|read_json µs 15|added 9",
+    )
     for name, raw in bodies().items():
         bare, checked = measure(raw, args.number, args.repeat)
-        print(
-            f"{name:<24}{len(raw):>7}{bare:>12.2f}{checked:>15.2f}"
-            f"{checked - bare:>+9.2f}"
-        )
+        row((name, len(raw), f"{bare:.2f}", f"{checked:.2f}", f"{checked - bare:+.2f}"))
     return 0
 
 

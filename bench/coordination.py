@@ -30,6 +30,7 @@ from _shared import (
     http_request,
     say,
     service_server,
+    table,
 )
 
 #: optiinfra.coordination.parse.MAX_RECOMMENDATIONS (not imported: the bench
@@ -94,9 +95,10 @@ def main() -> int:
 def measure(port: int, rounds: int, size: int) -> int:
     body = worst_batch(size)
     say(f"worst batch: {size} recommendations on one resource, contradictory actions")
-    say(
-        f"{'round':>5} {'conflicts':>10} {'answer':>9} {'took':>8}"
-        f" {'/health p50 before':>19} {'longest /health during':>23}"
+    row = table(
+        "The worst batch, round by round",
+        "round 5|conflicts 11|answer 10|took 9|/health p50 before 20"
+        "|longest /health during 24",
     )
     for round_ in range(1, rounds + 1):
         prober = Prober(port)
@@ -116,10 +118,15 @@ def measure(port: int, rounds: int, size: int) -> int:
         before = [ms for at, ms in prober.latencies if at < began]
         during = [ms for at, ms in prober.latencies if began <= at <= ended]
         conflicts = orjson.loads(answer)["conflicts_detected"]
-        say(
-            f"{round_:>5} {conflicts:>10,} {len(answer) / 1e6:>7.1f}MB"
-            f" {ended - began:>7.2f}s {statistics.median(before):>17.1f}ms"
-            f" {max(during, default=0.0):>21.1f}ms"
+        row(
+            (
+                round_,
+                f"{conflicts:,}",
+                f"{len(answer) / 1e6:.1f}MB",
+                f"{ended - began:.2f}s",
+                f"{statistics.median(before):.1f}ms",
+                f"{max(during, default=0.0):.1f}ms",
+            )
         )
     return 0
 

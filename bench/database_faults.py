@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _shared import table  # noqa: E402
+
 from tests.integration.test_database_faults import AGENT, call  # noqa: E402
 from tests.integration.twistd import Twistd  # noqa: E402
 from tests.pgcluster import PrivateCluster, postgres_bin  # noqa: E402
@@ -44,11 +46,11 @@ def until_ready(port: int, code: int, since: float) -> float:
     return time.monotonic() - since
 
 
-def report(name: str, answers: list[tuple[int, float]]) -> None:
+def answered(answers: list[tuple[int, float]]) -> str:
     codes = sorted({code for code, _ in answers})
     seconds = [at for _, at in answers]
-    print(
-        f"{name}: {len(answers)} requests answered {codes}"
+    return (
+        f"{len(answers)} requests answered {codes}"
         f" after {min(seconds):.2f} .. {max(seconds):.2f} s"
     )
 
@@ -66,25 +68,27 @@ def main() -> None:
     try:
         port = process.port()
         call(port, "POST", "/agents/register", AGENT)
+        row = table("A replica and its database's faults", "database 28|what it saw 0")
 
         cluster.freeze()
         frozen = time.monotonic()
-        report("frozen", timed_calls(port, 5))
-        print(f"frozen: /readyz 503 after {until_ready(port, 503, frozen):.2f} s")
+        row(("frozen", answered(timed_calls(port, 5))))
+        row(("frozen", f"/readyz 503 after {until_ready(port, 503, frozen):.2f} s"))
         cluster.thaw()
         thawed = until_ready(port, 200, time.monotonic())
-        print(f"thawed: /readyz 200 after {thawed:.2f} s")
+        row(("thawed", f"/readyz 200 after {thawed:.2f} s"))
 
         cluster.stop()
         stopped = time.monotonic()
-        report("stopped (first requests)", timed_calls(port, 16))
-        print(f"stopped: /readyz 503 after {until_ready(port, 503, stopped):.2f} s")
-        report("stopped (known down)", timed_calls(port, 16))
+        row(("stopped (first requests)", answered(timed_calls(port, 16))))
+        row(("stopped", f"/readyz 503 after {until_ready(port, 503, stopped):.2f} s"))
+        row(("stopped (known down)", answered(timed_calls(port, 16))))
         cluster.start()  # returns once it accepts connections
         back = time.monotonic()
         while call(port, "GET", "/agents")[0] != 200:
             time.sleep(0.02)
-        print(f"started: requests answered again after {time.monotonic() - back:.2f} s")
+        again = time.monotonic() - back
+        row(("started", f"requests answered again after {again:.2f} s"))
 
         cluster.freeze()
         with ThreadPoolExecutor(5) as pool:  # requests waiting on the database
@@ -93,10 +97,12 @@ def main() -> None:
             stopping = time.monotonic()
             process.signal(signal.SIGTERM)
             process.wait(120)
-            print(
-                f"frozen, 5 requests waiting: SIGTERM to exit"
-                f" {time.monotonic() - stopping:.2f} s, the requests answered"
-                f" {sorted({w.result()[0] for w in waiting})}"
+            row(
+                (
+                    "frozen, 5 requests waiting",
+                    f"SIGTERM to exit {time.monotonic() - stopping:.2f} s, the "
+                    f"requests answered {sorted({w.result()[0] for w in waiting})}",
+                )
             )
     finally:
         process.kill()

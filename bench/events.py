@@ -48,10 +48,12 @@ from _shared import (
     BenchError,
     add_run_options,
     base_environment,
+    check,
     choose_cpus,
+    finish,
     guarded,
     machine_info,
-    print_verdict,
+    percentile,
     say,
     service_server,
 )
@@ -59,13 +61,6 @@ from registry import memory
 
 TARGET_P99_MS = 100.0
 _NAME = re.compile(rb'"name":"bench-(\d+)"')
-
-
-def percentile(values: list[float], share: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def connect(port: int) -> socket.socket:
@@ -253,11 +248,6 @@ def _send(
     connection.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def summary(values: list[float]) -> dict[str, float]:
     return {
         "count": len(values),
@@ -292,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
             clients.start()
             sent: dict[int, float] = {}
             say(f"{args.rate} changes/s for {args.duration} s ...")
-            cpu_before, wall_before = cpu_seconds(server.process.pid), time.monotonic()
+            cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
             generator = threading.Thread(
                 target=generate, args=(server.port, args.rate, args.duration, sent)
             )
@@ -300,9 +290,7 @@ def run(args: argparse.Namespace) -> int:
             busy_health = health_latencies(server.port, args.duration)
             generator.join()
             time.sleep(1.0)  # the last deliveries
-            cpu = (cpu_seconds(server.process.pid) - cpu_before) / (
-                time.monotonic() - wall_before
-            )
+            cpu = (server.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
             clients.stop()
             delays = [
                 (at - sent[n]) * 1000
@@ -329,7 +317,6 @@ def run(args: argparse.Namespace) -> int:
                 "change_answered": summary(ANSWERED),
                 "health_idle": summary(idle_health),
                 "health_with_feed": summary(busy_health),
-                "machine": machine_info(pinning),
             }
         finally:
             if clients is not None:
@@ -356,17 +343,21 @@ def run(args: argparse.Namespace) -> int:
         f"GET /health p99: {figures['health_idle']['p99_ms']} ms alone,"
         f" {figures['health_with_feed']['p99_ms']} ms beside the feed"
     )
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-    missed = []
-    if not delivery["p99_ms"] < TARGET_P99_MS:
-        missed.append(f"delivery p99 {delivery['p99_ms']} ms >= {TARGET_P99_MS} ms")
-    if len(delays) < expected or clients.closed:
-        missed.append(
-            f"{expected - len(delays)} deliveries missing, {clients.closed} closed"
-        )
-    passed = print_verdict(missed, 2)
-    return 0 if passed or not args.strict else 1
+    missing = expected - len(delays)
+    checks = [
+        check(
+            f"change -> delivery p99 < {TARGET_P99_MS:g} ms",
+            f"{delivery['p99_ms']} ms",
+            delivery["p99_ms"] < TARGET_P99_MS,
+        ),
+        check(
+            "every change delivered to every probe, no client closed",
+            f"{missing} deliveries missing, {clients.closed} closed",
+            missing <= 0 and not clients.closed,
+        ),
+    ]
+    config = {k: v for k, v in vars(args).items() if k != "json"}
+    return finish(args, checks, figures, machine_info(pinning), config)
 
 
 def main(argv: list[str] | None = None) -> int:

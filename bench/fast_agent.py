@@ -52,7 +52,7 @@ from typing import Any
 
 import orjson
 import treq
-from _shared import INTERFACE, serve
+from _shared import INTERFACE, percentile, serve
 from twisted.internet import reactor
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import LoopingCall
@@ -484,11 +484,7 @@ class FastAgent(Resource):
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
-    ordered = sorted(seconds)
-    return {
-        f"p{p}": round(ordered[min(len(ordered) - 1, len(ordered) * p // 100)] * 1e3, 2)
-        for p in (50, 99)
-    }
+    return {f"p{p}": round(percentile(seconds, p / 100) * 1e3, 2) for p in (50, 99)}
 
 
 def _finish(request: Any, body: bytes) -> None:

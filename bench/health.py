@@ -5,20 +5,7 @@ GET /health throughput and latency: the service against two baselines.
     python bench/health.py --quick         # 1 round x 2 s, ~20 s
     python bench/health.py --json out.json --strict
 
-Starts three servers, each its own process pinned to one CPU:
-
-  service  the real service, ``twistd -n --pidfile= optiinfra`` from this source
-           tree, with its JSON access log, request ids and metrics all on
-  klein    bench/baseline_klein.py: a bare Klein app, no logging, no metrics
-  web      bench/baseline_web.py: a plain twisted.web Resource, no logging
-
-All three compute the same JSON body per request.  The load generator (wrk, on the
-other CPU) hits them in interleaved rounds -- service, klein, web, then the next
-round rotated -- so a slow patch of the machine touches every target alike, and
-the median of the rounds is reported per target.  See bench/README.md.
-
-Exit status: 0 after a completed run whatever the figures (1 on FAIL only with
---strict); 2 when the benchmark could not run (no wrk, a server did not start).
+What runs, each phase, the figures and the exit statuses: bench/README.md.
 """
 
 from __future__ import annotations
@@ -26,31 +13,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 from _shared import (
-    NOISE_LIMIT,
     Pinning,
     Server,
     add_run_options,
     add_timing_options,
     base_environment,
+    check,
     choose_cpus,
     connection_list,
     ensure_wrk,
+    finish,
     guarded,
     http_get,
     machine_info,
+    median,
     metric_samples,
     noise_note,
+    noise_warning,
+    print_machine,
+    rotated,
     run_wrk,
     say,
     script_server,
     service_server,
+    table,
     with_service_env,
 )
 
@@ -60,6 +52,7 @@ LABELS = {
     "klein": "bare Klein",
     "web": "plain twisted.web",
 }
+COLUMNS = "target 28|req/s 9|p50 11|p99 11|CPU/req 11|errors 8"
 HEALTH_KEYS = {"status", "timestamp", "version", "uptime"}
 
 
@@ -190,10 +183,6 @@ def counted_health_requests(server: Server) -> float | None:
 # Measuring ----------------------------------------------------------------
 
 
-def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(run[key] for run in runs))
-
-
 def summarise(
     runs: dict[int, dict[str, list[dict[str, Any]]]], threshold: float
 ) -> dict[str, Any]:
@@ -201,7 +190,7 @@ def summarise(
     for connections, by_target in runs.items():
         medians = {
             name: {
-                key: median_of(target_runs, key)
+                key: median(target_runs, key)
                 for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request")
             }
             | {"errors": sum(run["errors"] for run in target_runs)}
@@ -227,25 +216,24 @@ def summarise(
 def print_tables(summary: dict[str, Any], args: argparse.Namespace) -> None:
     for connections, block in summary.items():
         noun = "connection" if connections == "1" else "connections"
-        print()
-        print(
+        plural = "s" if args.rounds > 1 else ""
+        table(
             f"GET /health, {connections} {noun} "
-            f"(median of {args.rounds} round{'s' if args.rounds > 1 else ''} "
-            f"x {args.duration} s)"
+            f"(median of {args.rounds} round{plural} x {args.duration} s)",
+            COLUMNS,
+            (
+                (
+                    LABELS[name],
+                    f"{m['rps']:,.0f}",
+                    f"{m['p50_ms']:.2f} ms",
+                    f"{m['p99_ms']:.2f} ms",
+                    f"{m['cpu_us_per_request']:.0f} us",
+                    m["errors"],
+                )
+                for name in TARGETS
+                for m in [block["median"][name]]
+            ),
         )
-        header = (
-            f"  {'target':<28}{'req/s':>9}{'p50':>11}{'p99':>11}"
-            f"{'CPU/req':>11}{'errors':>8}"
-        )
-        print(header)
-        print("  " + "-" * (len(header) - 2))
-        for name in TARGETS:
-            m = block["median"][name]
-            print(
-                f"  {LABELS[name]:<28}{m['rps']:>9,.0f}"
-                f"{m['p50_ms']:>8.2f} ms{m['p99_ms']:>8.2f} ms"
-                f"{m['cpu_us_per_request']:>8.0f} us{m['errors']:>8}"
-            )
         rounds = " ".join(f"{r:.2f}" for r in block["service_over_klein_per_round"])
         print(
             f"  service/klein throughput: {block['service_over_klein']:.2f}x "
@@ -257,19 +245,6 @@ def print_tables(summary: dict[str, Any], args: argparse.Namespace) -> None:
             f"{block['cpu_klein_over_service']:.2f}x (less sensitive to a busy "
             "machine than req/s)"
         )
-
-
-def verdict(summary: dict[str, Any], threshold: float) -> tuple[bool, str]:
-    passed = all(block["meets_target"] for block in summary.values())
-    figures = ", ".join(
-        f"{block['service_over_klein']:.2f}x at {c} conn"
-        for c, block in summary.items()
-    )
-    word = "PASS" if passed else "FAIL"
-    return passed, (
-        f"{word}: service >= {threshold:g}x bare Klein throughput "
-        f"({figures}; the target holds only if met at every concurrency)"
-    )
 
 
 def benchmark(args: argparse.Namespace) -> int:
@@ -321,10 +296,8 @@ def measure(
     }
     sent_to_service = 0
     for number in range(args.rounds):
-        shift = number % len(TARGETS)
-        order = TARGETS[shift:] + TARGETS[:shift]
         for connections in args.connections:
-            for name in order:
+            for name in rotated(TARGETS, number):
                 figures = run_wrk(
                     wrk, pinning, servers[name], connections, args.duration
                 )
@@ -343,13 +316,7 @@ def measure(
     counted = counted_health_requests(servers["service"])
 
     summary = summarise(runs, args.threshold)
-    print()
-    print(
-        f"OptiInfra /health benchmark -- {info.get('cpu_model', 'unknown CPU')}, "
-        f"Python {info['python']}, Twisted {info.get('twisted', '?')}, "
-        f"Klein {info.get('klein', '?')}, {pinning.note}, "
-        f"git {info.get('git', '?')}"
-    )
+    print_machine("/health", info)
     print(
         "Load: wrk, 1 thread; baselines' GC "
         f"{args.baseline_gc}; service log -> {args.service_log}"
@@ -366,42 +333,31 @@ def measure(
         print("note: could not read the service's /health request count in /metrics")
     all_runs = [run for by in runs.values() for rs in by.values() for run in rs]
     noisy = sum(run["noisy"] for run in all_runs)
-    if noisy:
-        print(
-            f"warning: {noisy} of {len(all_runs)} runs had other load above "
-            f"{NOISE_LIMIT:.0%} of a benchmark CPU (see the per-run lines): the "
-            "machine was not quiet; rerun when it is, or with more --rounds."
+    noise_warning(noisy, len(all_runs))
+    checks = [
+        check(
+            f"service >= {args.threshold:g}x bare Klein throughput at {c} conn",
+            f"{block['service_over_klein']:.2f}x",
+            block["meets_target"],
         )
-    passed, line = verdict(summary, args.threshold)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "config": {
-                        "duration_s": args.duration,
-                        "rounds": args.rounds,
-                        "warmup_s": args.warmup,
-                        "connections": args.connections,
-                        "threshold": args.threshold,
-                        "baseline_gc": args.baseline_gc,
-                        "load_generator": "wrk -t1 --latency",
-                    },
-                    "runs": {str(c): by_target for c, by_target in runs.items()},
-                    "summary": summary,
-                    "service_metrics_health_requests": counted,
-                    "noisy_runs": noisy,
-                    "passed": passed,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        print(f"figures written to {args.json}")
-    if not passed and args.strict:
-        return 1
-    return 0
+        for c, block in summary.items()
+    ]
+    config = {
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "threshold": args.threshold,
+        "baseline_gc": args.baseline_gc,
+        "load_generator": "wrk -t1 --latency",
+    }
+    figures = {
+        "runs": {str(c): by_target for c, by_target in runs.items()},
+        "summary": summary,
+        "service_metrics_health_requests": counted,
+        "noisy_runs": noisy,
+    }
+    return finish(args, checks, figures, info, config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,26 +6,7 @@ The registry under load: registration, heartbeats, listing and memory with
     python bench/registry.py --quick          # 1 round x 2 s, ~40 s
     python bench/registry.py --json out.json --strict
 
-Starts three servers, each its own process pinned to one CPU:
-
-  sqlite      the real service, ``twistd -n --pidfile= optiinfra``, on a fresh
-              SQLite store in a temporary STATE_DIR, JSON access log on
-  postgresql  the same on a fresh PostgreSQL database (``optiinfra_bench_<hex>``,
-              created here and dropped WITH (FORCE) at the end); skipped, with
-              the reason, when no PostgreSQL answers
-  echo        bench/baseline_echo.py: a bare Klein app that parses and echoes
-              the heartbeat's JSON with orjson; no logging, metrics or store
-
-Then, per store: the service's VmRSS; N agents registered through
-``POST /agents/register`` by an asyncio client with 50 connections
-(registrations/s); VmRSS again (memory per agent).  Heartbeats
-(``POST /agents/{id}/heartbeat``, each a real store update) are sent by wrk with
-bench/heartbeat.lua cycling over the N ids, to the services and to the echo
-baseline in interleaved rounds at 1 and 50 connections; medians are reported.
-Last, ``GET /agents`` (all N agents) at 1 connection.  See bench/README.md.
-
-Exit status: 0 after a completed run whatever the figures (1 on FAIL only with
---strict); 2 when the benchmark could not run (no wrk, a server did not start).
+What runs, each phase, the figures and the exit statuses: bench/README.md.
 """
 
 from __future__ import annotations
@@ -33,10 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import secrets
-import statistics
 import sys
 import tempfile
 import time
@@ -54,25 +33,33 @@ from _shared import (
     BenchError,
     Pinning,
     Server,
+    add_numbers,
     add_run_options,
     add_timing_options,
     base_environment,
+    check,
     choose_cpus,
     clock_ticks,
     connection_list,
     ensure_wrk,
     env_int,
+    finish,
     guarded,
     http_get,
     http_request,
     machine_info,
+    median,
     metric_samples,
     noise_note,
-    print_verdict,
+    noise_warning,
+    percentile,
+    print_machine,
+    rotated,
     run_wrk,
     say,
     script_server,
     service_server,
+    table,
     with_service_env,
 )
 
@@ -84,6 +71,10 @@ LABELS = {
     "echo": "bare Klein echo",
 }
 STORE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+#: A server's figures in a run: req/s, p50, p99, {extra}, CPU, DB CPU, errors.
+SERVER_COLUMNS = "{first} 22|req/s 9|p50 11|p99 11|{extra}|CPU 6|DB CPU 8|errors 8"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 HEARTBEAT_SCRIPT = BENCH / "heartbeat.lua"
 HEARTBEAT_ROUTE = "/agents/{agent_id}/heartbeat"
@@ -140,40 +131,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="heartbeat concurrencies; the throughput target is judged at the "
         "highest [BENCH_CONNECTIONS, 1,50]",
     )
-    parser.add_argument(
-        "--register-connections",
-        type=int,
-        default=50,
-        help="concurrent connections registering the agents [50]",
-    )
-    parser.add_argument(
-        "--list-duration",
-        type=int,
-        default=5,
-        help="seconds of GET /agents at 1 connection per store [5]",
+    add_numbers(
+        parser,
+        {
+            "--register-connections": (
+                50,
+                "concurrent connections registering the agents",
+            ),
+            "--list-duration": (5, "seconds of GET /agents at 1 connection per store"),
+            "--threshold": (
+                0.9,
+                "target ratio of service to echo heartbeat throughput",
+            ),
+            "--p99-limit": (25.0, "target heartbeat p99 in ms, at every concurrency"),
+            "--list-limit": (100.0, "target GET /agents p99 in ms"),
+        },
     )
     parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run: 1 round, 2 s per run, 1 s warm-up, 2 s of GET /agents",
-    )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        default=0.9,
-        help="target ratio of service to echo heartbeat throughput [0.9]",
-    )
-    parser.add_argument(
-        "--p99-limit",
-        type=float,
-        default=25.0,
-        help="target heartbeat p99 in ms, at every concurrency [25]",
-    )
-    parser.add_argument(
-        "--list-limit",
-        type=float,
-        default=100.0,
-        help="target GET /agents p99 in ms [100]",
     )
     parser.add_argument(
         "--service-log",
@@ -407,17 +384,11 @@ class Registered:
             "connections": connections,
             "seconds": self.seconds,
             "per_second": len(self.ids) / self.seconds if self.seconds else 0.0,
-            "p50_ms": _percentile(ordered, 0.50),
-            "p99_ms": _percentile(ordered, 0.99),
+            "p50_ms": percentile(ordered, 0.50),
+            "p99_ms": percentile(ordered, 0.99),
             "errors": len(self.failures),
             "first_errors": self.failures[:5],
         }
-
-
-def _percentile(ordered: list[float], share: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
@@ -598,11 +569,6 @@ def _difference(after: dict[str, float], before: dict[str, float]) -> dict[str, 
 # Summaries --------------------------------------------------------------------
 
 
-def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    values = [run[key] for run in runs if run.get(key) is not None]
-    return float(statistics.median(values)) if values else float("nan")
-
-
 def summarise_heartbeats(
     runs: dict[int, dict[str, list[dict[str, Any]]]],
 ) -> dict[str, Any]:
@@ -610,7 +576,7 @@ def summarise_heartbeats(
     for connections, by_target in runs.items():
         medians = {
             name: {
-                key: median_of(target_runs, key)
+                key: median(target_runs, key)
                 for key in (
                     "rps",
                     "p50_ms",
@@ -657,13 +623,7 @@ def print_report(
     skipped: str | None,
 ) -> None:
     agents = f"{args.agents:,}"
-    print()
-    print(
-        f"OptiInfra registry benchmark -- {info.get('cpu_model', 'unknown CPU')}, "
-        f"Python {info['python']}, Twisted {info.get('twisted', '?')}, "
-        f"Klein {info.get('klein', '?')}, {info['pinning']}, "
-        f"git {info.get('git', '?')}"
-    )
+    print_machine("registry", info)
     settings = " ".join(f"{k}={v}" for k, v in SERVICE_SETTINGS.items())
     print(
         f"{agents} agents per store; services: {settings}"
@@ -672,85 +632,83 @@ def print_report(
     )
     if skipped:
         print(f"PostgreSQL column skipped: {skipped}")
-
-    print()
-    print(
+    table(
         f"Registration: POST /agents/register x {agents}, "
-        f"{args.register_connections} connections (asyncio client on the load CPU)"
+        f"{args.register_connections} connections (asyncio client on the load CPU)",
+        "store 22|agents/s 10|p50 11|p99 11|time 9|errors 8",
+        [
+            (
+                LABELS[store],
+                f"{r['per_second']:,.0f}",
+                f"{r['p50_ms']:.2f} ms",
+                f"{r['p99_ms']:.2f} ms",
+                f"{r['seconds']:.1f} s",
+                r["errors"],
+            )
+            for store in stores
+            for r in [registration[store]]
+        ],
     )
-    header = (
-        f"  {'store':<22}{'agents/s':>10}{'p50':>11}{'p99':>11}{'time':>9}{'errors':>8}"
+    table(
+        f"Memory: the service's VmRSS before and after registering {agents} agents",
+        "store 22|before 11|after 11|per agent 12|peak (run) 12",
+        [
+            (
+                LABELS[store],
+                _size(m["before"]),
+                _size(m["after"]),
+                f"{m['per_agent']:,.0f} B",
+                _size(m["peak"]),
+            )
+            for store in stores
+            for m in [memory_figures[store]]
+        ],
     )
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-    for store in stores:
-        r = registration[store]
-        print(
-            f"  {LABELS[store]:<22}{r['per_second']:>10,.0f}"
-            f"{r['p50_ms']:>8.2f} ms{r['p99_ms']:>8.2f} ms"
-            f"{r['seconds']:>7.1f} s{r['errors']:>8}"
-        )
-
-    print()
-    print(f"Memory: the service's VmRSS before and after registering {agents} agents")
-    header = (
-        f"  {'store':<22}{'before':>11}{'after':>11}{'per agent':>12}{'peak (run)':>12}"
-    )
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-    for store in stores:
-        m = memory_figures[store]
-        print(
-            f"  {LABELS[store]:<22}{_size(m['before']):>11}{_size(m['after']):>11}"
-            f"{m['per_agent']:>8,.0f} B {_size(m['peak']):>11}"
-        )
-
     for connections, block in heartbeats.items():
         noun = "connection" if connections == "1" else "connections"
-        print()
-        print(
+        table(
             f"POST /agents/{{id}}/heartbeat over {agents} agents, {connections} "
             f"{noun} (median of {args.rounds} round{'s' if args.rounds > 1 else ''}"
-            f" x {args.duration} s)"
+            f" x {args.duration} s)",
+            SERVER_COLUMNS.format(first="target", extra="CPU/req 11"),
+            [
+                (
+                    LABELS[name],
+                    f"{m['rps']:,.0f}",
+                    f"{m['p50_ms']:.2f} ms",
+                    f"{m['p99_ms']:.2f} ms",
+                    f"{m['cpu_us_per_request']:.0f} us",
+                    f"{m['server_cpu']:.0%}",
+                    f"{m['db_cpu']:.0%}" if m["db_cpu"] == m["db_cpu"] else "",
+                    m["errors"],
+                )
+                for name, m in block["median"].items()
+            ],
         )
-        header = (
-            f"  {'target':<22}{'req/s':>9}{'p50':>11}{'p99':>11}"
-            f"{'CPU/req':>11}{'CPU':>6}{'DB CPU':>8}{'errors':>8}"
-        )
-        print(header)
-        print("  " + "-" * (len(header) - 2))
-        for name, m in block["median"].items():
-            db = f"{m['db_cpu']:>7.0%}" if m["db_cpu"] == m["db_cpu"] else f"{'':>7}"
-            print(
-                f"  {LABELS[name]:<22}{m['rps']:>9,.0f}"
-                f"{m['p50_ms']:>8.2f} ms{m['p99_ms']:>8.2f} ms"
-                f"{m['cpu_us_per_request']:>8.0f} us{m['server_cpu']:>6.0%}"
-                f" {db}{m['errors']:>8}"
-            )
         for store, ratio in block["ratios"].items():
             rounds = " ".join(f"{r:.2f}" for r in ratio["per_round"])
             print(
                 f"  {STORE_NAMES[store]}/echo throughput: {ratio['over_echo']:.2f}x "
                 f"(per round: {rounds})"
             )
-
-    print()
-    print(f"GET /agents with {agents} agents, 1 connection, {args.list_duration} s")
-    header = (
-        f"  {'store':<22}{'req/s':>9}{'p50':>11}{'p99':>11}{'size':>11}"
-        f"{'CPU':>6}{'DB CPU':>8}{'errors':>8}"
+    table(
+        f"GET /agents with {agents} agents, 1 connection, {args.list_duration} s",
+        SERVER_COLUMNS.format(first="store", extra="size 11"),
+        [
+            (
+                LABELS[store],
+                f"{g['rps']:,.1f}",
+                f"{g['p50_ms']:.2f} ms",
+                f"{g['p99_ms']:.2f} ms",
+                _size(g["bytes"]),
+                f"{g['server_cpu']:.0%}",
+                f"{g['db_cpu']:.0%}" if g["db_cpu"] is not None else "",
+                g["errors"],
+            )
+            for store in stores
+            for g in [listing[store]]
+        ],
     )
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-    for store in stores:
-        g = listing[store]
-        db = f"{g['db_cpu']:>7.0%}" if g["db_cpu"] is not None else f"{'':>7}"
-        print(
-            f"  {LABELS[store]:<22}{g['rps']:>9,.1f}"
-            f"{g['p50_ms']:>8.2f} ms{g['p99_ms']:>8.2f} ms"
-            f"{_size(g['bytes']):>11}{g['server_cpu']:>6.0%} {db}{g['errors']:>8}"
-        )
-
     print()
     for store in stores:
         c = counted[store]
@@ -776,27 +734,28 @@ def checks(
     """Every target, per store: what, the figure, met or not."""
     top = str(max(args.connections))
     results: list[dict[str, Any]] = []
-
-    def check(store: str, what: str, figure: str, met: bool) -> None:
-        results.append({"store": store, "what": what, "figure": figure, "met": met})
-
     for store in stores:
+        name = STORE_NAMES[store]
         ratio = heartbeats[top]["ratios"][store]["over_echo"]
-        check(
-            store,
-            f"heartbeat throughput >= {args.threshold:g}x bare Klein echo "
-            f"at {top} connections",
-            f"{ratio:.2f}x",
-            ratio >= args.threshold,
+        results.append(
+            check(
+                f"heartbeat throughput >= {args.threshold:g}x bare Klein echo "
+                f"at {top} connections",
+                f"{ratio:.2f}x",
+                ratio >= args.threshold,
+                name,
+            )
         )
         for connections, block in heartbeats.items():
             p99 = block["median"][store]["p99_ms"]
-            check(
-                store,
-                f"heartbeat p99 < {args.p99_limit:g} ms at {connections} "
-                f"connection{'' if connections == '1' else 's'}",
-                f"{p99:.2f} ms",
-                p99 < args.p99_limit,
+            results.append(
+                check(
+                    f"heartbeat p99 < {args.p99_limit:g} ms at {connections} "
+                    f"connection{'' if connections == '1' else 's'}",
+                    f"{p99:.2f} ms",
+                    p99 < args.p99_limit,
+                    name,
+                )
             )
         c = counted[store]
         wrong = (
@@ -804,31 +763,35 @@ def checks(
             + c["non_2xx"]
             + c["unknown"]
         )
-        check(
-            store,
-            "heartbeats: no non-2xx answers or socket errors",
-            f"{wrong} ({c['abandoned']} left in flight at run ends, at most "
-            f"{c['in_flight']} possible)",
-            wrong == 0 and c["abandoned"] <= c["in_flight"],
-        )
-        check(
-            store,
-            f"registrations all 201 ({args.agents:,})",
-            f"{registration[store]['registered']:,} of {args.agents:,}",
-            registration[store]["errors"] == 0
-            and registration[store]["registered"] == args.agents,
-        )
         p99 = listing[store]["p99_ms"]
-        check(
-            store,
-            f"GET /agents p99 < {args.list_limit:g} ms",
-            f"{p99:.1f} ms (p50 {listing[store]['p50_ms']:.1f} ms)",
-            p99 < args.list_limit and listing[store]["errors"] == 0,
-        )
+        results += [
+            check(
+                "heartbeats: no non-2xx answers or socket errors",
+                f"{wrong} ({c['abandoned']} left in flight at run ends, at most "
+                f"{c['in_flight']} possible)",
+                wrong == 0 and c["abandoned"] <= c["in_flight"],
+                name,
+            ),
+            check(
+                f"registrations all 201 ({args.agents:,})",
+                f"{registration[store]['registered']:,} of {args.agents:,}",
+                registration[store]["errors"] == 0
+                and registration[store]["registered"] == args.agents,
+                name,
+            ),
+            check(
+                f"GET /agents p99 < {args.list_limit:g} ms",
+                f"{p99:.1f} ms (p50 {listing[store]['p50_ms']:.1f} ms)",
+                p99 < args.list_limit and listing[store]["errors"] == 0,
+                name,
+            ),
+        ]
     echo_errors = sum(
         block["median"]["echo"]["errors"] for block in heartbeats.values()
     )
-    check("echo", "baseline: no errors", str(echo_errors), echo_errors == 0)
+    results.append(
+        check("baseline: no errors", str(echo_errors), echo_errors == 0, "echo")
+    )
     return results
 
 
@@ -839,23 +802,12 @@ def print_summary(
     memory_figures: dict[str, dict[str, Any]],
     heartbeats: dict[str, Any],
     listing: dict[str, dict[str, Any]],
-    results: list[dict[str, Any]],
     skipped: str | None,
 ) -> None:
     top = str(max(args.connections))
-    columns = ["sqlite", "postgresql"]
-
-    def cell(store: str, text: Any) -> str:
-        if store not in stores:
-            return "skipped"
-        return str(text(store))
-
+    echo = heartbeats[top]["median"]["echo"]["rps"]
     rows: list[tuple[str, Any, str]] = [
-        (
-            "registrations/s",
-            lambda s: f"{registration[s]['per_second']:,.0f}",
-            "",
-        ),
+        ("registrations/s", lambda s: f"{registration[s]['per_second']:,.0f}", ""),
         (
             "memory per agent (VmRSS)",
             lambda s: f"{memory_figures[s]['per_agent']:,.0f} B",
@@ -867,7 +819,7 @@ def print_summary(
             "",
         ),
         (
-            f"  / bare Klein echo ({heartbeats[top]['median']['echo']['rps']:,.0f})",
+            f"  / bare Klein echo ({echo:,.0f})",
             lambda s: f"{heartbeats[top]['ratios'][s]['over_echo']:.2f}x",
             f">= {args.threshold:g}x",
         ),
@@ -890,24 +842,20 @@ def print_summary(
         ),
         ("GET /agents size", lambda s: _size(listing[s]["bytes"]), ""),
     ]
-    print()
-    print(f"Summary, {args.agents:,} agents")
-    header = f"  {'':<34}{'SQLite':>20}{'PostgreSQL':>20}   target"
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-    for label, text, target in rows:
-        print(
-            f"  {label:<34}"
-            + "".join(f"{cell(store, text):>20}" for store in columns)
-            + (f"   {target}" if target else "")
-        )
+    table(
+        f"Summary, {args.agents:,} agents",
+        " 34|SQLite 20|PostgreSQL 20|   target 0",
+        [
+            (
+                label,
+                *(text(s) if s in stores else "skipped" for s in STORE_NAMES),
+                f"   {target}" if target else "",
+            )
+            for label, text, target in rows
+        ],
+    )
     if skipped:
         print(f"  PostgreSQL skipped: {skipped}")
-    print()
-    for result in results:
-        word = "PASS" if result["met"] else "FAIL"
-        label = STORE_NAMES.get(result["store"], result["store"])
-        print(f"  {word}  {label:<11}{result['what']}: {result['figure']}")
 
 
 # The run ----------------------------------------------------------------------
@@ -1039,10 +987,8 @@ def measure(
         c: {name: [] for name in targets} for c in args.connections
     }
     for number in range(args.rounds):
-        shift = number % len(targets)
-        order = targets[shift:] + targets[:shift]
         for connections in args.connections:
-            for name in order:
+            for name in rotated(targets, number):
                 figures = load.run(
                     wrk, pinning, servers[name], connections, args.duration
                 )
@@ -1122,7 +1068,6 @@ def measure(
         memory_figures,
         heartbeats,
         listing,
-        results,
         skipped,
     )
     all_runs = [
@@ -1133,59 +1078,35 @@ def measure(
         if run.get("noisy") is not None
     ] + list(listing.values())
     noisy = sum(bool(run["noisy"]) for run in all_runs)
-    if noisy:
-        print(
-            f"warning: {noisy} of {len(all_runs)} runs had other load above "
-            f"{NOISE_LIMIT:.0%} of a benchmark CPU (PostgreSQL's own CPU aside; see "
-            "the per-run lines): the machine was not quiet; rerun when it is."
-        )
-    missed = [
-        f"{STORE_NAMES.get(r['store'], r['store'])} {r['what']} ({r['figure']})"
-        for r in results
-        if not r["met"]
-    ]
-    passed = print_verdict(missed, len(results))
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "config": {
-                        "agents": args.agents,
-                        "duration_s": args.duration,
-                        "rounds": args.rounds,
-                        "warmup_s": args.warmup,
-                        "connections": args.connections,
-                        "register_connections": args.register_connections,
-                        "list_duration_s": args.list_duration,
-                        "threshold": args.threshold,
-                        "p99_limit_ms": args.p99_limit,
-                        "list_limit_ms": args.list_limit,
-                        "baseline_gc": args.baseline_gc,
-                        "service_settings": SERVICE_SETTINGS,
-                        "service_env": args.service_env,
-                        "heartbeat_body": HEARTBEAT_BODY.decode(),
-                        "load_generator": "wrk -t1 --latency -s bench/heartbeat.lua",
-                    },
-                    "postgresql_skipped": skipped,
-                    "registration": registration,
-                    "memory": memory_figures,
-                    "heartbeat_runs": {str(c): by for c, by in runs.items()},
-                    "heartbeats": heartbeats,
-                    "service_counts": counted,
-                    "listing": listing,
-                    "checks": results,
-                    "noisy_runs": noisy,
-                    "passed": passed,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        print(f"figures written to {args.json}")
-    if not passed and args.strict:
-        return 1
-    return 0
+    noise_warning(noisy, len(all_runs), " (PostgreSQL's own CPU aside)")
+    config = {
+        "agents": args.agents,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "register_connections": args.register_connections,
+        "list_duration_s": args.list_duration,
+        "threshold": args.threshold,
+        "p99_limit_ms": args.p99_limit,
+        "list_limit_ms": args.list_limit,
+        "baseline_gc": args.baseline_gc,
+        "service_settings": SERVICE_SETTINGS,
+        "service_env": args.service_env,
+        "heartbeat_body": HEARTBEAT_BODY.decode(),
+        "load_generator": "wrk -t1 --latency -s bench/heartbeat.lua",
+    }
+    figures = {
+        "postgresql_skipped": skipped,
+        "registration": registration,
+        "memory": memory_figures,
+        "heartbeat_runs": {str(c): by for c, by in runs.items()},
+        "heartbeats": heartbeats,
+        "service_counts": counted,
+        "listing": listing,
+        "noisy_runs": noisy,
+    }
+    return finish(args, results, figures, info, config)
 
 
 def main(argv: list[str] | None = None) -> int:

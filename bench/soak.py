@@ -44,17 +44,20 @@ from _shared import (
     Pinning,
     Server,
     add_run_options,
+    agent_call,
     base_environment,
+    check,
     choose_cpus,
+    counter,
+    finish,
     guarded,
     http_get,
-    http_request,
     machine_info,
-    metric_samples,
-    print_verdict,
+    percentile,
     say,
     script_server,
     service_server,
+    table,
 )
 
 TASK_BODY = orjson.dumps(
@@ -84,14 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def counter(port: int, name: str, **labels: str) -> float:
-    return sum(
-        value
-        for found, value in metric_samples(port, name)
-        if all(found.get(k) == v for k, v in labels.items())
-    )
-
-
 class HealthProbe(threading.Thread):
     """GET /health every 0.25 s on a connection of its own; latencies in ms."""
 
@@ -119,17 +114,10 @@ class HealthProbe(threading.Thread):
         return taken
 
 
-def p99(values: list[float]) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-
-
 class Watch:
     """One row per window: what the service did and what it holds."""
 
-    COLUMNS = (
+    COLUMNS = [
         "phase",
         "t_s",
         "completed/s",
@@ -143,7 +131,7 @@ class Watch:
         "wal_mb",
         "written_kb/task",
         "health_p99_ms",
-    )
+    ]
 
     def __init__(self, service: Server, state: Path, probe: HealthProbe) -> None:
         self.service = service
@@ -152,6 +140,10 @@ class Watch:
         self.rows: list[dict[str, Any]] = []
         self.began = time.monotonic()
         self._last = self._counts()
+        self.print_row = table(
+            f"Every window: what the service did and holds ({len(self.COLUMNS)})",
+            "|".join(f"{c} {max(12, len(c) + 2)}" for c in self.COLUMNS),
+        )
 
     def _counts(self) -> dict[str, float]:
         port = self.service.port
@@ -209,23 +201,11 @@ class Watch:
             "written_kb/task": (now["written"] - last["written"])
             / 1024
             / max(1.0, now["completed"] - last["completed"]),
-            "health_p99_ms": p99(self.probe.take()),
+            "health_p99_ms": percentile(self.probe.take(), 0.99),
         }
         self.rows.append(row)
-        print(
-            "  ".join(
-                f"{row[c]:>10.1f}" if isinstance(row[c], float) else f"{row[c]:>10}"
-                for c in self.COLUMNS
-            ),
-            flush=True,
-        )
+        self.print_row([row[c] for c in self.COLUMNS])
         return row
-
-
-def agent_call(agent: Server, method: str, path: str, document: object = None) -> Any:
-    body = None if document is None else orjson.dumps(document)
-    status, payload = http_request(agent.port, method, path, body, timeout=30)
-    return status, orjson.loads(payload) if payload else None
 
 
 def phase(
@@ -315,7 +295,6 @@ def measure(
     probe = HealthProbe(service.port)
     probe.start()
     watch = Watch(service, state, probe)
-    print("  ".join(f"{c:>10}" for c in Watch.COLUMNS))
     reports: dict[str, dict[str, Any]] = {}
     reports["capacity"] = phase(
         "capacity", agent, watch, args.capacity_seconds, args.window, window=32
@@ -368,7 +347,6 @@ def measure(
         "wal_mb_max": max(r["wal_mb"] for r in watch.rows),
         "written_kb_per_task_steady": rate_of(watch.rows, "steady", "written_kb/task"),
         "rows": watch.rows,
-        "machine": info,
     }
     ratio = figures["overload_completed_per_s"] / capacity
     print()
@@ -401,34 +379,45 @@ def measure(
         f"{first['fds']} / {watch.rows[-1]['fds']}; "
         f"WAL max {figures['wal_mb_max']:.1f} MB"
     )
-    missed: list[str] = []
+    rss_growth = watch.rows[-1]["rss_mb"] - first["rss_mb"]
     checks = [
-        (ratio >= 0.8, f"completions under overload {ratio:.2f}x of unloaded (>= 0.8)"),
-        (
+        check(
+            "completions under overload >= 0.8x unloaded", f"{ratio:.2f}x", ratio >= 0.8
+        ),
+        check(
+            "/health p99 < 50 ms",
+            f"{figures['health_p99_ms_worst']:.1f} ms",
             figures["health_p99_ms_worst"] < 50,
-            f"/health p99 {figures['health_p99_ms_worst']:.1f} ms (< 50)",
         ),
-        (submitted == finished, "every accepted task finished"),
-        (refusal_p99 < 5, f"429s answered in {refusal_p99} ms at p99 (< 5)"),
-        (accepted == submitted, f"201s {accepted} = tasks stored {submitted:.0f}"),
-        (not other, f"only 201 and 429 answered: {other}"),
-        (figures["wal_mb_max"] < 64, f"WAL at most {figures['wal_mb_max']:.1f} MB"),
-        (
-            watch.rows[-1]["rss_mb"] - first["rss_mb"] < 50,
+        check(
+            "every accepted task finished",
+            f"{finished:.0f} of {submitted:.0f}",
+            submitted == finished,
+        ),
+        check("429s answered in < 5 ms at p99", f"{refusal_p99} ms", refusal_p99 < 5),
+        check(
+            "201s = tasks stored",
+            f"{accepted} = {submitted:.0f}",
+            accepted == submitted,
+        ),
+        check("only 201 and 429 answered", f"others {other}", not other),
+        check(
+            "WAL < 64 MB",
+            f"at most {figures['wal_mb_max']:.1f} MB",
+            figures["wal_mb_max"] < 64,
+        ),
+        check(
             "RSS flat (grew < 50 MB after the first loaded window)",
+            f"{rss_growth:.0f} MB",
+            rss_growth < 50,
         ),
-        (
-            all(r["completed/s"] > 0 for r in loaded),
+        check(
             "no wedge: tasks completed in every loaded window",
+            f"{sum(r['completed/s'] > 0 for r in loaded)} of {len(loaded)} windows",
+            all(r["completed/s"] > 0 for r in loaded),
         ),
     ]
-    for ok, what in checks:
-        if not ok:
-            missed.append(what)
-    if args.json:
-        Path(args.json).write_text(orjson.dumps(figures, default=str).decode())
-    passed = print_verdict(missed, len(checks))
-    return 1 if args.strict and not passed else 0
+    return finish(args, checks, figures, info, vars(args))
 
 
 if __name__ == "__main__":

@@ -6,58 +6,20 @@ local agent, beside GET /health from the same run.
     python bench/tasks.py --quick          # 1 round x 3 s, ~30 s
     python bench/tasks.py --json out.json --strict
 
-Starts, as child processes:
-
-  service     the real service, ``twistd -n --pidfile= optiinfra``, pinned to
-              the server CPU, on a fresh SQLite store in a temporary STATE_DIR,
-              LOG_LEVEL=info (JSON access log and task lines on, to a file: the
-              task lines carry the completion times), AGENT_CONCURRENCY=64
-  klein       bench/baseline_klein.py, the bare Klein /health baseline, same CPU
-  agent       bench/fast_agent.py on the load CPU: registers itself (type cost,
-              capability analyze_cost), heartbeats, answers every POST /task at
-              once; it also holds the paced client of the latency phase
-  relay       bench/baseline_relay.py, same CPU as the service: bare Klein
-              taking POST /tasks and making the one treq call to the agent,
-              nothing else -- the floor of a task with Klein + treq
-
-Then:
-
-  throughput  per round, wrk (tasks.lua, 50 connections, load CPU) submits
-              ``POST /tasks {"task_type":"analyze_cost","agent_type":"cost"}``
-              for D seconds as fast as they are accepted; the harness waits
-              until every task is finished and reads the last completion time
-              from the service's own log.  completed/s end to end = tasks /
-              (last completion - first submission)
-  health      GET /health at 50 connections, the service and bare Klein,
-              interleaved with the throughput runs in rotating order
-  relay       the same wrk POST /tasks at 50 connections against the relay,
-              --health-duration seconds, in the same rotation; it answers
-              after the agent did, so its 201s/s are tasks/s
-  latency     the agent's process submits 100 tasks/s for 10 s on a fixed
-              schedule; per task, added latency = (completion logged by the
-              service - POST /tasks sent) - (agent answered - agent received)
-  relay       then the same paced phase (rate, seconds, body, connections)
-    latency   against the relay, the agent's records reset first; per task,
-              added latency = (201 received - POST /tasks sent) - (agent
-              answered - agent received): the floor of the added latency with
-              Klein + treq, beside the service's
-
-Exit status: 0 after a completed run whatever the figures (1 on FAIL only with
---strict); 2 when the benchmark could not run.  See bench/README.md.
+What runs, each phase, the figures and the exit statuses: bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -67,27 +29,37 @@ import orjson
 from _shared import (
     BENCH,
     INTERFACE,
-    NOISE_LIMIT,
     BenchError,
     CpuWindow,
     Pinning,
     Server,
+    add_numbers,
     add_run_options,
     add_timing_options,
+    agent_call,
     base_environment,
     choose_cpus,
     ensure_wrk,
+    finish,
     guarded,
     http_request,
     machine_info,
+    median,
     metric_samples,
     noise_note,
-    print_verdict,
+    noise_warning,
+    percentile,
+    print_machine,
+    rotated,
     run_wrk,
     say,
     script_server,
     service_server,
+    table,
     with_service_env,
+)
+from _shared import (
+    check as one_check,
 )
 
 TASKS_SCRIPT = BENCH / "tasks.lua"
@@ -134,50 +106,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         rounds="interleaved rounds; medians are reported",
         warmup="seconds of unmeasured submissions first (0: none)",
     )
-    parser.add_argument(
-        "--connections",
-        type=int,
-        default=50,
-        help="wrk connections submitting tasks and loading /health [50]",
-    )
-    parser.add_argument(
-        "--health-duration",
-        type=int,
-        default=3,
-        help="seconds per GET /health run [3]",
-    )
-    parser.add_argument(
-        "--rate", type=float, default=100.0, help="tasks/s of the latency phase [100]"
-    )
-    parser.add_argument(
-        "--latency-seconds",
-        type=float,
-        default=10.0,
-        help="seconds of the latency phase [10]",
-    )
-    parser.add_argument(
-        "--agent-concurrency",
-        type=int,
-        default=int(SERVICE_SETTINGS["AGENT_CONCURRENCY"]),
-        help="the service's AGENT_CONCURRENCY (calls in flight to the agent) [64]",
+    add_numbers(
+        parser,
+        {
+            "--connections": (
+                50,
+                "wrk connections submitting tasks and loading /health",
+            ),
+            "--health-duration": (3, "seconds per GET /health run"),
+            "--rate": (100.0, "tasks/s of the latency phase"),
+            "--latency-seconds": (10.0, "seconds of the latency phase"),
+            "--agent-concurrency": (
+                int(SERVICE_SETTINGS["AGENT_CONCURRENCY"]),
+                "the service's AGENT_CONCURRENCY (calls in flight to the agent)",
+            ),
+            "--target-rate": (1000.0, "target tasks completed/s end to end"),
+            "--latency-limit": (5.0, "target p99 of the added latency, ms"),
+        },
     )
     parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run: 1 round, 3 s of submissions, 1 s warm-up, 2 s of "
         "/health, 5 s of paced tasks",
-    )
-    parser.add_argument(
-        "--target-rate",
-        type=float,
-        default=1000.0,
-        help="target tasks completed/s end to end [1000]",
-    )
-    parser.add_argument(
-        "--latency-limit",
-        type=float,
-        default=5.0,
-        help="target p99 of the added latency, ms [5]",
     )
     parser.add_argument(
         "--service-log",
@@ -264,14 +215,6 @@ def relay_server(
         "--agent-port",
         str(agent.port),
     )
-
-
-def agent_call(
-    agent: Server, method: str, path: str, document: object = None
-) -> tuple[int, Any]:
-    body = None if document is None else orjson.dumps(document)
-    status, payload = http_request(agent.port, method, path, body, timeout=30)
-    return status, orjson.loads(payload) if payload else None
 
 
 def check_relay(relay: Server) -> None:
@@ -553,18 +496,12 @@ def relay_run(
 # Latency ---------------------------------------------------------------------
 
 
-def _percentile(ordered: Sequence[float], share: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
 def spread(values: Sequence[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {
-        "p50": _percentile(ordered, 0.50),
-        "p90": _percentile(ordered, 0.90),
-        "p99": _percentile(ordered, 0.99),
+        "p50": percentile(ordered, 0.50),
+        "p90": percentile(ordered, 0.90),
+        "p99": percentile(ordered, 0.99),
         "max": ordered[-1] if ordered else float("nan"),
         "mean": statistics.fmean(ordered) if ordered else float("nan"),
     }
@@ -901,8 +838,7 @@ def measure(
     kinds = ("tasks", *HEALTH_TARGETS, RELAY)
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for number in range(args.rounds):
-        shift = number % len(kinds)
-        for kind in kinds[shift:] + kinds[:shift]:
+        for kind in rotated(kinds, number):
             prefix = f"round {number + 1}/{args.rounds}  "
             if kind == "tasks":
                 figures = throughput_run(
@@ -976,70 +912,38 @@ def measure(
         + bool(relay_latency["noisy"])
     )
     total_runs = sum(len(kind) for kind in runs.values()) + 2
-    if noisy:
-        print(
-            f"warning: {noisy} of {total_runs} runs had other load above "
-            f"{NOISE_LIMIT:.0%} of a benchmark CPU (see the per-run lines): the "
-            "machine was not quiet; rerun when it is, or with more --rounds."
-        )
-    print()
-    for result in results:
-        print(
-            f"  {'PASS' if result['met'] else 'FAIL'}  {result['what']}: "
-            f"{result['figure']}"
-        )
-    missed = [f"{r['what']} ({r['figure']})" for r in results if not r["met"]]
-    passed = print_verdict(missed, len(results))
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "config": {
-                        "duration_s": args.duration,
-                        "rounds": args.rounds,
-                        "warmup_s": args.warmup,
-                        "connections": args.connections,
-                        "health_duration_s": args.health_duration,
-                        "rate": args.rate,
-                        "latency_seconds": args.latency_seconds,
-                        "target_rate": args.target_rate,
-                        "latency_limit_ms": args.latency_limit,
-                        "service_settings": service_settings(args),
-                        "task_body": TASK_BODY,
-                        "load_generator": "wrk -t1 --latency -s bench/tasks.lua",
-                        "relay": "bench/baseline_relay.py: bare Klein POST /tasks, "
-                        "one treq call to the agent, no store/logging/metrics",
-                        "relay_duration_s": args.health_duration,
-                        "pace_connections": PACE_CONNECTIONS,
-                    },
-                    "runs": runs,
-                    "summary": summary,
-                    "latency": latency,
-                    "relay_latency": relay_latency,
-                    "totals": totals,
-                    "agent": agent_health,
-                    "checks": results,
-                    "noisy_runs": noisy,
-                    "passed": passed,
-                },
-                indent=2,
-                default=str,
-            )
-            + "\n"
-        )
-        print(f"figures written to {args.json}")
-    if not passed and args.strict:
-        return 1
-    return 0
+    noise_warning(noisy, total_runs)
+    config = {
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "health_duration_s": args.health_duration,
+        "rate": args.rate,
+        "latency_seconds": args.latency_seconds,
+        "target_rate": args.target_rate,
+        "latency_limit_ms": args.latency_limit,
+        "service_settings": service_settings(args),
+        "task_body": TASK_BODY,
+        "load_generator": "wrk -t1 --latency -s bench/tasks.lua",
+        "relay": "bench/baseline_relay.py: bare Klein POST /tasks, "
+        "one treq call to the agent, no store/logging/metrics",
+        "relay_duration_s": args.health_duration,
+        "pace_connections": PACE_CONNECTIONS,
+    }
+    figures = {
+        "runs": runs,
+        "summary": summary,
+        "latency": latency,
+        "relay_latency": relay_latency,
+        "totals": totals,
+        "agent": agent_health,
+        "noisy_runs": noisy,
+    }
+    return finish(args, results, figures, info, config)
 
 
 # Summaries --------------------------------------------------------------------
-
-
-def _median(runs: Sequence[dict[str, Any]], key: str) -> float:
-    values = [run[key] for run in runs if run.get(key) is not None]
-    return float(statistics.median(values)) if values else float("nan")
 
 
 def summarise(
@@ -1048,7 +952,7 @@ def summarise(
     tasks = runs["tasks"]
     summary: dict[str, Any] = {
         "tasks": {
-            key: _median(tasks, key)
+            key: median(tasks, key)
             for key in (
                 "tasks",
                 "submitted_per_s",
@@ -1063,7 +967,7 @@ def summarise(
     }
     for name in (*HEALTH_TARGETS, RELAY):
         summary[name] = {
-            key: _median(runs[name], key)
+            key: median(runs[name], key)
             for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request", "server_cpu")
         } | {"errors": sum(run["errors"] for run in runs[name])}
     summary["completed_per_s_per_round"] = [run["completed_per_s"] for run in tasks]
@@ -1097,7 +1001,7 @@ def checks(
     results: list[dict[str, Any]] = []
 
     def check(what: str, figure: str, met: bool) -> None:
-        results.append({"what": what, "figure": figure, "met": met})
+        results.append(one_check(what, figure, met))
 
     rate = summary["tasks"]["completed_per_s"]
     rounds = " ".join(f"{r:,.0f}" for r in summary["completed_per_s_per_round"])
@@ -1135,11 +1039,18 @@ def checks(
     return results
 
 
-def _ms(spread_ms: dict[str, float]) -> str:
-    return (
-        f"{spread_ms['p50']:>7.2f}{spread_ms['p90']:>8.2f}{spread_ms['p99']:>8.2f}"
-        f"{spread_ms['max']:>8.2f}{spread_ms['mean']:>8.2f}"
-    )
+#: The columns of a spread of milliseconds (L{_ms}), after a label of 52.
+SPREAD_COLUMNS = "p50 7|p90 8|p99 8|max 8|mean 8"
+
+
+def _ms(spread_ms: dict[str, float]) -> list[str]:
+    return [f"{spread_ms[key]:.2f}" for key in ("p50", "p90", "p99", "max", "mean")]
+
+
+def spread_rows(
+    rows: Iterable[tuple[str, dict[str, float]]],
+) -> list[tuple[str, ...]]:
+    return [(label, *_ms(values)) for label, values in rows]
 
 
 def print_phase_end(figures: dict[str, Any], whose: str) -> None:
@@ -1172,8 +1083,7 @@ def print_relay_latency(latency: dict[str, Any], relay: dict[str, Any]) -> None:
         ("the agent's own time (received -> answered)", relay["agent_own_ms"]),
         ("client lateness (sent - scheduled)", relay["client_late_ms"]),
     )
-    for label, values in rows:
-        print(f"  {label:<52}{_ms(values)}")
+    table("  the relay's phase", f"ms 52|{SPREAD_COLUMNS}", spread_rows(rows))
     print_phase_end(relay, "relay")
     floor, service = relay["added_ms"], latency["added_ms"]
     over = relay["service_minus_relay_ms"]
@@ -1209,13 +1119,7 @@ def print_report(
     totals: dict[str, int],
 ) -> None:
     settings = " ".join(f"{k}={v}" for k, v in service_settings(args).items())
-    print()
-    print(
-        f"OptiInfra tasks benchmark -- {info.get('cpu_model', 'unknown CPU')}, "
-        f"Python {info['python']}, Twisted {info.get('twisted', '?')}, "
-        f"Klein {info.get('klein', '?')}, treq {info.get('treq', '?')}, "
-        f"{pinning.note}, git {info.get('git', '?')}"
-    )
+    print_machine("tasks", info)
     print(
         f"service: {settings}, SQLite in a temporary STATE_DIR, log to "
         f"{args.service_log or 'a temporary file'}; one fast agent (bench/"
@@ -1223,33 +1127,32 @@ def print_report(
     )
 
     t = summary["tasks"]
-    print()
-    print(
+    rounds = [
+        (number, run, "yes" if run["all_completed"] else "NO", run["noisy"])
+        for number, run in enumerate(runs["tasks"], 1)
+    ]
+    table(
         f"Throughput: wrk -c{args.connections} POST /tasks for {args.duration} s per "
         f"round, then until all finished (median of {args.rounds} round"
-        f"{'s' if args.rounds > 1 else ''})"
-    )
-    header = (
-        f"  {'round':<7}{'tasks':>8}{'submitted/s':>13}{'completed/s':>13}"
-        f"{'drain':>9}{'submit p50':>12}{'p99':>10}{'CPU/task':>10}{'CPU':>6}"
-        f"{'all done':>10}"
-    )
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-    for number, run in enumerate(runs["tasks"], 1):
-        print(
-            f"  {number:<7}{run['tasks']:>8,}{run['submitted_per_s']:>13,.0f}"
-            f"{run['completed_per_s']:>13,.0f}{run['drain_s']:>7.2f} s"
-            f"{run['submit_p50_ms']:>9.2f} ms{run['submit_p99_ms']:>7.2f} ms"
-            f"{run['cpu_us_per_task']:>7,.0f} us{run['server_cpu']:>6.0%}"
-            f"{'yes' if run['all_completed'] else 'NO':>10}"
-            + (" NOISY" if run["noisy"] else "")
-        )
-    print(
-        f"  {'median':<7}{t['tasks']:>8,.0f}{t['submitted_per_s']:>13,.0f}"
-        f"{t['completed_per_s']:>13,.0f}{t['drain_s']:>7.2f} s"
-        f"{t['submit_p50_ms']:>9.2f} ms{t['submit_p99_ms']:>7.2f} ms"
-        f"{t['cpu_us_per_task']:>7,.0f} us{t['server_cpu']:>6.0%}"
+        f"{'s' if args.rounds > 1 else ''})",
+        "round 7|tasks 8|submitted/s 13|completed/s 13|drain 9|submit p50 12|p99 10"
+        "|CPU/task 10|CPU 6|all done 10| 0",
+        [
+            (
+                number,
+                f"{run['tasks']:,.0f}",
+                f"{run['submitted_per_s']:,.0f}",
+                f"{run['completed_per_s']:,.0f}",
+                f"{run['drain_s']:.2f} s",
+                f"{run['submit_p50_ms']:.2f} ms",
+                f"{run['submit_p99_ms']:.2f} ms",
+                f"{run['cpu_us_per_task']:,.0f} us",
+                f"{run['server_cpu']:.0%}",
+                done,
+                " NOISY" if noisy else "",
+            )
+            for number, run, done, noisy in [*rounds, ("median", t, "", False)]
+        ],
     )
     print(
         "  completed/s = tasks / (last completion in the service's log - wrk's "
@@ -1257,34 +1160,34 @@ def print_report(
         "completed"
     )
 
-    print()
-    print(
-        f"Beside it, GET /health at {args.connections} connections, and POST /tasks "
-        f"through the bare Klein + treq relay ({args.health_duration} s runs "
-        "interleaved with the rounds above)"
-    )
-    header = (
-        f"  {'target':<32}{'req/s':>9}{'p50':>11}{'p99':>11}{'CPU/req':>11}"
-        f"{'errors':>8}"
-    )
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-
-    def row(name: str) -> None:
+    def row(name: str) -> tuple[str, ...]:
         m = summary[name]
-        print(
-            f"  {LABELS[name]:<32}{m['rps']:>9,.0f}{m['p50_ms']:>8.2f} ms"
-            f"{m['p99_ms']:>8.2f} ms{m['cpu_us_per_request']:>8,.0f} us"
-            f"{m['errors']:>8}"
+        return (
+            LABELS[name],
+            f"{m['rps']:,.0f}",
+            f"{m['p50_ms']:.2f} ms",
+            f"{m['p99_ms']:.2f} ms",
+            f"{m['cpu_us_per_request']:,.0f} us",
+            m["errors"],
         )
 
-    for name in HEALTH_TARGETS:
-        row(name)
-    print(
-        f"  {'tasks, service (end to end)':<32}{t['completed_per_s']:>9,.0f}"
-        f"{'':>22}{t['cpu_us_per_task']:>8,.0f} us"
+    end_to_end = (
+        f"{t['completed_per_s']:,.0f}",
+        "",
+        "",
+        f"{t['cpu_us_per_task']:,.0f} us",
     )
-    row(RELAY)
+    table(
+        f"Beside it, GET /health at {args.connections} connections, and POST /tasks "
+        f"through the bare Klein + treq relay ({args.health_duration} s runs "
+        "interleaved with the rounds above)",
+        "target 32|req/s 9|p50 11|p99 11|CPU/req 11|errors 8",
+        [
+            *(row(name) for name in HEALTH_TARGETS),
+            ("tasks, service (end to end)", *end_to_end, ""),
+            row(RELAY),
+        ],
+    )
     cost = t["cpu_us_per_task"] / summary["service"]["cpu_us_per_request"]
     print(
         f"  one task costs {cost:.1f}"
@@ -1311,15 +1214,6 @@ def print_report(
         )
 
     added = latency["added_ms"]
-    print()
-    print(
-        f"Added latency: {latency['tasks']:,} tasks at {latency['rate']:g}/s "
-        f"(achieved {latency['achieved_rate']:.1f}/s) over {latency['seconds']:g} s, "
-        "sent by a paced open-loop client in the agent's process"
-    )
-    header = f"  {'ms':<52}{'p50':>7}{'p90':>8}{'p99':>8}{'max':>8}{'mean':>8}"
-    print(header)
-    print("  " + "-" * (len(header) - 2))
     rows = (
         ("added: submit-to-complete minus the agent's time", added),
         ("  POST /tasks sent -> agent received (exact)", latency["to_agent_ms"]),
@@ -1328,14 +1222,19 @@ def print_report(
         ("POST /tasks sent -> 201 received", latency["accepted_ms"]),
         ("client lateness (sent - scheduled)", latency["client_late_ms"]),
     )
-    for label, values in rows:
-        print(f"  {label:<52}{_ms(values)}")
-    print(
-        f"  from the service's stored history ({latency['histories']:,} tasks, "
-        "timestamps to the ms):"
+    table(
+        f"Added latency: {latency['tasks']:,} tasks at {latency['rate']:g}/s "
+        f"(achieved {latency['achieved_rate']:.1f}/s) over {latency['seconds']:g} s, "
+        "sent by a paced open-loop client in the agent's process",
+        f"ms 52|{SPREAD_COLUMNS}",
+        spread_rows(rows),
     )
-    for stage, values in latency["stages_ms"].items():
-        print(f"    {stage:<50}{_ms(values)}")
+    table(
+        f"  from the service's stored history ({latency['histories']:,} tasks, "
+        "timestamps to the ms):",
+        f"stage 52|{SPREAD_COLUMNS}",
+        spread_rows(latency["stages_ms"].items()),
+    )
     shapes = ", ".join(
         f"{shape} x{n:,}" for shape, n in latency["history_shapes"].items()
     )

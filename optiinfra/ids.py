@@ -1,5 +1,7 @@
 """
-Task ids that sort by creation time (UUID version 7, RFC 9562).
+Where the service's ids come from.
+
+Task ids sort by creation time (UUID version 7, RFC 9562).
 
 Tasks are the table written on every request.  A random id (version 4) lands
 each new row's id-index entry, and its history's index entries, on a random
@@ -32,3 +34,8 @@ def time_ordered_id(seconds: float) -> str:
         | rand & _RAND_B  # rand_b
     )
     return str(uuid.UUID(int=value))
+
+
+def random_id() -> str:
+    """A random UUID (version 4): agents', coordinations', plans' and steps' ids."""
+    return str(uuid.uuid4())

@@ -5,6 +5,17 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+from twisted.internet.interfaces import IReactorTime
+
+
+def now(clock: IReactorTime) -> float:
+    """
+    C{clock}'s time to the millisecond, the precision every view shows, so that
+    what is stored and what is rendered never disagree.  The one C{now()} of the
+    registry, the router, the coordinator and the executor.
+    """
+    return round(clock.seconds(), 3)
+
 
 def go_duration(seconds: float) -> str:
     """Whole seconds in Go's C{time.Duration} style: C{5s}, C{5m30s}, C{2h0m5s}."""

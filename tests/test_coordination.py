@@ -28,6 +28,7 @@ from .agents import (
     settle,
     until_sent,
 )
+from .client import call
 from .conftest import LogCapture, RunningService, StartService
 from .databases import postgres_schema
 
@@ -46,13 +47,6 @@ CAPABILITIES = [
     "clean_cache",
 ]
 PLAN_FINAL = ("completed", "rolled_back", "rollback_failed", "cancelled")
-
-
-async def call(
-    service: RunningService, method: str, path: str, body: Any = None, **kw: Any
-) -> tuple[int, Any]:
-    response = await service.request(method, path, json=body, **kw)
-    return response.code, await response.json()
 
 
 async def register(service: RunningService, agent: FakeAgent, kind: str) -> str:

@@ -30,6 +30,7 @@ from optiinfra.web.app import new_app
 from optiinfra.web.guard import Guard
 
 from .agents import COMPLETE, StartAgent, until_sent
+from .client import call
 from .conftest import RunningService, StartService
 from .databases import postgres_schema
 from .sse import SSE, open_feed
@@ -47,17 +48,6 @@ def key_file(path: Path) -> dict[str, dict[str, str]]:
         headers[role.value] = {"Authorization": f"Bearer {key}"}
     path.write_text("\n".join(lines) + "\n")
     return headers
-
-
-async def call(
-    service: RunningService,
-    method: str,
-    path: str,
-    body: Any = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, Any]:
-    response = await service.request(method, path, json=body, headers=headers or {})
-    return response.code, await response.json()
 
 
 async def register(

@@ -22,6 +22,7 @@ from optiinfra.web.app import render_failure
 from optiinfra.web.body import MAX_DEPTH
 
 from .agents import StartAgent
+from .client import raw_http
 from .conftest import LogCapture, RunningService, StartService
 
 
@@ -42,13 +43,7 @@ def port_of(service: RunningService) -> int:
 
 
 def exchange(port: int, data: bytes) -> bytes:
-    """Send C{data}, then read until the server closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-        sock.sendall(data)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    return raw_http(port, data, timeout=15)
 
 
 def split(answer: bytes) -> tuple[int, bytes, dict[str, Any]]:

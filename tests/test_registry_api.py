@@ -10,6 +10,7 @@ import pytest_twisted
 
 from optiinfra.auth import Role, generate
 
+from .client import call
 from .conftest import RunningService, StartService
 
 COST = {
@@ -43,13 +44,6 @@ APPLICATION_V1 = {
     "capabilities": ["validate_quality", "detect_regression"],
     "status": "active",
 }
-
-
-async def call(
-    service: RunningService, method: str, path: str, body: Any = None, **kw: Any
-) -> tuple[int, Any]:
-    response = await service.request(method, path, json=body, **kw)
-    return response.code, await response.json()
 
 
 @pytest_twisted.ensureDeferred

@@ -23,19 +23,13 @@ from .agents import (
     StartAgent,
     settle,
 )
+from .client import call
 from .conftest import RunningService, StartService
 from .databases import postgres_database
 
 FAST = {"retry_delay": 0.05, "attempt_timeout": 5.0}
 TASK = {"task_type": "analyze_cost", "agent_type": "cost"}
 FINAL = ("completed", "failed", "timeout", "cancelled")
-
-
-async def call(
-    service: RunningService, method: str, path: str, body: Any = None, **kw: Any
-) -> tuple[int, Any]:
-    response = await service.request(method, path, json=body, **kw)
-    return response.code, await response.json()
 
 
 async def register(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 from typing import Any
 
 import orjson
@@ -18,20 +17,11 @@ from twisted.web.iweb import IRequest
 from optiinfra.web.app import route
 from optiinfra.web.render import render_json
 
+from .client import raw_http
 from .conftest import LogCapture, RunningService, StartService
 
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 GO_DURATION = re.compile(r"(\d+h)?(\d+m)?\d+s")
-
-
-def raw_http(port: int, data: bytes) -> bytes:
-    """Send raw bytes and read until the server closes (for malformed requests)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(data)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @pytest_twisted.ensureDeferred

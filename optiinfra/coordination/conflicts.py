@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations, pairwise
@@ -91,6 +90,7 @@ from optiinfra.coordination.model import (
     Recommendation,
     Resolution,
 )
+from optiinfra.ids import random_id
 
 #: How serious each kind of conflict is: contradictory actions and broken
 #: dependencies cannot both go ahead whatever is done; a shared resource might be
@@ -134,15 +134,11 @@ _Key = tuple[int, int, int, float, float, int, str]
 _Pair = tuple[int, int]
 
 
-def _new_uuid() -> str:
-    return str(uuid.uuid4())
-
-
 def resolve(
     recommendations: Sequence[Recommendation],
     constraints: Constraints = _NO_CONSTRAINTS,
     contradictions: Iterable[tuple[str, str]] = CONTRADICTORY_ACTIONS,
-    new_id: Callable[[], str] = _new_uuid,
+    new_id: Callable[[], str] = random_id,
 ) -> Resolution:
     """
     Find every conflict in C{recommendations} and decide which go ahead.

@@ -47,6 +47,7 @@ from optiinfra.routing import model as tasks
 from optiinfra.routing.model import Task
 from optiinfra.routing.router import Router, TaskRequest
 from optiinfra.store.coordination import CoordinationStore
+from optiinfra.timefmt import now
 
 _log = structlog.get_logger("optiinfra.coordination")
 
@@ -128,7 +129,7 @@ class Executor:
         return changed
 
     def now(self) -> float:
-        return round(self._clock.seconds(), 3)
+        return now(self._clock)
 
     async def start(self, plan: Plan) -> Plan:
         """Ask for C{plan} to run (once its dependencies are done)."""

@@ -5,7 +5,6 @@ asked for, plans made; and people's decisions turned into work.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Final, Protocol, TypeVar
@@ -43,8 +42,9 @@ from optiinfra.coordination.views import (
     recommendation_view,
 )
 from optiinfra.errors import Conflict, NotFound
+from optiinfra.ids import random_id
 from optiinfra.store.coordination import CoordinationStore
-from optiinfra.timefmt import rfc3339_ms
+from optiinfra.timefmt import now, rfc3339_ms
 
 _log = structlog.get_logger("optiinfra.coordination")
 
@@ -70,10 +70,6 @@ class CoordinatorConfig:
     policy: ApprovalPolicy = attrs.field(factory=ApprovalPolicy)
     templates: Mapping[str, tuple[StepTemplate, ...]] = DEFAULT_TEMPLATES
     contradictions: tuple[tuple[str, str], ...] = CONTRADICTORY_ACTIONS
-
-
-def _new_id() -> str:
-    return str(uuid.uuid4())
 
 
 @attrs.frozen
@@ -186,7 +182,7 @@ class Coordinator:
             listener(approval, kind)
 
     def now(self) -> float:
-        return round(self._clock.seconds(), 3)
+        return now(self._clock)
 
     async def coordinate(
         self,
@@ -201,9 +197,9 @@ class Coordinator:
         the result made then, and nothing is done again.
         """
         now = self.now()
-        coordination_id = _new_id()
+        coordination_id = random_id()
         decision = await self._offload(
-            partial(decide, request, coordination_id, now, self.config, _new_id)
+            partial(decide, request, coordination_id, now, self.config, random_id)
         )
         document, approvals, plans = (
             decision.document,
@@ -307,7 +303,7 @@ class Coordinator:
             if decided.status == APPROVED:
                 rec = attrs.evolve(decided.recommendation, status="approved")
                 plan = build_plan(
-                    str(uuid.uuid4()),
+                    random_id(),
                     decided.coordination_id,
                     rec,
                     decided.after,

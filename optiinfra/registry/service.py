@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IHostnameResolver, IReactorTime
 from optiinfra.auth import Principal
 from optiinfra.destinations import Destinations, registration_refusal
 from optiinfra.errors import InvalidField, NotFound
+from optiinfra.ids import random_id
 from optiinfra.registry.model import (
     AGENT_TYPES,
     STATUSES,
@@ -33,7 +34,7 @@ from optiinfra.registry.model import (
 from optiinfra.registry.ownership import OWNER, Ownership, without_owner
 from optiinfra.registry.parse import Beat, Registration
 from optiinfra.store.interface import IStore
-from optiinfra.store.sql import new_agent_id
+from optiinfra.timefmt import now
 
 _log = structlog.get_logger("optiinfra.registry")
 
@@ -132,9 +133,7 @@ class Registry:
             listener(change)
 
     def now(self) -> float:
-        """The clock's time to the millisecond, the precision every view shows,
-        so that what is stored and what is rendered never disagree."""
-        return round(self._clock.seconds(), 3)
+        return now(self._clock)
 
     def status_of(self, agent: Agent) -> str:
         return agent.status_at(self.now(), self.config.unreachable_after)
@@ -160,7 +159,7 @@ class Registry:
             metadata[OWNER] = actor.name
         now = self.now()
         candidate = Agent(
-            id=registration.agent_id or new_agent_id(),
+            id=registration.agent_id or random_id(),
             name=registration.name,
             type=registration.type,
             host=registration.host,

@@ -682,15 +682,6 @@ def test_the_agent_order_is_transitive_over_a_batch() -> None:
     assert perf_cost.dropped == ("by-cost", "by-performance")
 
 
-def test_severities_are_documented() -> None:
-    assert SEVERITY == {
-        ACTION: "high",
-        DEPENDENCY: "high",
-        RESOURCE: "medium",
-        TIMING: "low",
-    }
-
-
 # -- the property test ---------------------------------------------------------
 
 POOL: Final = tuple(f"r{i}" for i in range(10))

@@ -8,14 +8,13 @@ the database does.
 
 from __future__ import annotations
 
-import http.client
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import orjson
 import pytest
 
+from ..client import call_port
 from ..pgcluster import PrivateCluster, private_cluster  # noqa: F401 - a fixture
 from .twistd import Twistd
 
@@ -39,19 +38,7 @@ PATIENCE = 60.0
 def call(
     port: int, method: str, path: str, body: Any = None
 ) -> tuple[int, Any, dict[str, str]]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=PATIENCE)
-    try:
-        data = orjson.dumps(body) if body is not None else None
-        headers = {"Content-Type": "application/json"} if data else {}
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        return (
-            response.status,
-            orjson.loads(response.read()),
-            {k.lower(): v for k, v in response.getheaders()},
-        )
-    finally:
-        connection.close()
+    return call_port(port, method, path, body, timeout=PATIENCE)
 
 
 def start(processes: list[Twistd], cluster: PrivateCluster) -> tuple[Twistd, int]:

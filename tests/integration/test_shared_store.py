@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import http.client
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
+from ..client import call_port
 from ..databases import postgres_database
 from .twistd import Twistd
 
@@ -27,15 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        data = orjson.dumps(body) if body is not None else None
-        headers = {"Content-Type": "application/json"} if data else {}
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        return response.status, orjson.loads(response.read())
-    finally:
-        connection.close()
+    status, answer, _ = call_port(port, method, path, body)
+    return status, answer
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 
-from optiinfra.timefmt import go_duration, rfc3339, rfc3339_ms
+from optiinfra.timefmt import go_duration, now, rfc3339, rfc3339_ms
 
 
 @pytest.mark.parametrize(
@@ -43,3 +44,11 @@ def test_rfc3339_ms_is_datetimes_own_rounding(seconds: float) -> None:
     expected = moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
     assert rfc3339_ms(seconds) == expected
     assert rfc3339_ms(seconds) == expected  # the kept second again
+
+
+def test_now_is_the_clocks_time_to_the_millisecond() -> None:
+    clock = Clock()
+    clock.advance(1760608800.12345)
+    assert now(clock) == 1760608800.123
+    clock.advance(0.0006)
+    assert now(clock) == 1760608800.124
