@@ -11,7 +11,6 @@ timers, the outstanding count per agent and the circuit breakers.
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -31,7 +30,7 @@ from twisted.python.failure import Failure
 
 from optiinfra.bounded import bounded
 from optiinfra.errors import Conflict, NotFound, Overloaded
-from optiinfra.ids import time_ordered_id
+from optiinfra.ids import random_id, time_ordered_id
 from optiinfra.metrics import LATENCY_BUCKETS
 from optiinfra.registry.model import AGENT_TYPES, Agent, AgentQuery
 from optiinfra.registry.service import Registry
@@ -64,6 +63,7 @@ from optiinfra.routing.model import (
 from optiinfra.routing.recording import record_until_stored
 from optiinfra.store.interface import StoreUnavailable
 from optiinfra.store.tasks import Claim, TaskStore
+from optiinfra.timefmt import now
 
 _log = structlog.get_logger("optiinfra.routing")
 
@@ -222,7 +222,7 @@ class Router:
     ) -> None:
         self.tasks = tasks
         self.config = config
-        self.owner = uuid.uuid4().hex  # this process, for leases
+        self.owner = random_id()  # this process, for leases
         self._registry = registry
         self._clock = clock
         self._dispatcher = dispatcher
@@ -268,7 +268,7 @@ class Router:
         registry.removal_listeners.append(self._agent_removed)
 
     def now(self) -> float:
-        return round(self._clock.seconds(), 3)
+        return now(self._clock)
 
     @property
     def in_flight(self) -> int:

@@ -9,7 +9,6 @@ embedded database keep up with thousands of agents.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from typing import Any, Final, TypeVar
 
@@ -81,10 +80,6 @@ def _values(agent: Agent) -> tuple[Any, ...]:
         agent.endpoint,
         agent.health_check_endpoint,
     )
-
-
-def new_agent_id() -> str:
-    return str(uuid.uuid4())
 
 
 _UPSERT_SET: Final = (
