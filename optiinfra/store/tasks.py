@@ -10,7 +10,8 @@ Leases are what replicas compare with each other, so they are kept in the
 database's time: each replica adds the offset it measured between its clock and
 the database's (L{IBackend.clock_offset}) to the leases it writes and to the
 time it compares them with.  A replica whose clock is off by 30 s still sees
-another's lease as the database does.
+another's lease as the database does; likewise when it asks which waiting
+tasks are due or past their deadline.
 """
 
 from __future__ import annotations
@@ -250,6 +251,7 @@ class TaskStore:
         """Waiting tasks whose back-off is over (of C{agent_types}), most urgent
         first."""
         kinds = ""
+        now += self._backend.clock_offset  # compared as the database's time
         params: list[Any] = [now, now]
         if agent_types is not None:
             kinds = f" AND agent_type IN ({_marks(agent_types)})"
@@ -338,6 +340,9 @@ class TaskStore:
         """
         lock = self._backend.lock_suffix()
         detail = "the deadline passed before an agent took it"
+        # Compared as the database's time, as leases are: a replica whose
+        # clock runs ahead must not end other replicas' tasks early.
+        offset = self._backend.clock_offset
 
         def expire(tx: Transaction) -> list[Task]:
             rows = tx.execute(
@@ -346,7 +351,7 @@ class TaskStore:
                 f" WHERE id IN (SELECT id FROM tasks WHERE {_IS_WAITING}"
                 f" AND deadline <= ? ORDER BY deadline LIMIT ?{lock})"
                 f" AND {_IS_WAITING} RETURNING {_COLUMNS}",
-                (TIMEOUT, detail, now, now, now, limit),
+                (TIMEOUT, detail, now, now, now + offset, limit),
             )
             expired = [_task(row) for row in rows]
             if expired:

@@ -122,3 +122,44 @@ def test_a_replica_whose_clock_is_ahead_takes_over_no_call(
     )
     assert sorted(SlowAgent.received) == sorted(tasks)  # each sent once
     assert SlowAgent.most_open == 4
+
+
+def test_a_replica_whose_clock_is_ahead_expires_no_waiting_task(
+    processes: list[Twistd],
+    private_cluster: PrivateCluster,  # noqa: F811 - the fixture
+) -> None:
+    """
+    Deadlines are compared in the database's time too: a task waiting on the
+    first replica (no agent of its type) is not timed out by the replica 30 s
+    ahead, though in that replica's own time its deadline passed long ago.
+    """
+    env = {"DATABASE_URL": private_cluster.url, "STORE_TIMEOUT": "1", "TASK_LEASE": "4"}
+    first = Twistd("--port", LOCAL, env=env)
+    processes.append(first)
+    ahead = Twistd(
+        "--port",
+        LOCAL,
+        env={
+            **env,
+            "LD_PRELOAD": str(LIBFAKETIME),
+            "FAKETIME": "+30s",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        },
+    )
+    processes.append(ahead)
+    port, ahead_port = first.port(), ahead.port()
+    ahead.wait_for_message("this host's clock is off the database's")
+    waiting = call(port, "POST", "/tasks", {**TASK, "timeout_seconds": 20})[1]
+    soon = call(port, "POST", "/tasks", {**TASK, "timeout_seconds": 1})[1]
+    # The short one expires in everybody's time: the expiry passes are running.
+    until(
+        lambda: (
+            call(port, "GET", f"/tasks/{soon['task_id']}")[1]["status"] == "timeout"
+        ),
+        "timed out",
+    )
+    # Several more passes of the skewed replica (4 a second), then the long one
+    # still waits: in that replica's time its deadline passed 10 s ago.
+    time.sleep(2.0)
+    task = call(ahead_port, "GET", f"/tasks/{waiting['task_id']}")[1]
+    assert task["status"] in ("pending", "queued"), task
