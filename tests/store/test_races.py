@@ -53,6 +53,11 @@ AT_ONCE = 20
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """
+    Asked for before C{start_service}, so that it is dropped after the
+    replicas stop: dropped under running replicas, the schema's DROP
+    deadlocked with their transactions.
+    """
     if request.param == "sqlite":
         yield None
     else:
@@ -89,7 +94,7 @@ async def at_once(
 
 @pytest_twisted.ensureDeferred
 async def test_one_key_posted_at_once_is_one_task(
-    start_service: StartService, database_url: str | None
+    database_url: str | None, start_service: StartService
 ) -> None:
     services = await replicas(start_service, database_url)
     answers = await at_once(services, "/tasks", TASK, "order-1")
@@ -100,7 +105,7 @@ async def test_one_key_posted_at_once_is_one_task(
 
 @pytest_twisted.ensureDeferred
 async def test_one_agent_registered_at_once_is_one_agent(
-    start_service: StartService, database_url: str | None
+    database_url: str | None, start_service: StartService
 ) -> None:
     services = await replicas(start_service, database_url)
     answers = await at_once(services, "/agents/register", AGENT, None)
@@ -112,7 +117,7 @@ async def test_one_agent_registered_at_once_is_one_agent(
 
 @pytest_twisted.ensureDeferred
 async def test_one_key_coordinated_at_once_is_one_coordination(
-    start_service: StartService, database_url: str | None
+    database_url: str | None, start_service: StartService
 ) -> None:
     services = await replicas(start_service, database_url)
     answers = await at_once(services, "/coordination/coordinate", COORDINATION, "b-1")
