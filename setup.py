@@ -61,6 +61,8 @@ setup(
             "mypy>=1.11,<2.5",
             "mypy-zope>=1.0.17,<2",
             "playwright>=1.45,<2",
+            "jsonschema>=4.23,<5",
+            "schemathesis>=4.32,<5",
         ],
     },
     entry_points={},

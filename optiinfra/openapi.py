@@ -47,8 +47,10 @@ from optiinfra.coordination.plans import (
 from optiinfra.events.record import TOPICS
 from optiinfra.events.routes import LABELS
 from optiinfra.registry.model import (
+    AGENT_ID,
     AGENT_TYPES,
     REPORTED_STATUSES,
+    RESERVED_AGENT_IDS,
     STATUS_ALIASES,
     STATUSES,
 )
@@ -234,9 +236,13 @@ def _body(schema_name: str, description: str, *, required: bool) -> dict[str, An
 
 _AGENT_ID: Final[dict[str, Any]] = {
     "type": "string",
-    "pattern": _whole(TOKEN),
+    "pattern": _whole(AGENT_ID),
     "maxLength": 128,
-    "description": "Letters, digits and `. _ : @ -`, starting with a letter or digit.",
+    "description": (
+        "Letters, digits and `. _ : @ -`, starting with a letter or digit; "
+        + " and ".join(f"`{word}`" for word in RESERVED_AGENT_IDS)
+        + " are paths of their own, never agent ids."
+    ),
     "examples": ["performance-agent-1"],
 }
 _NAME: Final[dict[str, Any]] = {
@@ -258,11 +264,22 @@ _HOST: Final[dict[str, Any]] = {
     "examples": ["10.0.0.12"],
 }
 _PORT: Final[dict[str, Any]] = {"type": "integer", "minimum": 1, "maximum": 65535}
+#: One line of printable text, not only whitespace: what C{Fields.text} keeps.
+_LINE: Final = rf"^(?=[\s\S]*{_NOT_BLANK})[^\x00-\x1f\x7f]*$"
 _URL_TEXT: Final[dict[str, Any]] = {
     "type": "string",
     "maxLength": 2048,
-    "pattern": _NOT_BLANK,
+    "pattern": _LINE,
 }
+_PORT_TEXT: Final = (
+    "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}"
+    "|655[0-2][0-9]|6553[0-5])"
+)
+#: What C{registry.parse._endpoint} accepts: http(s), a host, a port, a path.
+_ENDPOINT: Final = (
+    r"^[Hh][Tt][Tt][Pp][Ss]?://(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])"
+    rf"(?::{_PORT_TEXT})?(?:/[A-Za-z0-9._~-]+)*/?$"
+)
 _TIME_MS: Final[dict[str, Any]] = {
     "type": "string",
     "format": "date-time",
@@ -310,7 +327,7 @@ def _schemas() -> dict[str, Any]:
     version = {
         "type": "string",
         "maxLength": 64,
-        "pattern": _NOT_BLANK,
+        "pattern": _LINE,
         "default": "unknown",
     }
     common = {
@@ -376,8 +393,7 @@ def _schemas() -> dict[str, Any]:
                 "endpoint": _nullable(
                     {
                         **_URL_TEXT,
-                        "format": "uri",
-                        "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+                        "pattern": _ENDPOINT,
                         "description": (
                             "An http(s) URL with a valid host; port 80 or 443 "
                             "when it names none. Tasks go to `<its path>/task`; "
@@ -728,7 +744,16 @@ def _task_schemas() -> dict[str, Any]:
                 "minimum": 0,
                 "description": "Attempts made after the first.",
             },
-            "task_type": _schema("TaskType"),
+            "task_type": {
+                "type": "string",
+                "pattern": _whole(TOKEN),
+                "maxLength": 128,
+                "description": (
+                    "A submitted task's `task_type` (see TaskType); a plan "
+                    "step's task carries its template's task type, or the "
+                    "recommendation's `action` when no template has one."
+                ),
+            },
             "agent_type": _schema("AgentType"),
             "priority": {"type": "integer", "minimum": lowest, "maximum": highest},
             "timeout_seconds": {
@@ -1565,7 +1590,7 @@ def _coordination_schemas() -> dict[str, Any]:
                         "description": (
                             "Who approves; required when the service has no API "
                             "keys. With keys it is the key's name: it may be "
-                            "left out, and another value is a 400 naming "
+                            "left out, and another value is a 403 naming "
                             "`user_id`."
                         ),
                         "examples": ["alice"],
@@ -1584,7 +1609,7 @@ def _coordination_schemas() -> dict[str, Any]:
                         "description": (
                             "Who rejects; required when the service has no API "
                             "keys. With keys it is the key's name: it may be "
-                            "left out, and another value is a 400 naming "
+                            "left out, and another value is a 403 naming "
                             "`user_id`."
                         ),
                         "examples": ["alice"],
@@ -2070,10 +2095,12 @@ def _components() -> dict[str, Any]:
                 "in": "header",
                 "required": False,
                 "description": (
-                    "W3C trace context, passed on to the agent with the task; a "
-                    "malformed value is ignored."
+                    "W3C trace context, passed on to the agent with the task "
+                    f"when it is well formed (`{TRACEPARENT.pattern}`); any other "
+                    "value is ignored, as W3C Trace Context asks (a new trace "
+                    "starts), never refused."
                 ),
-                "schema": {"type": "string", "pattern": _whole(TRACEPARENT)},
+                "schema": {"type": "string"},
             },
         },
         "headers": {
@@ -2795,8 +2822,9 @@ use (registration answers 200). Both reach the same registry.
 Every answer carries `X-Request-ID`. Every error is JSON:
 `{"error": ..., "field"?: ..., "detail"?: ..., "request_id": ...}`. A path that
 does not exist is a 404, a method a path does not serve a 405 with `Allow`, a body
-larger than MAX_BODY_BYTES a 413. HEAD is served wherever GET is, and a trailing
-slash is accepted on every path.
+larger than MAX_BODY_BYTES a 413. HEAD is served wherever GET is. A path with a trailing
+slash, or an empty segment, is not another spelling of a path: it is a 404 (the
+service never redirects).
 
 Registry, task and coordination routes need an API key (`Authorization: Bearer`
 or `X-API-Key`) whose role grants the operation's `x-permission`: `agent` keys may
@@ -2823,6 +2851,7 @@ def _feed_paths() -> dict[str, Any]:
         }
 
     token = {"type": "string", "pattern": _whole(TOKEN), "maxLength": 128}
+    _topic = "|".join(TOPICS)
     labels = [
         query(
             name,
@@ -2835,10 +2864,23 @@ def _feed_paths() -> dict[str, Any]:
     stream = {
         "text/event-stream": {
             "schema": {
-                "type": "string",
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    "event": {
+                        "type": "string",
+                        "enum": [*TOPICS, "reset", "overflow"],
+                    },
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": JSON,
+                    },
+                    "retry": {"type": "integer", "minimum": 0},
+                },
                 "description": (
-                    "Server-Sent Events.  Each change is `id: <n>` (increasing "
-                    "across replicas), `event: <topic>` and `data:` one JSON "
+                    "One Server-Sent Event (the stream is a sequence of them; "
+                    "OpenAPI 3.1 describes each).  Each change is `id: <n>` "
+                    "(increasing across replicas), `event: <topic>` and `data:` one JSON "
                     "object: `topic`, `kind`, `at`, and the REST view of what "
                     "changed under `agent`, `task`, `approval` or `plan` "
                     "(agents: `registered`, `status_changed` with `previous`, "
@@ -2886,7 +2928,10 @@ def _feed_paths() -> dict[str, Any]:
                     query(
                         "topics",
                         f"Comma-separated, of {', '.join(TOPICS)} (default all).",
-                        {"type": "string"},
+                        {
+                            "type": "string",
+                            "pattern": f"^(?:{_topic})(?:,(?:{_topic}))*$",
+                        },
                     ),
                     *labels,
                     query(
@@ -3021,8 +3066,44 @@ def _feed_paths() -> dict[str, Any]:
     }
 
 
-def build_document() -> dict[str, Any]:
-    """The OpenAPI document, built afresh."""
+_OPEN_NOTE: Final = """
+
+**This instance runs without API keys** (no API_KEYS_FILE): no operation needs a
+key, so none declares a security requirement here.  The same service with a key
+file serves this document with every registry, task and coordination operation
+secured.
+"""
+
+
+def build_document(*, secured: bool = True) -> dict[str, Any]:
+    """
+    The OpenAPI document, built afresh: C{secured} for an instance with API
+    keys; without, no operation declares a security requirement, and C{info}
+    says why, so the document is true of the instance serving it.
+    """
+    paths = {
+        **_service_paths(),
+        **_registry_paths(),
+        **_task_paths(),
+        **_coordination_paths(),
+        **_feed_paths(),
+    }
+    components = _components()
+    if not secured:
+        for item in paths.values():
+            for operation in item.values():
+                if not isinstance(operation, dict):
+                    continue  # a path item's shared parameters
+                operation["security"] = []
+                for code in ("401", "403"):
+                    operation["responses"].pop(code, None)
+        # No key names the decider: the body must.
+        for decision in ("approve", "reject"):
+            path = f"/coordination/approvals/{{approval_id}}/{decision}"
+            paths[path]["post"]["requestBody"]["required"] = True
+            body = components["schemas"][f"{decision.title()}Request"]
+            body["required"] = ["user_id", *body.get("required", [])]
+            body["properties"]["user_id"]["type"] = "string"
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -3032,7 +3113,7 @@ def build_document() -> dict[str, Any]:
                 "Agent registry, task routing, coordination and control plane of "
                 "the OptiInfra platform."
             ),
-            "description": _DESCRIPTION,
+            "description": _DESCRIPTION + ("" if secured else _OPEN_NOTE),
         },
         "tags": [
             {"name": "service", "description": "Probes, metrics and this document."},
@@ -3049,25 +3130,25 @@ def build_document() -> dict[str, Any]:
             {"name": "events", "description": "The live change feed."},
             {"name": "console", "description": "The operators' console."},
         ],
-        "security": _key_required(),
-        "paths": {
-            **_service_paths(),
-            **_registry_paths(),
-            **_task_paths(),
-            **_coordination_paths(),
-            **_feed_paths(),
-        },
-        "components": _components(),
+        "security": _key_required() if secured else [],
+        "paths": paths,
+        "components": components,
     }
 
 
-#: The document served; built once.
+#: The document served by an instance with API keys; built once.
 DOCUMENT: Final[dict[str, Any]] = build_document()
+#: The document served by an instance without API keys.
+OPEN_DOCUMENT: Final[dict[str, Any]] = build_document(secured=False)
 
 
-def mount(app: Klein) -> None:
-    """Add C{GET /openapi.json} to C{app}; it needs no key."""
+def mount(app: Klein, *, secured: bool = True) -> None:
+    """
+    Add C{GET /openapi.json} to C{app}; it needs no key.  C{secured} says
+    whether the instance has API keys, which the document then declares.
+    """
+    document = DOCUMENT if secured else OPEN_DOCUMENT
 
     @route(app, "/openapi.json", ("GET",))
     def openapi(request: IRequest) -> bytes:
-        return render_json(request, DOCUMENT)
+        return render_json(request, document)

@@ -176,14 +176,15 @@ def parse_decision(
     """
     (user_id, reason) of an approve or reject body.  C{user}, the API key's
     owner when there are keys, is who decides: a body naming anyone else is
-    refused.
+    refused with 403 (acting as another person is not allowed, however well
+    formed the name).
     """
     fields = Fields(document)
     if user is None:
         user = _required(fields.text("user_id", pattern=TOKEN))
     elif fields.has("user_id") and fields.raw("user_id") != user:
         raise InvalidField(
-            "user_id", f"must be the API key's owner ({user}) or left out"
+            "user_id", f"must be the API key's owner ({user}) or left out", 403
         )
     reason = fields.text("reason", required=reason_required, max_length=1024)
     return user, reason

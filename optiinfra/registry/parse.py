@@ -17,11 +17,12 @@ import attrs
 from optiinfra.destinations import tls_available
 from optiinfra.errors import InvalidField
 from optiinfra.registry.model import (
+    AGENT_ID,
     AGENT_TYPES,
     REPORTED_STATUSES,
     STATUS_ALIASES,
 )
-from optiinfra.validation import HOST, NAME, TOKEN, Fields
+from optiinfra.validation import HOST, NAME, Fields
 
 _VERSION_LENGTH: Final = 64
 #: An endpoint's path: tasks go to C{<path>/task}.
@@ -93,7 +94,7 @@ def parse_registration(document: object) -> Registration:
 def parse_v1_registration(document: object) -> Registration:
     """The real agents' C{POST /api/v1/agents/register} body."""
     fields = Fields(document)
-    agent_id = _req(fields.text("agent_id", pattern=TOKEN, max_length=128))
+    agent_id = _req(fields.text("agent_id", pattern=AGENT_ID, max_length=128))
     if fields.has("endpoint"):
         host, port = _endpoint(fields)
     else:
@@ -172,7 +173,7 @@ def parse_beat(document: object) -> Beat:
 def parse_v1_beat(document: object) -> tuple[str, Beat]:
     """The body of C{POST /api/v1/agents/heartbeat}, which names the agent."""
     fields = Fields(document)
-    agent_id = _req(fields.text("agent_id", pattern=TOKEN, max_length=128))
+    agent_id = _req(fields.text("agent_id", pattern=AGENT_ID, max_length=128))
     return agent_id, parse_beat(document)
 
 
