@@ -1192,16 +1192,16 @@ async def test_coordination_answers_match_the_document(
             service, "POST", target, template, json=body, headers=operator
         )
         assert code == 404, target
-    refused: list[tuple[dict[str, Any], str]] = [
-        ({"user_id": "someone-else"}, "user_id"),
-        ({"reason": ""}, "reason"),
-        ({}, "reason"),
+    refused: list[tuple[dict[str, Any], str, int]] = [
+        ({"user_id": "someone-else"}, "user_id", 403),  # acting as another
+        ({"reason": ""}, "reason", 400),
+        ({}, "reason", 400),
     ]
-    for body, field in refused:
+    for body, field, status in refused:
         code, error = await call(
             service, "POST", f"{critical}/reject", REJECT, json=body, headers=operator
         )
-        assert (code, error["field"]) == (400, field), body
+        assert (code, error["field"]) == (status, field), body
     code, error = await call(
         service,
         "POST",
