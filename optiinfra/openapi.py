@@ -790,7 +790,7 @@ def _task_schemas() -> dict[str, Any]:
             "the contract's, each done by one type of agent: "
             + ", ".join(f"{t} ({a})" for t, a in sorted(TASK_TYPES.items()))
             + ". Otherwise a 400 lists what is offered for `agent_type`.",
-            "examples": ["analyze_cost", "kv_cache_optimization"],
+            "examples": ["analyze_cost"],
         },
         "TaskStatus": {
             "type": "string",
@@ -1241,7 +1241,11 @@ def _coordination_schemas() -> dict[str, Any]:
                 "customer_id": _nullable(
                     {
                         **token,
-                        "description": "The request's `customer_id` if given.",
+                        "description": (
+                            "The request's `customer_id` if given (another "
+                            "value is a 400 naming it)."
+                        ),
+                        "examples": ["acme"],
                     }
                 ),
                 "agent_id": _nullable(
@@ -2880,7 +2884,8 @@ def _feed_paths() -> dict[str, Any]:
                 "description": (
                     "One Server-Sent Event (the stream is a sequence of them; "
                     "OpenAPI 3.1 describes each).  Each change is `id: <n>` "
-                    "(increasing across replicas), `event: <topic>` and `data:` one JSON "
+                    "(increasing across replicas), `event: <topic>` and "
+                    "`data:` one JSON "
                     "object: `topic`, `kind`, `at`, and the REST view of what "
                     "changed under `agent`, `task`, `approval` or `plan` "
                     "(agents: `registered`, `status_changed` with `previous`, "
