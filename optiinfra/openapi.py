@@ -275,9 +275,20 @@ _PORT_TEXT: Final = (
     "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}"
     "|655[0-2][0-9]|6553[0-5])"
 )
+#: An IPv6 address without a zone or an embedded IPv4 one (RFC 4291 2.2).
+_IPV6: Final = (
+    "(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|(?:[0-9A-Fa-f]{1,4}:){1,7}:"
+    "|(?:[0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}"
+    "|(?:[0-9A-Fa-f]{1,4}:){1,5}(?::[0-9A-Fa-f]{1,4}){1,2}"
+    "|(?:[0-9A-Fa-f]{1,4}:){1,4}(?::[0-9A-Fa-f]{1,4}){1,3}"
+    "|(?:[0-9A-Fa-f]{1,4}:){1,3}(?::[0-9A-Fa-f]{1,4}){1,4}"
+    "|(?:[0-9A-Fa-f]{1,4}:){1,2}(?::[0-9A-Fa-f]{1,4}){1,5}"
+    "|[0-9A-Fa-f]{1,4}:(?::[0-9A-Fa-f]{1,4}){1,6}"
+    "|:(?:(?::[0-9A-Fa-f]{1,4}){1,7}|:)"
+)
 #: What C{registry.parse._endpoint} accepts: http(s), a host, a port, a path.
 _ENDPOINT: Final = (
-    r"^[Hh][Tt][Tt][Pp][Ss]?://(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])"
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://(?:[A-Za-z0-9._-]+|\[(?:{_IPV6})\])"
     rf"(?::{_PORT_TEXT})?(?:/[A-Za-z0-9._~-]+)*/?$"
 )
 _TIME_MS: Final[dict[str, Any]] = {
@@ -1326,8 +1337,16 @@ def _coordination_schemas() -> dict[str, Any]:
                         ),
                         "required": ["start", "end"],
                         "properties": {
-                            "start": {**time_in, "type": "string"},
-                            "end": {**time_in, "type": "string"},
+                            "start": {
+                                **time_in,
+                                "type": "string",
+                                "examples": ["2025-10-16T22:00:00Z"],
+                            },
+                            "end": {
+                                **time_in,
+                                "type": "string",
+                                "examples": ["2025-10-17T02:00:00Z"],
+                            },
                         },
                     }
                 ),

@@ -9,7 +9,10 @@ cannot say it:
   - C{POST /tasks}: a task type outside the contract's nine is accepted only
     when an agent of C{agent_type} offers it now (state, not shape);
   - C{POST /coordination/coordinate}: a recommendation's C{customer_id}, when
-    given, must be the request's (one field equal to another);
+    given, must be the request's (one field equal to another); its window's
+    C{end} must be after its C{start}; its times must be real (no 30
+    February: a pattern cannot know the calendar); recommendation ids must
+    differ (unique by one key of the items);
   - every body: an integer beyond 64 bits anywhere, free-form objects
     included, is refused (Limits); a schema saying so of free-form JSON would
     be recursive, which the generator cannot draw from;
@@ -20,6 +23,7 @@ cannot say it:
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import schemathesis
@@ -48,6 +52,40 @@ def _within_64_bits(value: Any) -> Any:
     return value
 
 
+_SOME_TIME = "2025-10-16T12:00:00Z"
+
+
+def _moment(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+        datetime.fromtimestamp(moment.timestamp())
+    except (ValueError, OverflowError, OSError):
+        return None
+    return moment
+
+
+def _recommendation(recommendation: dict[str, Any], index: int, customer: Any) -> None:
+    """One recommendation made true to the rules between its fields."""
+    if isinstance(recommendation.get("customer_id"), str):
+        recommendation["customer_id"] = customer
+    for key in ("created_at", "expires_at"):
+        if isinstance(recommendation.get(key), str) and not _moment(
+            recommendation[key]
+        ):
+            recommendation[key] = _SOME_TIME
+    window = recommendation.get("window")
+    if isinstance(window, dict):
+        start = _moment(window.get("start")) or _moment(_SOME_TIME)
+        end = _moment(window.get("end"))
+        assert start is not None
+        if end is None or end <= start:
+            end = start + timedelta(hours=1)
+        window["start"] = start.isoformat()
+        window["end"] = end.isoformat()
+
+
 @schemathesis.hook
 def filter_case(context: Any, case: Any) -> bool:
     if not _positive(case):
@@ -66,10 +104,13 @@ def map_case(context: Any, case: Any) -> Any:
             body["task_type"] = _BY_AGENT[agent_type]
     if case.method.upper() == "POST" and case.path == "/coordination/coordinate":
         customer = body.get("customer_id")
-        for recommendation in body.get("recommendations") or []:
-            if isinstance(recommendation, dict) and isinstance(
-                recommendation.get("customer_id"), str
-            ):
-                recommendation["customer_id"] = customer
+        seen: set[Any] = set()
+        for index, recommendation in enumerate(body.get("recommendations") or []):
+            if not isinstance(recommendation, dict):
+                continue
+            _recommendation(recommendation, index, customer)
+            if recommendation.get("id") in seen:
+                recommendation["id"] = f"r{index}"
+            seen.add(recommendation.get("id"))
     case.body = body
     return case
