@@ -44,6 +44,7 @@ from optiinfra.coordination.plans import (
     STEP_SKIPPED,
     WAITING,
 )
+from optiinfra.declare import Reference, body_schema
 from optiinfra.events.record import TOPICS
 from optiinfra.events.routes import LABELS
 from optiinfra.registry.model import (
@@ -55,9 +56,19 @@ from optiinfra.registry.model import (
     STATUSES,
 )
 from optiinfra.registry.routes import MAX_QUERY_CAPABILITIES
-from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPE, TASK_TYPES
+from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPES
 from optiinfra.routing.model import STATUSES as TASK_STATUSES
-from optiinfra.routing.parse import IDEMPOTENCY_KEY, TRACEPARENT
+from optiinfra.routing.parse import (
+    AGENT_ID_FIELD,
+    IDEMPOTENCY_KEY,
+    MAX_RETRIES,
+    METADATA,
+    PARAMETERS,
+    PRIORITY,
+    TASK_TYPE_FIELD,
+    TIMEOUT,
+    TRACEPARENT,
+)
 from optiinfra.routing.router import RouterConfig
 from optiinfra.settings import Settings
 from optiinfra.validation import HOST, MAX_DOCUMENT, MAX_LIST, NAME, TOKEN
@@ -688,14 +699,6 @@ def _task_schemas() -> dict[str, Any]:
     by_agent: dict[str, list[str]] = {}
     for task_type, agent_type in TASK_TYPES.items():
         by_agent.setdefault(agent_type, []).append(task_type)
-    document: dict[str, Any] = {
-        "type": "object",
-        "default": {},
-        "description": (
-            f"Any JSON object, at most {MAX_DOCUMENT} bytes serialised; passed "
-            "to the agent as is."
-        ),
-    }
     time_or_null = {
         "type": ["string", "null"],
         "format": "date-time",
@@ -792,8 +795,7 @@ def _task_schemas() -> dict[str, Any]:
     }
     return {
         "TaskType": {
-            "type": "string",
-            "pattern": f"^{TASK_TYPE.pattern}$",
+            **TASK_TYPE_FIELD.schema(),
             "description": "What to do, in the agents' own words. Accepted when "
             "an agent of `agent_type` registered now lists it among its "
             "capabilities (`kv_cache_optimization`, `spot_migration`, ...), "
@@ -822,76 +824,41 @@ def _task_schemas() -> dict[str, Any]:
             ),
             "examples": ["019abb1e-7c2a-7d41-9f55-2a7e6b1d3c40"],
         },
-        "TaskRequest": {
-            "type": "object",
-            "description": (
-                "A task for an agent of `agent_type`, which must be the type "
-                "that does `task_type` (otherwise a 400 naming `agent_type`). "
-                "Optional fields sent as null are read as absent. Other fields "
-                "are ignored."
-            ),
-            "required": ["task_type", "agent_type"],
-            "properties": {
-                "task_type": _schema("TaskType"),
-                "agent_type": _schema("AgentType"),
-                "agent_id": {
-                    **_nullable(_schema("AgentId")),
-                    "description": (
-                        "Send it to this agent only. The task fails if that "
-                        "agent is not registered, is not of `agent_type`, does "
-                        "not list `task_type` among its capabilities, or is "
-                        "neither healthy nor degraded. Absent: any agent of "
-                        "`agent_type` listing `task_type`."
-                    ),
-                },
-                "parameters": _nullable(document),
-                "metadata": _nullable(document),
+        "TaskRequest": body_schema(
+            [
+                Reference("task_type", "TaskType"),
+                Reference("agent_type", "AgentType"),
+                AGENT_ID_FIELD,
+                PARAMETERS,
+                METADATA,
+                TIMEOUT,
+                MAX_RETRIES,
+            ],
+            "A task for an agent of `agent_type`, which must be the type that "
+            "does `task_type` (otherwise a 400 naming `agent_type`). Optional "
+            "fields sent as null are read as absent. Other fields are ignored.",
+            described={
                 "priority": {
                     "anyOf": [
-                        {"type": "integer", "minimum": lowest, "maximum": highest},
+                        {
+                            "type": "integer",
+                            "minimum": PRIORITY.minimum,
+                            "maximum": PRIORITY.maximum,
+                        },
                         {"type": "string", "enum": list(PRIORITIES)},
                         {"type": "null"},
                     ],
-                    "default": PRIORITIES["normal"],
+                    "default": PRIORITY.default,
                     "description": (
                         "Higher is sent first: a whole number from "
-                        f"{lowest} to {highest}, or a name ("
+                        f"{PRIORITY.minimum} to {PRIORITY.maximum}, or a name ("
                         + ", ".join(f"{n} = {v}" for n, v in PRIORITIES.items())
                         + "). Absent: normal."
                     ),
                     "examples": ["high", 12],
-                },
-                "timeout_seconds": _nullable(
-                    {
-                        "type": "number",
-                        "minimum": 0.001,
-                        "maximum": _ROUTER.max_timeout,
-                        "default": _ROUTER.default_timeout,
-                        "description": (
-                            "The deadline, counted from submission: a task not "
-                            "finished by then is `timeout`, and a call still out "
-                            "at an agent is cut off."
-                        ),
-                    }
-                ),
-                "max_retries": _nullable(
-                    {
-                        "type": "integer",
-                        "minimum": 0,
-                        "maximum": 10,
-                        "default": _ROUTER.default_retries,
-                        "description": (
-                            "Attempts after the first when one gets no usable "
-                            "answer (a 5xx without a verdict, connection trouble, "
-                            "no answer within ATTEMPT_TIMEOUT); an agent's own "
-                            '`"status": "failed"` (whatever the HTTP status) or '
-                            "another 4xx is final; a 429, or a 503 with "
-                            "Retry-After, waits as asked without using a retry."
-                        ),
-                    }
-                ),
+                }
             },
-            "anyOf": [
+            anyOf=[
                 {
                     "properties": {
                         "agent_type": {"const": agent_type},
@@ -912,7 +879,7 @@ def _task_schemas() -> dict[str, Any]:
                     }
                 }
             ],
-        },
+        ),
         "TaskAccepted": {
             "type": "object",
             "required": ["task_id", "status", "agent_id", "created_at", "status_url"],

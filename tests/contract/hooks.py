@@ -13,6 +13,8 @@ cannot say it:
     C{end} must be after its C{start}; its times must be real (no 30
     February: a pattern cannot know the calendar); recommendation ids must
     differ (unique by one key of the items);
+  - approving or rejecting with API keys: C{user_id}, when given, must be the
+    key's own name (who the caller is, not what the body looks like);
   - every body: an integer beyond 64 bits anywhere, free-form objects
     included, is refused (Limits); a schema saying so of free-form JSON would
     be recursive, which the generator cannot draw from;
@@ -23,6 +25,7 @@ cannot say it:
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -53,6 +56,8 @@ def _within_64_bits(value: Any) -> Any:
 
 
 _SOME_TIME = "2025-10-16T12:00:00Z"
+#: The name of the key the run calls with (set by L{tests.contract.run}).
+_KEY_NAME = os.environ.get("CONTRACT_KEY_NAME")
 
 
 def _moment(text: Any) -> datetime | None:
@@ -112,5 +117,8 @@ def map_case(context: Any, case: Any) -> Any:
             if recommendation.get("id") in seen:
                 recommendation["id"] = f"r{index}"
             seen.add(recommendation.get("id"))
+    decision = case.path.endswith(("/approve", "/reject"))
+    if decision and _KEY_NAME and isinstance(body.get("user_id"), str):
+        body["user_id"] = _KEY_NAME
     case.body = body
     return case

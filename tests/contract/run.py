@@ -48,7 +48,7 @@ def _key_file(directory: Path) -> dict[str, str]:
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.contract.run")
     parser.add_argument("--seed", default=str(CI_SEED), help="a number, or 'random'")
-    parser.add_argument("--max-examples", type=int, default=25)
+    parser.add_argument("--max-examples", type=int, default=20)
     parser.add_argument("--max-time", type=int, default=None)
     parser.add_argument("--role", default=Role.OPERATOR.value)
     parser.add_argument(
@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="optiinfra-contract-") as tmp:
         directory = Path(tmp)
         keys = _key_file(directory)
-        environment = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.contract.hooks"}
+        environment = {
+            **os.environ,
+            "SCHEMATHESIS_HOOKS": "tests.contract.hooks",
+            "CONTRACT_KEY_NAME": f"contract-{args.role}",
+        }
         service = Twistd(
             "--port",
             "tcp:0:interface=127.0.0.1",

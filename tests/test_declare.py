@@ -1,0 +1,104 @@
+"""
+One source for request fields: the document's limits are the parsers' limits.
+
+Values at and just past every documented bound of C{POST /tasks} are sent
+through the parser and through the document's schema (jsonschema): both must
+accept, or both refuse, each one.  A limit typed again in a parser, or changed
+in one place only, fails here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from optiinfra import declare
+from optiinfra.errors import InvalidField
+from optiinfra.openapi import DOCUMENT
+from optiinfra.routing import parse as task_parse
+from optiinfra.routing.parse import parse_task
+from optiinfra.routing.router import RouterConfig
+
+TASK = {"task_type": "analyze_cost", "agent_type": "cost"}
+
+
+def _property(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = DOCUMENT["components"]["schemas"]["TaskRequest"]
+    found: dict[str, Any] = schema["properties"][name]
+    if "$ref" in found:
+        found = DOCUMENT["components"]["schemas"][found["$ref"].rsplit("/", 1)[1]]
+    return found
+
+
+def _bounds(schema: dict[str, Any]) -> list[Any]:
+    """Values at and just past each bound the schema documents."""
+    branches = schema.get("anyOf", [schema])
+    values: list[Any] = []
+    for branch in branches:
+        kinds = branch.get("type")
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if "integer" in kinds:
+            values += [branch["minimum"], branch["minimum"] - 1]
+            values += [branch["maximum"], branch["maximum"] + 1]
+        elif "number" in kinds:
+            values += [branch["minimum"], branch["minimum"] / 2]
+            values += [branch["maximum"], branch["maximum"] * 1.001]
+        elif "string" in kinds and "maxLength" in branch:
+            values += ["a" * branch["maxLength"], "a" * (branch["maxLength"] + 1)]
+    return values
+
+
+def _accepted_by_parser(body: dict[str, Any]) -> bool:
+    try:
+        parse_task(body, RouterConfig())
+    except InvalidField:
+        return False
+    return True
+
+
+def _accepted_by_document(body: dict[str, Any]) -> bool:
+    schema = DOCUMENT["components"]["schemas"]["TaskRequest"]
+    resolved = {**schema, "properties": dict(schema["properties"])}
+    for name in ("task_type", "agent_type"):
+        resolved["properties"][name] = _property(name)
+    return Draft202012Validator(resolved).is_valid(body)
+
+
+@pytest.mark.parametrize(
+    "name", ["task_type", "priority", "timeout_seconds", "max_retries"]
+)
+def test_the_parser_and_the_document_share_every_bound(name: str) -> None:
+    values = _bounds(_property(name))
+    assert values, f"{name}: the document states no bound"
+    for value in values:
+        body = {**TASK, name: value}
+        if name == "task_type":
+            # Past the contract's nine a task type is for any agent type.
+            body["agent_type"] = "cost"
+        assert _accepted_by_parser(body) == _accepted_by_document(body), (
+            name,
+            value,
+        )
+
+
+def test_the_document_is_built_from_the_declarations() -> None:
+    """Each declared field of a task is published as declared, not retyped."""
+    properties = DOCUMENT["components"]["schemas"]["TaskRequest"]["properties"]
+    declared = [
+        value
+        for value in vars(task_parse).values()
+        if isinstance(value, declare.Integer | declare.Number | declare.Document)
+        or (isinstance(value, declare.Text) and value.key != "task_type")
+    ]
+    assert len(declared) >= 5
+    for field in declared:
+        if field.key == "priority":  # by number or by name
+            branch = properties["priority"]["anyOf"][0]
+            assert (branch["minimum"], branch["maximum"]) == (
+                field.minimum,
+                field.maximum,
+            )
+            continue
+        assert properties[field.key] == field.schema(), field.key
