@@ -15,7 +15,7 @@ from typing import Any, Final, Protocol
 
 import attrs
 
-from optiinfra.validation import MAX_DOCUMENT, MAX_TEXT, Fields
+from optiinfra.validation import MAX_DOCUMENT, MAX_LIST, MAX_TEXT, TOKEN, Fields
 
 #: One line of printable text, not only whitespace: what L{Fields.text} keeps.
 LINE: Final = r"^(?=[\s\S]*\S)[^\x00-\x1f\x7f]*$"
@@ -76,6 +76,8 @@ class Text:
     default: str | None = None
     description: str = ""
     examples: tuple[Any, ...] = ()
+    #: The published pattern when the reader checks the shape itself (a URL).
+    shape: str | None = None
 
     def read(self, fields: Fields, *, default: str | None = None) -> str | None:
         return fields.text(
@@ -90,7 +92,8 @@ class Text:
         schema: dict[str, Any] = {
             "type": "string",
             "maxLength": self.max_length,
-            "pattern": LINE if self.pattern is None else whole(self.pattern),
+            "pattern": self.shape
+            or (LINE if self.pattern is None else whole(self.pattern, not_blank=True)),
         }
         if self.default is not None:
             schema["default"] = self.default
@@ -182,6 +185,10 @@ class Choice:
     default: str | None = None
     description: str = ""
 
+    def renamed(self, key: str) -> Choice:
+        """The same choice under another key (the two dialects' names)."""
+        return attrs.evolve(self, key=key)
+
     def read(self, fields: Fields) -> str | None:
         return fields.choice(
             self.key,
@@ -224,6 +231,36 @@ class Document:
                     or f"Any JSON object, at most {self.max_bytes} bytes serialised."
                 ),
             }
+        )
+
+
+@attrs.frozen
+class Strings:
+    """An optional list of short identifiers; repeats are dropped."""
+
+    key: str
+    pattern: re.Pattern[str] = TOKEN
+    max_items: int = MAX_LIST
+    description: str = ""
+    examples: tuple[Any, ...] = ()
+    required: bool = attrs.field(default=False, init=False)
+
+    def read(self, fields: Fields) -> tuple[str, ...]:
+        return fields.strings(self.key, max_items=self.max_items, pattern=self.pattern)
+
+    def schema(self) -> dict[str, Any]:
+        return nullable(
+            _described(
+                {
+                    "type": "array",
+                    "items": {"type": "string", "pattern": whole(self.pattern)},
+                    "maxItems": self.max_items,
+                },
+                self.description
+                + (" " if self.description else "")
+                + "Repeats are dropped.",
+                self.examples,
+            )
         )
 
 

@@ -10,7 +10,6 @@ which compares the document with the app's URL map and with real answers.
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any, Final
 
@@ -44,34 +43,39 @@ from optiinfra.coordination.plans import (
     STEP_SKIPPED,
     WAITING,
 )
-from optiinfra.declare import Reference, body_schema
+from optiinfra.declare import Reference, body_schema, nullable, whole
 from optiinfra.events.record import TOPICS
 from optiinfra.events.routes import LABELS
 from optiinfra.registry.model import (
-    AGENT_ID,
     AGENT_TYPES,
-    REPORTED_STATUSES,
     RESERVED_AGENT_IDS,
-    STATUS_ALIASES,
     STATUSES,
+)
+from optiinfra.registry.parse import (
+    AGENT_ID_FIELD,
+    BEAT,
+    NAME_FIELD,
+    PORT,
+    REGISTRATION,
+    REGISTRATION_V1,
 )
 from optiinfra.registry.routes import MAX_QUERY_CAPABILITIES
 from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPES
 from optiinfra.routing.model import STATUSES as TASK_STATUSES
 from optiinfra.routing.parse import (
-    AGENT_ID_FIELD,
     IDEMPOTENCY_KEY,
     MAX_RETRIES,
     METADATA,
     PARAMETERS,
     PRIORITY,
+    TASK_AGENT_ID,
     TASK_TYPE_FIELD,
     TIMEOUT,
     TRACEPARENT,
 )
 from optiinfra.routing.router import RouterConfig
 from optiinfra.settings import Settings
-from optiinfra.validation import HOST, MAX_DOCUMENT, MAX_LIST, NAME, TOKEN
+from optiinfra.validation import MAX_DOCUMENT, MAX_LIST, TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.health import SERVICE_NAME
 from optiinfra.web.query import MAX_PAGE, Page
@@ -99,32 +103,8 @@ def _schema(name: str) -> dict[str, Any]:
     return _ref("schemas", name)
 
 
-#: Text the service refuses when it is only whitespace (``str.strip()``).
-_NOT_BLANK: Final = r"\S"
-
-
-def _whole(pattern: re.Pattern[str], *, not_blank: bool = False) -> str:
-    """
-    A Python pattern used with C{fullmatch}, as an anchored JSON Schema one;
-    C{not_blank} adds that the text is not only whitespace, for patterns that
-    would allow that.
-    """
-    ahead = rf"(?=[\s\S]*{_NOT_BLANK})" if not_blank else ""
-    return f"^{ahead}(?:{pattern.pattern})$"
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    """
-    C{schema}, or JSON C{null}: optional fields sent as C{null} are read as absent.
-    """
-    if "$ref" in schema:
-        return {"anyOf": [schema, {"type": "null"}]}
-    result = copy.deepcopy(schema)
-    kind = result["type"]
-    result["type"] = [*(kind if isinstance(kind, list) else [kind]), "null"]
-    if "enum" in result:
-        result["enum"] = [*result["enum"], None]
-    return result
+_whole = whole
+_nullable = nullable
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -246,9 +226,7 @@ def _body(schema_name: str, description: str, *, required: bool) -> dict[str, An
 # Schemas -----------------------------------------------------------------------
 
 _AGENT_ID: Final[dict[str, Any]] = {
-    "type": "string",
-    "pattern": _whole(AGENT_ID),
-    "maxLength": 128,
+    **AGENT_ID_FIELD.schema(),
     "description": (
         "Letters, digits and `. _ : @ -`, starting with a letter or digit; "
         + " and ".join(f"`{word}`" for word in RESERVED_AGENT_IDS)
@@ -256,52 +234,6 @@ _AGENT_ID: Final[dict[str, Any]] = {
     ),
     "examples": ["performance-agent-1"],
 }
-_NAME: Final[dict[str, Any]] = {
-    "type": "string",
-    "pattern": _whole(NAME, not_blank=True),
-    "maxLength": 128,
-    "description": "Printable text, not only whitespace.",
-}
-_HOST: Final[dict[str, Any]] = {
-    "type": "string",
-    "pattern": _whole(HOST),
-    "maxLength": 253,
-    "description": (
-        "A host name or IP address (IPv6 without brackets). Refused (400) when "
-        "it is, or resolves to, an address tasks may not be sent to: outside "
-        "AGENT_ALLOWED_NETWORKS, link-local or cloud metadata when that is "
-        "unset, or the orchestrator's own listening address."
-    ),
-    "examples": ["10.0.0.12"],
-}
-_PORT: Final[dict[str, Any]] = {"type": "integer", "minimum": 1, "maximum": 65535}
-#: One line of printable text, not only whitespace: what C{Fields.text} keeps.
-_LINE: Final = rf"^(?=[\s\S]*{_NOT_BLANK})[^\x00-\x1f\x7f]*$"
-_URL_TEXT: Final[dict[str, Any]] = {
-    "type": "string",
-    "maxLength": 2048,
-    "pattern": _LINE,
-}
-_PORT_TEXT: Final = (
-    "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}"
-    "|655[0-2][0-9]|6553[0-5])"
-)
-#: An IPv6 address without a zone or an embedded IPv4 one (RFC 4291 2.2).
-_IPV6: Final = (
-    "(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|(?:[0-9A-Fa-f]{1,4}:){1,7}:"
-    "|(?:[0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}"
-    "|(?:[0-9A-Fa-f]{1,4}:){1,5}(?::[0-9A-Fa-f]{1,4}){1,2}"
-    "|(?:[0-9A-Fa-f]{1,4}:){1,4}(?::[0-9A-Fa-f]{1,4}){1,3}"
-    "|(?:[0-9A-Fa-f]{1,4}:){1,3}(?::[0-9A-Fa-f]{1,4}){1,4}"
-    "|(?:[0-9A-Fa-f]{1,4}:){1,2}(?::[0-9A-Fa-f]{1,4}){1,5}"
-    "|[0-9A-Fa-f]{1,4}:(?::[0-9A-Fa-f]{1,4}){1,6}"
-    "|:(?:(?::[0-9A-Fa-f]{1,4}){1,7}|:)"
-)
-#: What C{registry.parse._endpoint} accepts: http(s), a host, a port, a path.
-_ENDPOINT: Final = (
-    rf"^[Hh][Tt][Tt][Pp][Ss]?://(?:[A-Za-z0-9._-]+|\[(?:{_IPV6})\])"
-    rf"(?::{_PORT_TEXT})?(?:/[A-Za-z0-9._~-]+)*/?$"
-)
 _TIME_MS: Final[dict[str, Any]] = {
     "type": "string",
     "format": "date-time",
@@ -323,53 +255,6 @@ _INTERVAL: Final[dict[str, Any]] = {
 
 
 def _schemas() -> dict[str, Any]:
-    status_input = {
-        "type": "string",
-        "enum": [*REPORTED_STATUSES, *STATUS_ALIASES],
-        "default": "healthy",
-        "description": (
-            "What the agent says about itself; "
-            + ", ".join(
-                f'"{alias}" means "{to}"' for alias, to in STATUS_ALIASES.items()
-            )
-            + ". Absent: healthy."
-        ),
-    }
-    metadata = {
-        "type": "object",
-        "description": f"Any JSON object, at most {MAX_DOCUMENT} bytes serialised.",
-    }
-    capabilities = {
-        "type": "array",
-        "items": {"type": "string", "pattern": _whole(TOKEN)},
-        "maxItems": MAX_LIST,
-        "description": "Short identifiers; repeats are dropped.",
-        "examples": [["optimize_kv_cache", "tune_inference"]],
-    }
-    version = {
-        "type": "string",
-        "maxLength": 64,
-        "pattern": _LINE,
-        "default": "unknown",
-    }
-    common = {
-        "capabilities": _nullable(capabilities),
-        "version": _nullable(version),
-        "metadata": _nullable(metadata),
-        "status": _nullable(status_input),
-    }
-    beat = {
-        "status": _nullable(status_input),
-        "metadata": _nullable(
-            {**metadata, "description": "Merged into the agent's metadata."}
-        ),
-        "metrics": _nullable(
-            {
-                **metadata,
-                "description": "Kept as the `metrics` key of the agent's metadata.",
-            }
-        ),
-    }
     return {
         "AgentType": {"type": "string", "enum": list(AGENT_TYPES)},
         "AgentStatus": {
@@ -382,82 +267,37 @@ def _schemas() -> dict[str, Any]:
             ),
         },
         "AgentId": _AGENT_ID,
-        "Registration": {
-            "type": "object",
-            "description": (
-                "The contract's registration. The same name, host and port "
-                "registering again refreshes the record and keeps its id. Other "
-                "fields are ignored."
-            ),
-            "required": ["name", "type", "host", "port"],
-            "properties": {
-                "name": _NAME,
-                "type": _schema("AgentType"),
-                "host": _HOST,
-                "port": _PORT,
-                **common,
-            },
-        },
-        "RegistrationV1": {
-            "type": "object",
-            "description": (
-                "The registration the agents send: either `endpoint` (whose host "
-                "and port are used) or `host` and `port`. The same `agent_id` "
-                "registering again refreshes its record. Other fields are ignored."
-            ),
-            "required": ["agent_id", "agent_type"],
-            "properties": {
-                "agent_id": _schema("AgentId"),
-                "agent_name": _nullable(
-                    {**_NAME, "description": "Defaults to `agent_id`."}
-                ),
-                "agent_type": _schema("AgentType"),
-                "endpoint": _nullable(
-                    {
-                        **_URL_TEXT,
-                        "pattern": _ENDPOINT,
-                        "description": (
-                            "An http(s) URL with a valid host; port 80 or 443 "
-                            "when it names none. Tasks go to `<its path>/task`; "
-                            "a query, fragment or credentials are refused, and "
-                            "so is a host tasks may not be sent to (see `host`). "
-                            "https is called over TLS with certificate checks."
-                        ),
-                        "examples": ["http://localhost:8002"],
-                    }
-                ),
-                "health_check_endpoint": _nullable(
-                    {**_URL_TEXT, "examples": ["/api/v1/health"]}
-                ),
-                "host": _HOST,
-                "port": _PORT,
-                **common,
-            },
-            "anyOf": [
+        "Registration": body_schema(
+            REGISTRATION,
+            "The contract's registration. The same name, host and port "
+            "registering again refreshes the record and keeps its id. Other "
+            "fields are ignored.",
+        ),
+        "RegistrationV1": body_schema(
+            REGISTRATION_V1,
+            "The registration the agents send: either `endpoint` (whose host "
+            "and port are used) or `host` and `port`. The same `agent_id` "
+            "registering again refreshes its record. Other fields are ignored.",
+            anyOf=[
                 {
                     "required": ["endpoint"],
                     "properties": {"endpoint": {"type": "string"}},
                 },
                 {"required": ["host", "port"]},
             ],
-        },
-        "Heartbeat": {
-            "type": "object",
-            "description": "An empty body is read as `{}`. Other fields are ignored.",
-            "properties": beat,
-        },
-        "HeartbeatV1": {
-            "type": "object",
-            "description": "Names the agent in the body. Other fields are ignored.",
-            "required": ["agent_id"],
-            "properties": {
-                "agent_id": _schema("AgentId"),
+        ),
+        "Heartbeat": body_schema(
+            BEAT, "An empty body is read as `{}`. Other fields are ignored."
+        ),
+        "HeartbeatV1": body_schema(
+            (AGENT_ID_FIELD, *BEAT),
+            "Names the agent in the body. Other fields are ignored.",
+            described={
                 "timestamp": {
                     "description": "Accepted and ignored: the server's clock counts."
-                },
-                **beat,
+                }
             },
-        },
+        ),
         "Agent": {
             "type": "object",
             "required": [
@@ -478,7 +318,7 @@ def _schemas() -> dict[str, Any]:
                 "name": {"type": "string"},
                 "type": _schema("AgentType"),
                 "host": {"type": "string"},
-                "port": _PORT,
+                "port": PORT.schema(),
                 "capabilities": {"type": "array", "items": {"type": "string"}},
                 "status": _schema("AgentStatus"),
                 "version": {"type": "string"},
@@ -828,7 +668,7 @@ def _task_schemas() -> dict[str, Any]:
             [
                 Reference("task_type", "TaskType"),
                 Reference("agent_type", "AgentType"),
-                AGENT_ID_FIELD,
+                TASK_AGENT_ID,
                 PARAMETERS,
                 METADATA,
                 TIMEOUT,
@@ -1231,7 +1071,7 @@ def _coordination_schemas() -> dict[str, Any]:
                 ),
                 "type": _nullable(
                     {
-                        **_NAME,
+                        **NAME_FIELD.schema(),
                         "description": "A free category, such as `optimization`.",
                     }
                 ),

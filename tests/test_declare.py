@@ -1,14 +1,16 @@
 """
 One source for request fields: the document's limits are the parsers' limits.
 
-Values at and just past every documented bound of C{POST /tasks} are sent
-through the parser and through the document's schema (jsonschema): both must
-accept, or both refuse, each one.  A limit typed again in a parser, or changed
-in one place only, fails here.
+Values at and just past every documented bound of the bodies of C{POST /tasks}
+and of registrations and heartbeats (both dialects) are sent through the parser
+and through the document's schema (jsonschema): both must accept, or both
+refuse, each one.  A limit typed again in a parser, or changed in one place
+only, fails here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,15 +19,40 @@ from jsonschema import Draft202012Validator
 from optiinfra import declare
 from optiinfra.errors import InvalidField
 from optiinfra.openapi import DOCUMENT
+from optiinfra.registry import parse as registry_parse
+from optiinfra.registry.parse import (
+    parse_beat,
+    parse_registration,
+    parse_v1_beat,
+    parse_v1_registration,
+)
 from optiinfra.routing import parse as task_parse
 from optiinfra.routing.parse import parse_task
 from optiinfra.routing.router import RouterConfig
 
 TASK = {"task_type": "analyze_cost", "agent_type": "cost"}
+ROOT = {"name": "a", "type": "cost", "host": "10.0.0.1", "port": 80}
+V1 = {"agent_id": "a", "agent_type": "cost", "host": "10.0.0.1", "port": 80}
+
+#: Each body: its component, its parser, a valid body, the fields to bound.
+BODIES: dict[str, tuple[Callable[[object], object], dict[str, Any], list[str]]] = {
+    "Registration": (
+        parse_registration,
+        ROOT,
+        ["name", "host", "port", "version"],
+    ),
+    "RegistrationV1": (
+        parse_v1_registration,
+        V1,
+        ["agent_id", "agent_name", "host", "port", "health_check_endpoint"],
+    ),
+    "Heartbeat": (parse_beat, {}, ["status"]),
+    "HeartbeatV1": (parse_v1_beat, {"agent_id": "a"}, ["agent_id"]),
+}
 
 
-def _property(name: str) -> dict[str, Any]:
-    schema: dict[str, Any] = DOCUMENT["components"]["schemas"]["TaskRequest"]
+def _property(name: str, component: str = "TaskRequest") -> dict[str, Any]:
+    schema: dict[str, Any] = DOCUMENT["components"]["schemas"][component]
     found: dict[str, Any] = schema["properties"][name]
     if "$ref" in found:
         found = DOCUMENT["components"]["schemas"][found["$ref"].rsplit("/", 1)[1]]
@@ -47,6 +74,8 @@ def _bounds(schema: dict[str, Any]) -> list[Any]:
             values += [branch["maximum"], branch["maximum"] * 1.001]
         elif "string" in kinds and "maxLength" in branch:
             values += ["a" * branch["maxLength"], "a" * (branch["maxLength"] + 1)]
+        elif "string" in kinds and "enum" in branch:
+            values += [*branch["enum"], "not-" + str(branch["enum"][0])]
     return values
 
 
@@ -58,12 +87,28 @@ def _accepted_by_parser(body: dict[str, Any]) -> bool:
     return True
 
 
-def _accepted_by_document(body: dict[str, Any]) -> bool:
-    schema = DOCUMENT["components"]["schemas"]["TaskRequest"]
+def _accepted_by_document(body: dict[str, Any], component: str = "TaskRequest") -> bool:
+    schema = DOCUMENT["components"]["schemas"][component]
     resolved = {**schema, "properties": dict(schema["properties"])}
-    for name in ("task_type", "agent_type"):
-        resolved["properties"][name] = _property(name)
+    for name in schema["properties"]:
+        resolved["properties"][name] = _property(name, component)
     return Draft202012Validator(resolved).is_valid(body)
+
+
+@pytest.mark.parametrize("component", sorted(BODIES))
+def test_registrations_and_beats_share_every_bound(component: str) -> None:
+    parser, valid, names = BODIES[component]
+    for name in names:
+        values = _bounds(_property(name, component))
+        assert values, f"{component}.{name}: the document states no bound"
+        for value in values:
+            body = {**valid, name: value}
+            try:
+                parser(body)
+                parsed = True
+            except InvalidField:
+                parsed = False
+            assert parsed == _accepted_by_document(body, component), (name, value)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +126,17 @@ def test_the_parser_and_the_document_share_every_bound(name: str) -> None:
             name,
             value,
         )
+
+
+def test_registration_fields_are_published_as_declared() -> None:
+    schemas = DOCUMENT["components"]["schemas"]
+    for component, declared in (
+        ("Registration", registry_parse.REGISTRATION),
+        ("RegistrationV1", registry_parse.REGISTRATION_V1),
+        ("Heartbeat", registry_parse.BEAT),
+    ):
+        for field in declared:
+            assert schemas[component]["properties"][field.key] == field.schema()
 
 
 def test_the_document_is_built_from_the_declarations() -> None:

@@ -26,7 +26,7 @@ _DEFAULTS: Final = RouterConfig()
 # The fields of C{POST /tasks}: read here, published by C{optiinfra.openapi}.
 TASK_TYPE_FIELD: Final = Text("task_type", pattern=TASK_TYPE, max_length=64)
 AGENT_TYPE_FIELD: Final = Choice("agent_type", AGENT_TYPES)
-AGENT_ID_FIELD: Final = Text(
+TASK_AGENT_ID: Final = Text(
     "agent_id",
     pattern=TOKEN,
     max_length=128,
@@ -104,7 +104,7 @@ def parse_task(document: object, config: RouterConfig) -> TaskRequest:
     return TaskRequest(
         task_type=task_type,
         agent_type=agent_type,
-        agent_id=AGENT_ID_FIELD.read(fields),
+        agent_id=TASK_AGENT_ID.read(fields),
         parameters=PARAMETERS.read(fields),
         priority=priority,
         timeout_seconds=timeout,
