@@ -19,6 +19,8 @@ from optiinfra.validation import MAX_DOCUMENT, MAX_LIST, MAX_TEXT, TOKEN, Fields
 
 #: One line of printable text, not only whitespace: what L{Fields.text} keeps.
 LINE: Final = r"^(?=[\s\S]*\S)[^\x00-\x1f\x7f]*$"
+#: Prose: the same, but lines may break and tabulate (C{multiline}).
+PROSE: Final = r"^(?=[\s\S]*\S)[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
 
 
 def whole(pattern: re.Pattern[str], *, not_blank: bool = False) -> str:
@@ -78,6 +80,7 @@ class Text:
     examples: tuple[Any, ...] = ()
     #: The published pattern when the reader checks the shape itself (a URL).
     shape: str | None = None
+    multiline: bool = False
 
     def read(self, fields: Fields, *, default: str | None = None) -> str | None:
         return fields.text(
@@ -86,14 +89,16 @@ class Text:
             default=self.default if default is None else default,
             pattern=self.pattern,
             max_length=self.max_length,
+            multiline=self.multiline,
         )
 
     def schema(self) -> dict[str, Any]:
+        text = PROSE if self.multiline else LINE
         schema: dict[str, Any] = {
             "type": "string",
             "maxLength": self.max_length,
             "pattern": self.shape
-            or (LINE if self.pattern is None else whole(self.pattern, not_blank=True)),
+            or (text if self.pattern is None else whole(self.pattern, not_blank=True)),
         }
         if self.default is not None:
             schema["default"] = self.default

@@ -10,9 +10,9 @@ which compares the document with the app's URL map and with real answers.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Final
 
+import attrs
 from klein import Klein
 from twisted.web.iweb import IRequest
 
@@ -26,9 +26,14 @@ from optiinfra.coordination.model import (
     DEPENDENCY,
     RISK_LEVELS,
 )
-from optiinfra.coordination.parse import ACTION as ACTION_PATTERN
-from optiinfra.coordination.parse import MAX_RECOMMENDATIONS
-from optiinfra.coordination.parse import RESOURCE as RESOURCE_PATTERN
+from optiinfra.coordination.parse import (
+    CONSTRAINTS,
+    CUSTOMER_ID,
+    MAX_RECOMMENDATIONS,
+    REASON,
+    RECOMMENDATION,
+    USER_ID,
+)
 from optiinfra.coordination.plans import (
     DEFAULT_TEMPLATES,
     PENDING,
@@ -54,7 +59,6 @@ from optiinfra.registry.model import (
 from optiinfra.registry.parse import (
     AGENT_ID_FIELD,
     BEAT,
-    NAME_FIELD,
     PORT,
     REGISTRATION,
     REGISTRATION_V1,
@@ -75,7 +79,7 @@ from optiinfra.routing.parse import (
 )
 from optiinfra.routing.router import RouterConfig
 from optiinfra.settings import Settings
-from optiinfra.validation import MAX_DOCUMENT, MAX_LIST, TOKEN
+from optiinfra.validation import MAX_DOCUMENT, TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.health import SERVICE_NAME
 from optiinfra.web.query import MAX_PAGE, Page
@@ -534,6 +538,37 @@ _ROUTER: Final = RouterConfig()
 _PAGE: Final = Page()
 
 
+def _decider(does: str) -> str:
+    return (
+        f"Who {does}; required when the service has no API keys. With keys it "
+        "is the key's name: it may be left out, and another value is a 403 "
+        "naming `user_id`."
+    )
+
+
+def _priority(meaning: str) -> dict[str, Any]:
+    """A priority: by number within L{PRIORITY}'s bounds, or by name."""
+    return {
+        "anyOf": [
+            {
+                "type": "integer",
+                "minimum": PRIORITY.minimum,
+                "maximum": PRIORITY.maximum,
+            },
+            {"type": "string", "enum": list(PRIORITIES)},
+            {"type": "null"},
+        ],
+        "default": PRIORITY.default,
+        "description": (
+            f"{meaning} A whole number from {PRIORITY.minimum} to "
+            f"{PRIORITY.maximum}, or a name ("
+            + ", ".join(f"{n} = {v}" for n, v in PRIORITIES.items())
+            + "). Absent: normal."
+        ),
+        "examples": ["high", 12],
+    }
+
+
 def _task_schemas() -> dict[str, Any]:
     lowest, highest = min(PRIORITIES.values()), max(PRIORITIES.values())
     by_agent: dict[str, list[str]] = {}
@@ -677,27 +712,7 @@ def _task_schemas() -> dict[str, Any]:
             "A task for an agent of `agent_type`, which must be the type that "
             "does `task_type` (otherwise a 400 naming `agent_type`). Optional "
             "fields sent as null are read as absent. Other fields are ignored.",
-            described={
-                "priority": {
-                    "anyOf": [
-                        {
-                            "type": "integer",
-                            "minimum": PRIORITY.minimum,
-                            "maximum": PRIORITY.maximum,
-                        },
-                        {"type": "string", "enum": list(PRIORITIES)},
-                        {"type": "null"},
-                    ],
-                    "default": PRIORITY.default,
-                    "description": (
-                        "Higher is sent first: a whole number from "
-                        f"{PRIORITY.minimum} to {PRIORITY.maximum}, or a name ("
-                        + ", ".join(f"{n} = {v}" for n, v in PRIORITIES.items())
-                        + "). Absent: normal."
-                    ),
-                    "examples": ["high", 12],
-                }
-            },
+            described={"priority": _priority("Higher is sent first.")},
             anyOf=[
                 {
                     "properties": {
@@ -788,10 +803,6 @@ def _task_schemas() -> dict[str, Any]:
 
 #: The coordination settings' defaults, quoted in the descriptions.
 _SETTINGS: Final = Settings()
-#: Text the coordination API reads with no pattern: printable, not only whitespace.
-_PRINTABLE: Final = re.compile(r"[^\x00-\x1f\x7f]*")
-#: Prose: printable, with line breaks and tabs.
-_PROSE: Final = re.compile(r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*")
 #: The times the coordination API reads: RFC 3339 with a zone, upper-case T and Z.
 _RFC3339: Final = (
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$"
@@ -813,31 +824,6 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:g} h"
 
 
-def _printable(
-    max_length: int, description: str, pattern: re.Pattern[str] = _PRINTABLE
-) -> dict[str, Any]:
-    return {
-        "type": "string",
-        "maxLength": max_length,
-        "pattern": _whole(pattern, not_blank=True),
-        "description": description,
-    }
-
-
-def _identifiers(
-    pattern: re.Pattern[str], description: str, example: list[str]
-) -> dict[str, Any]:
-    return _nullable(
-        {
-            "type": "array",
-            "items": {"type": "string", "pattern": _whole(pattern)},
-            "maxItems": MAX_LIST,
-            "description": description + " Repeats are dropped.",
-            "examples": [example],
-        }
-    )
-
-
 def _coordination_schemas() -> dict[str, Any]:
     lowest, highest = min(PRIORITIES.values()), max(PRIORITIES.values())
     document: dict[str, Any] = {
@@ -857,7 +843,6 @@ def _coordination_schemas() -> dict[str, Any]:
         "examples": ["2025-10-16T10:00:00.250Z"],
     }
     strings = {"type": "array", "items": {"type": "string"}}
-    token = {"type": "string", "pattern": _whole(TOKEN), "maxLength": 128}
     medium, high, critical = (
         _SETTINGS.approval_expiry_medium,
         _SETTINGS.approval_expiry_high,
@@ -1019,114 +1004,15 @@ def _coordination_schemas() -> dict[str, Any]:
                 "rolled_back, rollback_failed: its rollback task's progress."
             ),
         },
-        "RecommendationRequest": {
-            "type": "object",
-            "description": (
-                "One agent's proposed change. Optional fields sent as null are "
-                "read as absent. Other fields (`status` among them) are ignored."
-            ),
-            "required": ["id", "agent_type", "action"],
-            "properties": {
-                "id": {
-                    **token,
-                    "description": (
-                        "Unique within the request (a repeat is a 400 naming "
-                        "the second one)."
-                    ),
-                    "examples": ["rec-spot-1"],
-                },
-                "agent_type": _schema("AgentType"),
-                "action": {
-                    "type": "string",
-                    "pattern": _whole(ACTION_PATTERN),
-                    "description": (
-                        "What to do. Its plan template names the steps (see "
-                        "`Plan`); an action without a template is one step, a "
-                        "task of that type sent to an agent of `agent_type`."
-                    ),
-                    "examples": ["migrate_to_spot", "scale_down"],
-                },
-                "risk_level": _nullable(
-                    {
-                        **_schema("RiskLevel"),
-                        "default": "medium",
-                        "description": (
-                            "Absent: medium (a change that does not say how "
-                            "risky it is needs a person)."
-                        ),
-                    }
-                ),
-                "customer_id": _nullable(
-                    {
-                        **token,
-                        "description": (
-                            "The request's `customer_id` if given (another "
-                            "value is a 400 naming it)."
-                        ),
-                        "examples": ["acme"],
-                    }
-                ),
-                "agent_id": _nullable(
-                    {**token, "description": "The recommending agent."}
-                ),
-                "type": _nullable(
-                    {
-                        **NAME_FIELD.schema(),
-                        "description": "A free category, such as `optimization`.",
-                    }
-                ),
-                "title": _nullable(_printable(256, "A one-line summary.")),
-                "description": _nullable(
-                    _printable(4096, "Free text; lines may break.", _PROSE)
-                ),
-                "estimated_savings": _nullable(
-                    {
-                        "type": "number",
-                        "minimum": -1e15,
-                        "maximum": 1e15,
-                        "default": 0,
-                        "description": "Ranks conflicting recommendations.",
-                    }
-                ),
+        "RecommendationRequest": body_schema(
+            RECOMMENDATION,
+            "One agent's proposed change. Optional fields sent as null are read "
+            "as absent. Other fields (`status` among them) are ignored.",
+            described={
                 "estimated_impact": {"description": "Any JSON, kept as is."},
-                "affected_resources": _identifiers(
-                    RESOURCE_PATTERN,
-                    "The resources it changes, as paths. Recommendations "
-                    "sharing one conflict (resource); ones on related resources "
-                    "(one a prefix path of the other, or siblings) with "
-                    "overlapping windows conflict on timing.",
-                    ["cluster-a/node-1"],
-                ),
-                "parameters": _nullable(
-                    {
-                        **document,
-                        "description": document["description"]
-                        + " Passed on to the tasks of its plan.",
-                    }
-                ),
-                "dependencies": _identifiers(
-                    TOKEN,
-                    "Ids of recommendations of the same request that must be "
-                    "carried out first. A missing one or a cycle drops the "
-                    "recommendation (a dependency conflict).",
-                    ["rec-snapshot-1"],
-                ),
-                "priority": {
-                    "anyOf": [
-                        {"type": "integer", "minimum": lowest, "maximum": highest},
-                        {"type": "string", "enum": list(PRIORITIES)},
-                        {"type": "null"},
-                    ],
-                    "default": PRIORITIES["normal"],
-                    "description": (
-                        f"A whole number from {lowest} to {highest}, or a name ("
-                        + ", ".join(f"{n} = {v}" for n, v in PRIORITIES.items())
-                        + "). Absent: normal. Ranks conflicting recommendations, "
-                        "and is the priority of its plan's tasks."
-                    ),
-                },
-                "confidence": _nullable(
-                    {"type": "number", "minimum": 0, "maximum": 1, "default": 0}
+                "priority": _priority(
+                    "Ranks conflicting recommendations, and is the priority of "
+                    "its plan's tasks."
                 ),
                 "created_at": {**time_in, "description": "Kept as given."},
                 "expires_at": {
@@ -1135,7 +1021,6 @@ def _coordination_schemas() -> dict[str, Any]:
                         "A recommendation already past it is dropped, not coordinated."
                     ),
                 },
-                "metadata": _nullable(document),
                 "window": _nullable(
                     {
                         "type": "object",
@@ -1158,7 +1043,7 @@ def _coordination_schemas() -> dict[str, Any]:
                     }
                 ),
             },
-        },
+        ),
         "CoordinationRequest": {
             "type": "object",
             "description": (
@@ -1167,7 +1052,7 @@ def _coordination_schemas() -> dict[str, Any]:
             ),
             "required": ["customer_id", "recommendations"],
             "properties": {
-                "customer_id": {**token, "examples": ["acme"]},
+                "customer_id": CUSTOMER_ID.schema(),
                 "recommendations": {
                     "type": "array",
                     "items": _schema("RecommendationRequest"),
@@ -1209,21 +1094,8 @@ def _coordination_schemas() -> dict[str, Any]:
                                         "when settling a conflict."
                                     ),
                                     "properties": {
-                                        "prefer": _identifiers(
-                                            TOKEN,
-                                            "Recommendation ids to keep.",
-                                            ["rec-spot-1"],
-                                        ),
-                                        "avoid_actions": _identifiers(
-                                            ACTION_PATTERN,
-                                            "Actions not wanted.",
-                                            ["terminate"],
-                                        ),
-                                        "protected_resources": _identifiers(
-                                            RESOURCE_PATTERN,
-                                            "Resources not to be touched.",
-                                            ["cluster-a/db-1"],
-                                        ),
+                                        field.key: field.schema()
+                                        for field in CONSTRAINTS
                                     },
                                 }
                             )
@@ -1410,44 +1282,17 @@ def _coordination_schemas() -> dict[str, Any]:
                 "offset": {"type": "integer", "minimum": 0},
             },
         },
-        "ApproveRequest": {
-            "type": "object",
-            "description": "Other fields are ignored.",
-            "properties": {
-                "user_id": _nullable(
-                    {
-                        **token,
-                        "description": (
-                            "Who approves; required when the service has no API "
-                            "keys. With keys it is the key's name: it may be "
-                            "left out, and another value is a 403 naming "
-                            "`user_id`."
-                        ),
-                        "examples": ["alice"],
-                    }
-                ),
-            },
-        },
-        "RejectRequest": {
-            "type": "object",
-            "description": "Other fields are ignored.",
-            "required": ["reason"],
-            "properties": {
-                "user_id": _nullable(
-                    {
-                        **token,
-                        "description": (
-                            "Who rejects; required when the service has no API "
-                            "keys. With keys it is the key's name: it may be "
-                            "left out, and another value is a 403 naming "
-                            "`user_id`."
-                        ),
-                        "examples": ["alice"],
-                    }
-                ),
-                "reason": _printable(1024, "Why."),
-            },
-        },
+        "ApproveRequest": body_schema(
+            [
+                attrs.evolve(USER_ID, description=_decider("approves")),
+                attrs.evolve(REASON, required=False),
+            ],
+            "Other fields are ignored.",
+        ),
+        "RejectRequest": body_schema(
+            [attrs.evolve(USER_ID, description=_decider("rejects")), REASON],
+            "Other fields are ignored.",
+        ),
         "PlanStep": {
             "type": "object",
             "required": [

@@ -1,8 +1,9 @@
 """
 One source for request fields: the document's limits are the parsers' limits.
 
-Values at and just past every documented bound of the bodies of C{POST /tasks}
-and of registrations and heartbeats (both dialects) are sent through the parser
+Values at and just past every documented bound of the bodies of C{POST /tasks},
+of registrations and heartbeats (both dialects), of recommendations and of
+decisions are sent through the parser
 and through the document's schema (jsonschema): both must accept, or both
 refuse, each one.  A limit typed again in a parser, or changed in one place
 only, fails here.
@@ -17,6 +18,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from optiinfra import declare
+from optiinfra.coordination import parse as coordination_parse
+from optiinfra.coordination.parse import parse_decision, parse_recommendation
 from optiinfra.errors import InvalidField
 from optiinfra.openapi import DOCUMENT
 from optiinfra.registry import parse as registry_parse
@@ -47,6 +50,27 @@ BODIES: dict[str, tuple[Callable[[object], object], dict[str, Any], list[str]]] 
         ["agent_id", "agent_name", "host", "port", "health_check_endpoint"],
     ),
     "Heartbeat": (parse_beat, {}, ["status"]),
+    "RecommendationRequest": (
+        lambda body: parse_recommendation(body, "", "acme"),
+        {"id": "r", "agent_type": "cost", "action": "scale_down"},
+        [
+            "id",
+            "action",
+            "risk_level",
+            "agent_id",
+            "type",
+            "title",
+            "description",
+            "estimated_savings",
+            "confidence",
+            "priority",
+        ],
+    ),
+    "RejectRequest": (
+        lambda body: parse_decision(body, True),
+        {"user_id": "alice", "reason": "too risky"},
+        ["user_id", "reason"],
+    ),
     "HeartbeatV1": (parse_v1_beat, {"agent_id": "a"}, ["agent_id"]),
 }
 
@@ -134,6 +158,7 @@ def test_registration_fields_are_published_as_declared() -> None:
         ("Registration", registry_parse.REGISTRATION),
         ("RegistrationV1", registry_parse.REGISTRATION_V1),
         ("Heartbeat", registry_parse.BEAT),
+        ("RecommendationRequest", coordination_parse.RECOMMENDATION),
     ):
         for field in declared:
             assert schemas[component]["properties"][field.key] == field.schema()
