@@ -28,7 +28,7 @@ from twisted.internet.threads import deferToThread
 from optiinfra import __version__
 from optiinfra.auth import Permission, Role, generate
 from optiinfra.coordination.plans import FINAL as PLAN_FINISHED
-from optiinfra.openapi import DOCUMENT, build_document, mount
+from optiinfra.openapi import DOCUMENT, OPEN_DOCUMENT, build_document, mount
 from optiinfra.routing.model import FINISHED, TASK_TYPES
 from optiinfra.web.health import PROBE_PATHS
 from optiinfra.web.query import MAX_PAGE
@@ -69,8 +69,10 @@ def deref(node: Any) -> Any:
     return node
 
 
-def operations() -> Iterator[tuple[str, str, dict[str, Any]]]:
-    for path, item in DOCUMENT["paths"].items():
+def operations(
+    document: dict[str, Any] = DOCUMENT,
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in document["paths"].items():
         for method, operation in item.items():
             if method in HTTP_METHODS:
                 yield path, method, operation
@@ -384,6 +386,65 @@ async def test_served_without_a_key(
     assert set(body["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyAuth"}
     head = await service.request("HEAD", "/openapi.json")
     assert (head.code, await head.content()) == (200, b"")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_open_instance_declares_no_security(service: RunningService) -> None:
+    """Without a key file no operation needs a key, and the document says so."""
+    body = await (await service.get("/openapi.json")).json()
+    assert body == OPEN_DOCUMENT
+    assert body["security"] == []
+    assert "runs without API keys" in body["info"]["description"]
+    for path, method, operation in operations(body):
+        assert operation["security"] == [], (method, path)
+        assert not {"401", "403"} & set(operation["responses"]), (method, path)
+    approve = body["components"]["schemas"]["ApproveRequest"]
+    assert approve["required"] == ["user_id"]  # no key names the decider
+
+
+def _sample(template: str) -> str:
+    return TEMPLATE_PLACEHOLDER.sub("x1", template)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_allow_header_lists_the_documented_methods(
+    service: RunningService,
+) -> None:
+    """A method a path does not serve: 405, Allow exactly what the document has."""
+    wrong = []
+    for template, item in DOCUMENT["paths"].items():
+        documented = {m.upper() for m in item if m in HTTP_METHODS}
+        if "GET" in documented:
+            documented.add("HEAD")
+        response = await service.request("PATCH", _sample(template))
+        await response.content()
+        allow = (response.headers.getRawHeaders("allow") or [""])[0]
+        served = {m.strip() for m in allow.split(",") if m.strip()}
+        if response.code != 405 or served != documented:
+            wrong.append((template, response.code, sorted(served), sorted(documented)))
+    for reserved in ("/agents/register", "/api/v1/agents/heartbeat"):
+        response = await service.request("GET", reserved)
+        await response.content()
+        assert response.code == 405, reserved  # not an agent's record
+        assert response.headers.getRawHeaders("allow") == ["POST"]
+    assert not wrong
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trailing_slash_is_not_another_spelling(
+    service: RunningService,
+) -> None:
+    for path in (
+        "/api/v1/agents/",
+        "/agents/",
+        "/tasks/",
+        "/health/",
+        "/openapi.json/",
+    ):
+        response = await service.get(path)
+        await response.content()
+        assert response.code == 404, path
+        assert not response.headers.getRawHeaders("location"), path
 
 
 @pytest_twisted.ensureDeferred
