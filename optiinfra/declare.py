@@ -81,6 +81,9 @@ class Text:
     #: The published pattern when the reader checks the shape itself (a URL).
     shape: str | None = None
     multiline: bool = False
+    #: Words the pattern refuses, published as a C{not}: generators handle it
+    #: better than a look-ahead.
+    excluded: tuple[str, ...] = ()
 
     def read(self, fields: Fields, *, default: str | None = None) -> str | None:
         return fields.text(
@@ -94,12 +97,17 @@ class Text:
 
     def schema(self) -> dict[str, Any]:
         text = PROSE if self.multiline else LINE
+        if self.pattern is not None:
+            # The not-blank look-ahead only where the pattern would allow
+            # blank text: generators (schemathesis) must filter look-aheads.
+            text = whole(self.pattern, not_blank=bool(self.pattern.fullmatch(" ")))
         schema: dict[str, Any] = {
             "type": "string",
             "maxLength": self.max_length,
-            "pattern": self.shape
-            or (text if self.pattern is None else whole(self.pattern, not_blank=True)),
+            "pattern": self.shape or text,
         }
+        if self.excluded:
+            schema["not"] = {"enum": list(self.excluded)}
         if self.default is not None:
             schema["default"] = self.default
         schema = _described(schema, self.description, self.examples)

@@ -287,7 +287,13 @@ def _schemas() -> dict[str, Any]:
                     "required": ["endpoint"],
                     "properties": {"endpoint": {"type": "string"}},
                 },
-                {"required": ["host", "port"]},
+                {
+                    "required": ["host", "port"],
+                    "properties": {
+                        "host": {"type": "string"},
+                        "port": {"type": "integer"},
+                    },
+                },
             ],
         ),
         "Heartbeat": body_schema(

@@ -14,16 +14,17 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from optiinfra.declare import Choice, Document, Integer, Strings, Text
+from optiinfra.declare import Choice, Document, Integer, Strings, Text, whole
 from optiinfra.destinations import tls_available
 from optiinfra.errors import InvalidField
 from optiinfra.registry.model import (
     AGENT_ID,
     AGENT_TYPES,
     REPORTED_STATUSES,
+    RESERVED_AGENT_IDS,
     STATUS_ALIASES,
 )
-from optiinfra.validation import HOST, NAME, Fields
+from optiinfra.validation import HOST, NAME, TOKEN, Fields
 
 _VERSION_LENGTH: Final = 64
 #: An endpoint's path: tasks go to C{<path>/task}.
@@ -105,7 +106,15 @@ HOST_FIELD: Final = Text(
     examples=("10.0.0.12",),
 )
 PORT: Final = Integer("port", minimum=1, maximum=65535)
-AGENT_ID_FIELD: Final = Text("agent_id", pattern=AGENT_ID, max_length=128)
+#: Read with L{AGENT_ID}; published as a token that is not a reserved word
+#: (a JSON Schema C{not}, which generators handle better than a look-ahead).
+AGENT_ID_FIELD: Final = Text(
+    "agent_id",
+    pattern=AGENT_ID,
+    max_length=128,
+    shape=whole(TOKEN),
+    excluded=RESERVED_AGENT_IDS,
+)
 _URL_LENGTH: Final = 2048
 ENDPOINT: Final = Text(
     "endpoint",
