@@ -82,7 +82,7 @@ from optiinfra.settings import Settings
 from optiinfra.validation import MAX_DOCUMENT, TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.health import SERVICE_NAME
-from optiinfra.web.query import MAX_PAGE, Page
+from optiinfra.web.query import LIMIT, MAX_PAGE, OFFSET
 from optiinfra.web.render import render_json
 
 OPENAPI_VERSION: Final = "3.1.0"
@@ -540,8 +540,6 @@ def _schemas() -> dict[str, Any]:
 
 #: The router's defaults, which the body of C{POST /tasks} falls back on.
 _ROUTER: Final = RouterConfig()
-#: A page of C{GET /tasks} when the query names none.
-_PAGE: Final = Page()
 
 
 def _decider(does: str) -> str:
@@ -1722,36 +1720,8 @@ def _components() -> dict[str, Any]:
                 ),
                 "schema": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE},
             },
-            "LimitQuery": {
-                "name": "limit",
-                "in": "query",
-                "required": False,
-                "description": (
-                    f"At most this many items; anything but a whole number up to "
-                    f"{MAX_PAGE} is a 400 naming `limit`."
-                ),
-                "schema": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "maximum": MAX_PAGE,
-                    "default": _PAGE.limit,
-                },
-            },
-            "OffsetQuery": {
-                "name": "offset",
-                "in": "query",
-                "required": False,
-                "description": (
-                    "Skip this many matching items; anything but a whole number "
-                    "is a 400 naming `offset`."
-                ),
-                "schema": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "maximum": 10**9,
-                    "default": _PAGE.offset,
-                },
-            },
+            "LimitQuery": LIMIT.parameter(),
+            "OffsetQuery": OFFSET.parameter(),
             "IdempotencyKey": {
                 "name": "Idempotency-Key",
                 "in": "header",

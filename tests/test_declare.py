@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import pytest_twisted
 from jsonschema import Draft202012Validator
 
 from optiinfra import declare
@@ -32,6 +33,8 @@ from optiinfra.registry.parse import (
 from optiinfra.routing import parse as task_parse
 from optiinfra.routing.parse import parse_task
 from optiinfra.routing.router import RouterConfig
+
+from .conftest import RunningService
 
 TASK = {"task_type": "analyze_cost", "agent_type": "cost"}
 ROOT = {"name": "a", "type": "cost", "host": "10.0.0.1", "port": 80}
@@ -183,3 +186,20 @@ def test_the_document_is_built_from_the_declarations() -> None:
             )
             continue
         assert properties[field.key] == field.schema(), field.key
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_service_and_the_document_share_the_page_bounds(
+    service: RunningService,
+) -> None:
+    """A listing's limit and offset: the documented maximum, and one past it."""
+    parameters = DOCUMENT["components"]["parameters"]
+    for component in ("LimitQuery", "OffsetQuery"):
+        name = parameters[component]["name"]
+        maximum = parameters[component]["schema"]["maximum"]
+        response = await service.get(f"/tasks?{name}={maximum}")
+        assert response.code == 200, (name, await response.content())
+        await response.content()
+        response = await service.get(f"/tasks?{name}={maximum + 1}")
+        assert response.code == 400, name
+        assert (await response.json())["field"] == name

@@ -36,7 +36,7 @@ from optiinfra.web.app import route
 from optiinfra.web.body import read_json
 from optiinfra.web.front import FastRoutes
 from optiinfra.web.guard import Guard
-from optiinfra.web.query import MAX_PAGE, page_of, query_arg, query_number
+from optiinfra.web.query import LIMIT, OFFSET, page_of, query_arg
 from optiinfra.web.render import render_json
 
 #: A query may ask for this many capabilities at most.
@@ -104,12 +104,8 @@ def mount(
     interval = int(registry.config.heartbeat_interval)
 
     async def listing(request: IRequest, query: AgentQuery) -> dict[str, Any]:
-        limit = (
-            None
-            if query_arg(request, "limit") is None
-            else query_number(request, "limit", 0, MAX_PAGE)
-        )
-        offset = query_number(request, "offset", 0, 10**9)
+        limit = None if query_arg(request, "limit") is None else LIMIT.read(request)
+        offset = OFFSET.read(request)
         count, documents = await registry.documents(query)
         if limit is None and offset == 0 and count <= MAX_AGENTS_LISTED:
             # The contract's answer, as the store rendered it.
