@@ -7,7 +7,8 @@ C{/openapi.json} with every check and every phase (stateful included), as the
 operator.  The exit status is schemathesis's: any failure fails the build.
 
     python -m tests.contract.run                  # CI: fixed seed, bounded
-    python -m tests.contract.run --seed random --max-examples 200 --max-time 1200
+    python -m tests.contract.run --seed random --max-examples 200 --coverage
+    python -m tests.contract.run --open           # the same, without API keys
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ def _key_file(directory: Path) -> dict[str, str]:
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.contract.run")
     parser.add_argument("--seed", default=str(CI_SEED), help="a number, or 'random'")
-    parser.add_argument("--max-examples", type=int, default=20)
+    parser.add_argument("--max-examples", type=int, default=15)
     parser.add_argument("--max-time", type=int, default=None)
     parser.add_argument("--role", default=Role.OPERATOR.value)
     parser.add_argument(
         "--coverage", action="store_true", help="add the coverage phase"
+    )
+    parser.add_argument(
+        "--open", action="store_true", help="an instance without API keys"
     )
     parser.add_argument("extra", nargs="*", help="passed on to schemathesis run")
     return parser.parse_args(argv)
@@ -66,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         environment = {
             **os.environ,
             "SCHEMATHESIS_HOOKS": "tests.contract.hooks",
-            "CONTRACT_KEY_NAME": f"contract-{args.role}",
+            **({} if args.open else {"CONTRACT_KEY_NAME": f"contract-{args.role}"}),
         }
         service = Twistd(
             "--port",
             "tcp:0:interface=127.0.0.1",
             env={
-                "API_KEYS_FILE": str(directory / "api-keys"),
+                **({} if args.open else {"API_KEYS_FILE": str(directory / "api-keys")}),
                 "STATE_DIR": str(directory),
             },
         )
@@ -88,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                 PHASES + (",coverage" if args.coverage else ""),
                 "--max-examples",
                 str(args.max_examples),
-                "--header",
-                f"Authorization: Bearer {keys[args.role]}",
+                *(
+                    []
+                    if args.open
+                    else ["--header", f"Authorization: Bearer {keys[args.role]}"]
+                ),
                 "--workers",
                 "2",
                 "--request-timeout",
