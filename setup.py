@@ -62,6 +62,7 @@ setup(
             "mypy-zope>=1.0.17,<2",
             "playwright>=1.45,<2",
             "jsonschema>=4.23,<5",
+            "referencing>=0.35,<1",
             "schemathesis>=4.32,<5",
         ],
     },
