@@ -2588,8 +2588,9 @@ def _feed_paths() -> dict[str, Any]:
                     *labels,
                     query(
                         "last_event_id",
-                        "Resume after this id (as the Last-Event-ID header).",
-                        {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                        "Resume after this id (as the Last-Event-ID header); "
+                        "empty: from now.",
+                        {"type": "string", "pattern": "^[0-9]{0,18}$"},
                     ),
                     {
                         "name": "Last-Event-ID",
@@ -2597,9 +2598,10 @@ def _feed_paths() -> dict[str, Any]:
                         "required": False,
                         "description": (
                             "Resume after this id: what was missed is replayed "
-                            "from the store's window, or `reset` is sent."
+                            "from the store's window, or `reset` is sent. Empty "
+                            "(an EventSource that has seen no id): from now."
                         ),
-                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                        "schema": {"type": "string", "pattern": "^[0-9]{0,18}$"},
                     },
                 ],
             )
