@@ -80,6 +80,6 @@ docker-test: ## Build, then check size, read-only run, health and a clean stop
 	bash deploy/docker/test.sh $(IMAGE):$(VERSION)
 
 clean: ## Remove the venv, build output and caches
-	rm -rf $(VENV) build dist wheels *.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov .hypothesis
+	rm -rf $(VENV) build dist wheels *.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov .hypothesis .schemathesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name dropin.cache -delete
