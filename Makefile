@@ -10,7 +10,7 @@ IMAGE ?= optiinfra-orchestrator
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' optiinfra/__init__.py)
 SOURCES := setup.py pyproject.toml $(shell find optiinfra twisted -name '*.py' -o -name '*.sql' -o -path '*/console/static/*' 2>/dev/null)
 
-.PHONY: help deps browser-deps build run test lint fmt clean docker-build docker-run docker-test bench soak api-key
+.PHONY: help deps browser-deps build run test lint fmt clean docker-build docker-run docker-test bench soak api-key contract
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -50,8 +50,15 @@ fmt: deps ## Format and auto-fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint browser-deps ## Every check: lint, types, tests with the coverage gate
+test: lint browser-deps ## Every check: lint, types, tests with the coverage gate, the contract
 	$(BIN)/pytest --cov=optiinfra --cov-report=term-missing $(PYTEST_ARGS)
+	$(MAKE) contract
+
+# Schemathesis against a real twistd with operator, viewer and agent keys: every
+# check, fixed seed.  CONTRACT_ARGS="--seed random --max-examples 200 --coverage"
+# is the larger local run (see README, Contract tests).
+contract: deps ## Schemathesis: the service against its own /openapi.json
+	$(BIN)/python -m tests.contract.run $(CONTRACT_ARGS)
 
 bench: deps ## Throughput and latency against baselines measured in the same run
 	$(BIN)/python bench/health.py
@@ -77,6 +84,6 @@ docker-test: ## Build, then check size, read-only run, health and a clean stop
 	bash deploy/docker/test.sh $(IMAGE):$(VERSION)
 
 clean: ## Remove the venv, build output and caches
-	rm -rf $(VENV) build dist wheels *.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov .hypothesis
+	rm -rf $(VENV) build dist wheels *.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov .hypothesis .schemathesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name dropin.cache -delete

@@ -10,10 +10,9 @@ which compares the document with the app's URL map and with real answers.
 
 from __future__ import annotations
 
-import copy
-import re
 from typing import Any, Final
 
+import attrs
 from klein import Klein
 from twisted.web.iweb import IRequest
 
@@ -27,9 +26,14 @@ from optiinfra.coordination.model import (
     DEPENDENCY,
     RISK_LEVELS,
 )
-from optiinfra.coordination.parse import ACTION as ACTION_PATTERN
-from optiinfra.coordination.parse import MAX_RECOMMENDATIONS
-from optiinfra.coordination.parse import RESOURCE as RESOURCE_PATTERN
+from optiinfra.coordination.parse import (
+    CONSTRAINTS,
+    CUSTOMER_ID,
+    MAX_RECOMMENDATIONS,
+    REASON,
+    RECOMMENDATION,
+    USER_ID,
+)
 from optiinfra.coordination.plans import (
     DEFAULT_TEMPLATES,
     PENDING,
@@ -44,24 +48,41 @@ from optiinfra.coordination.plans import (
     STEP_SKIPPED,
     WAITING,
 )
+from optiinfra.declare import Reference, body_schema, nullable, whole
 from optiinfra.events.record import TOPICS
 from optiinfra.events.routes import LABELS
 from optiinfra.registry.model import (
     AGENT_TYPES,
-    REPORTED_STATUSES,
-    STATUS_ALIASES,
+    RESERVED_AGENT_IDS,
     STATUSES,
 )
+from optiinfra.registry.parse import (
+    AGENT_ID_FIELD,
+    BEAT,
+    PORT,
+    REGISTRATION,
+    REGISTRATION_V1,
+)
 from optiinfra.registry.routes import MAX_QUERY_CAPABILITIES
-from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPE, TASK_TYPES
+from optiinfra.routing.model import FINISHED, PRIORITIES, TASK_TYPES
 from optiinfra.routing.model import STATUSES as TASK_STATUSES
-from optiinfra.routing.parse import IDEMPOTENCY_KEY, TRACEPARENT
+from optiinfra.routing.parse import (
+    IDEMPOTENCY_KEY,
+    MAX_RETRIES,
+    METADATA,
+    PARAMETERS,
+    PRIORITY,
+    TASK_AGENT_ID,
+    TASK_TYPE_FIELD,
+    TIMEOUT,
+    TRACEPARENT,
+)
 from optiinfra.routing.router import RouterConfig
 from optiinfra.settings import Settings
-from optiinfra.validation import HOST, MAX_DOCUMENT, MAX_LIST, NAME, TOKEN
+from optiinfra.validation import MAX_DOCUMENT, TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.health import SERVICE_NAME
-from optiinfra.web.query import MAX_PAGE, Page
+from optiinfra.web.query import LIMIT, MAX_PAGE, OFFSET
 from optiinfra.web.render import render_json
 
 OPENAPI_VERSION: Final = "3.1.0"
@@ -86,32 +107,8 @@ def _schema(name: str) -> dict[str, Any]:
     return _ref("schemas", name)
 
 
-#: Text the service refuses when it is only whitespace (``str.strip()``).
-_NOT_BLANK: Final = r"\S"
-
-
-def _whole(pattern: re.Pattern[str], *, not_blank: bool = False) -> str:
-    """
-    A Python pattern used with C{fullmatch}, as an anchored JSON Schema one;
-    C{not_blank} adds that the text is not only whitespace, for patterns that
-    would allow that.
-    """
-    ahead = rf"(?=[\s\S]*{_NOT_BLANK})" if not_blank else ""
-    return f"^{ahead}(?:{pattern.pattern})$"
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    """
-    C{schema}, or JSON C{null}: optional fields sent as C{null} are read as absent.
-    """
-    if "$ref" in schema:
-        return {"anyOf": [schema, {"type": "null"}]}
-    result = copy.deepcopy(schema)
-    kind = result["type"]
-    result["type"] = [*(kind if isinstance(kind, list) else [kind]), "null"]
-    if "enum" in result:
-        result["enum"] = [*result["enum"], None]
-    return result
+_whole = whole
+_nullable = nullable
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -233,35 +230,13 @@ def _body(schema_name: str, description: str, *, required: bool) -> dict[str, An
 # Schemas -----------------------------------------------------------------------
 
 _AGENT_ID: Final[dict[str, Any]] = {
-    "type": "string",
-    "pattern": _whole(TOKEN),
-    "maxLength": 128,
-    "description": "Letters, digits and `. _ : @ -`, starting with a letter or digit.",
-    "examples": ["performance-agent-1"],
-}
-_NAME: Final[dict[str, Any]] = {
-    "type": "string",
-    "pattern": _whole(NAME, not_blank=True),
-    "maxLength": 128,
-    "description": "Printable text, not only whitespace.",
-}
-_HOST: Final[dict[str, Any]] = {
-    "type": "string",
-    "pattern": _whole(HOST),
-    "maxLength": 253,
+    **AGENT_ID_FIELD.schema(),
     "description": (
-        "A host name or IP address (IPv6 without brackets). Refused (400) when "
-        "it is, or resolves to, an address tasks may not be sent to: outside "
-        "AGENT_ALLOWED_NETWORKS, link-local or cloud metadata when that is "
-        "unset, or the orchestrator's own listening address."
+        "Letters, digits and `. _ : @ -`, starting with a letter or digit; "
+        + " and ".join(f"`{word}`" for word in RESERVED_AGENT_IDS)
+        + " are paths of their own, never agent ids."
     ),
-    "examples": ["10.0.0.12"],
-}
-_PORT: Final[dict[str, Any]] = {"type": "integer", "minimum": 1, "maximum": 65535}
-_URL_TEXT: Final[dict[str, Any]] = {
-    "type": "string",
-    "maxLength": 2048,
-    "pattern": _NOT_BLANK,
+    "examples": ["performance-agent-1"],
 }
 _TIME_MS: Final[dict[str, Any]] = {
     "type": "string",
@@ -284,53 +259,6 @@ _INTERVAL: Final[dict[str, Any]] = {
 
 
 def _schemas() -> dict[str, Any]:
-    status_input = {
-        "type": "string",
-        "enum": [*REPORTED_STATUSES, *STATUS_ALIASES],
-        "default": "healthy",
-        "description": (
-            "What the agent says about itself; "
-            + ", ".join(
-                f'"{alias}" means "{to}"' for alias, to in STATUS_ALIASES.items()
-            )
-            + ". Absent: healthy."
-        ),
-    }
-    metadata = {
-        "type": "object",
-        "description": f"Any JSON object, at most {MAX_DOCUMENT} bytes serialised.",
-    }
-    capabilities = {
-        "type": "array",
-        "items": {"type": "string", "pattern": _whole(TOKEN)},
-        "maxItems": MAX_LIST,
-        "description": "Short identifiers; repeats are dropped.",
-        "examples": [["optimize_kv_cache", "tune_inference"]],
-    }
-    version = {
-        "type": "string",
-        "maxLength": 64,
-        "pattern": _NOT_BLANK,
-        "default": "unknown",
-    }
-    common = {
-        "capabilities": _nullable(capabilities),
-        "version": _nullable(version),
-        "metadata": _nullable(metadata),
-        "status": _nullable(status_input),
-    }
-    beat = {
-        "status": _nullable(status_input),
-        "metadata": _nullable(
-            {**metadata, "description": "Merged into the agent's metadata."}
-        ),
-        "metrics": _nullable(
-            {
-                **metadata,
-                "description": "Kept as the `metrics` key of the agent's metadata.",
-            }
-        ),
-    }
     return {
         "AgentType": {"type": "string", "enum": list(AGENT_TYPES)},
         "AgentStatus": {
@@ -343,83 +271,43 @@ def _schemas() -> dict[str, Any]:
             ),
         },
         "AgentId": _AGENT_ID,
-        "Registration": {
-            "type": "object",
-            "description": (
-                "The contract's registration. The same name, host and port "
-                "registering again refreshes the record and keeps its id. Other "
-                "fields are ignored."
-            ),
-            "required": ["name", "type", "host", "port"],
-            "properties": {
-                "name": _NAME,
-                "type": _schema("AgentType"),
-                "host": _HOST,
-                "port": _PORT,
-                **common,
-            },
-        },
-        "RegistrationV1": {
-            "type": "object",
-            "description": (
-                "The registration the agents send: either `endpoint` (whose host "
-                "and port are used) or `host` and `port`. The same `agent_id` "
-                "registering again refreshes its record. Other fields are ignored."
-            ),
-            "required": ["agent_id", "agent_type"],
-            "properties": {
-                "agent_id": _schema("AgentId"),
-                "agent_name": _nullable(
-                    {**_NAME, "description": "Defaults to `agent_id`."}
-                ),
-                "agent_type": _schema("AgentType"),
-                "endpoint": _nullable(
-                    {
-                        **_URL_TEXT,
-                        "format": "uri",
-                        "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
-                        "description": (
-                            "An http(s) URL with a valid host; port 80 or 443 "
-                            "when it names none. Tasks go to `<its path>/task`; "
-                            "a query, fragment or credentials are refused, and "
-                            "so is a host tasks may not be sent to (see `host`). "
-                            "https is called over TLS with certificate checks."
-                        ),
-                        "examples": ["http://localhost:8002"],
-                    }
-                ),
-                "health_check_endpoint": _nullable(
-                    {**_URL_TEXT, "examples": ["/api/v1/health"]}
-                ),
-                "host": _HOST,
-                "port": _PORT,
-                **common,
-            },
-            "anyOf": [
+        "Registration": body_schema(
+            REGISTRATION,
+            "The contract's registration. The same name, host and port "
+            "registering again refreshes the record and keeps its id. Other "
+            "fields are ignored.",
+        ),
+        "RegistrationV1": body_schema(
+            REGISTRATION_V1,
+            "The registration the agents send: either `endpoint` (whose host "
+            "and port are used) or `host` and `port`. The same `agent_id` "
+            "registering again refreshes its record. Other fields are ignored.",
+            anyOf=[
                 {
                     "required": ["endpoint"],
                     "properties": {"endpoint": {"type": "string"}},
                 },
-                {"required": ["host", "port"]},
+                {
+                    "required": ["host", "port"],
+                    "properties": {
+                        "host": {"type": "string"},
+                        "port": {"type": "integer"},
+                    },
+                },
             ],
-        },
-        "Heartbeat": {
-            "type": "object",
-            "description": "An empty body is read as `{}`. Other fields are ignored.",
-            "properties": beat,
-        },
-        "HeartbeatV1": {
-            "type": "object",
-            "description": "Names the agent in the body. Other fields are ignored.",
-            "required": ["agent_id"],
-            "properties": {
-                "agent_id": _schema("AgentId"),
+        ),
+        "Heartbeat": body_schema(
+            BEAT, "An empty body is read as `{}`. Other fields are ignored."
+        ),
+        "HeartbeatV1": body_schema(
+            (AGENT_ID_FIELD, *BEAT),
+            "Names the agent in the body. Other fields are ignored.",
+            described={
                 "timestamp": {
                     "description": "Accepted and ignored: the server's clock counts."
-                },
-                **beat,
+                }
             },
-        },
+        ),
         "Agent": {
             "type": "object",
             "required": [
@@ -440,7 +328,7 @@ def _schemas() -> dict[str, Any]:
                 "name": {"type": "string"},
                 "type": _schema("AgentType"),
                 "host": {"type": "string"},
-                "port": _PORT,
+                "port": PORT.schema(),
                 "capabilities": {"type": "array", "items": {"type": "string"}},
                 "status": _schema("AgentStatus"),
                 "version": {"type": "string"},
@@ -652,8 +540,37 @@ def _schemas() -> dict[str, Any]:
 
 #: The router's defaults, which the body of C{POST /tasks} falls back on.
 _ROUTER: Final = RouterConfig()
-#: A page of C{GET /tasks} when the query names none.
-_PAGE: Final = Page()
+
+
+def _decider(does: str) -> str:
+    return (
+        f"Who {does}; required when the service has no API keys. With keys it "
+        "is the key's name: it may be left out, and another value is a 403 "
+        "naming `user_id`."
+    )
+
+
+def _priority(meaning: str) -> dict[str, Any]:
+    """A priority: by number within L{PRIORITY}'s bounds, or by name."""
+    return {
+        "anyOf": [
+            {
+                "type": "integer",
+                "minimum": PRIORITY.minimum,
+                "maximum": PRIORITY.maximum,
+            },
+            {"type": "string", "enum": list(PRIORITIES)},
+            {"type": "null"},
+        ],
+        "default": PRIORITY.default,
+        "description": (
+            f"{meaning} A whole number from {PRIORITY.minimum} to "
+            f"{PRIORITY.maximum}, or a name ("
+            + ", ".join(f"{n} = {v}" for n, v in PRIORITIES.items())
+            + "). Absent: normal."
+        ),
+        "examples": ["high", 12],
+    }
 
 
 def _task_schemas() -> dict[str, Any]:
@@ -661,14 +578,6 @@ def _task_schemas() -> dict[str, Any]:
     by_agent: dict[str, list[str]] = {}
     for task_type, agent_type in TASK_TYPES.items():
         by_agent.setdefault(agent_type, []).append(task_type)
-    document: dict[str, Any] = {
-        "type": "object",
-        "default": {},
-        "description": (
-            f"Any JSON object, at most {MAX_DOCUMENT} bytes serialised; passed "
-            "to the agent as is."
-        ),
-    }
     time_or_null = {
         "type": ["string", "null"],
         "format": "date-time",
@@ -728,7 +637,16 @@ def _task_schemas() -> dict[str, Any]:
                 "minimum": 0,
                 "description": "Attempts made after the first.",
             },
-            "task_type": _schema("TaskType"),
+            "task_type": {
+                "type": "string",
+                "pattern": _whole(TOKEN),
+                "maxLength": 128,
+                "description": (
+                    "A submitted task's `task_type` (see TaskType); a plan "
+                    "step's task carries its template's task type, or the "
+                    "recommendation's `action` when no template has one."
+                ),
+            },
             "agent_type": _schema("AgentType"),
             "priority": {"type": "integer", "minimum": lowest, "maximum": highest},
             "timeout_seconds": {
@@ -756,8 +674,7 @@ def _task_schemas() -> dict[str, Any]:
     }
     return {
         "TaskType": {
-            "type": "string",
-            "pattern": f"^{TASK_TYPE.pattern}$",
+            **TASK_TYPE_FIELD.schema(),
             "description": "What to do, in the agents' own words. Accepted when "
             "an agent of `agent_type` registered now lists it among its "
             "capabilities (`kv_cache_optimization`, `spot_migration`, ...), "
@@ -765,7 +682,7 @@ def _task_schemas() -> dict[str, Any]:
             "the contract's, each done by one type of agent: "
             + ", ".join(f"{t} ({a})" for t, a in sorted(TASK_TYPES.items()))
             + ". Otherwise a 400 lists what is offered for `agent_type`.",
-            "examples": ["analyze_cost", "kv_cache_optimization"],
+            "examples": ["analyze_cost"],
         },
         "TaskStatus": {
             "type": "string",
@@ -786,76 +703,21 @@ def _task_schemas() -> dict[str, Any]:
             ),
             "examples": ["019abb1e-7c2a-7d41-9f55-2a7e6b1d3c40"],
         },
-        "TaskRequest": {
-            "type": "object",
-            "description": (
-                "A task for an agent of `agent_type`, which must be the type "
-                "that does `task_type` (otherwise a 400 naming `agent_type`). "
-                "Optional fields sent as null are read as absent. Other fields "
-                "are ignored."
-            ),
-            "required": ["task_type", "agent_type"],
-            "properties": {
-                "task_type": _schema("TaskType"),
-                "agent_type": _schema("AgentType"),
-                "agent_id": {
-                    **_nullable(_schema("AgentId")),
-                    "description": (
-                        "Send it to this agent only. The task fails if that "
-                        "agent is not registered, is not of `agent_type`, does "
-                        "not list `task_type` among its capabilities, or is "
-                        "neither healthy nor degraded. Absent: any agent of "
-                        "`agent_type` listing `task_type`."
-                    ),
-                },
-                "parameters": _nullable(document),
-                "metadata": _nullable(document),
-                "priority": {
-                    "anyOf": [
-                        {"type": "integer", "minimum": lowest, "maximum": highest},
-                        {"type": "string", "enum": list(PRIORITIES)},
-                        {"type": "null"},
-                    ],
-                    "default": PRIORITIES["normal"],
-                    "description": (
-                        "Higher is sent first: a whole number from "
-                        f"{lowest} to {highest}, or a name ("
-                        + ", ".join(f"{n} = {v}" for n, v in PRIORITIES.items())
-                        + "). Absent: normal."
-                    ),
-                    "examples": ["high", 12],
-                },
-                "timeout_seconds": _nullable(
-                    {
-                        "type": "number",
-                        "minimum": 0.001,
-                        "maximum": _ROUTER.max_timeout,
-                        "default": _ROUTER.default_timeout,
-                        "description": (
-                            "The deadline, counted from submission: a task not "
-                            "finished by then is `timeout`, and a call still out "
-                            "at an agent is cut off."
-                        ),
-                    }
-                ),
-                "max_retries": _nullable(
-                    {
-                        "type": "integer",
-                        "minimum": 0,
-                        "maximum": 10,
-                        "default": _ROUTER.default_retries,
-                        "description": (
-                            "Attempts after the first when one gets no usable "
-                            "answer (a 5xx without a verdict, connection trouble, "
-                            "no answer within ATTEMPT_TIMEOUT); an agent's own "
-                            '`"status": "failed"` (whatever the HTTP status) or '
-                            "another 4xx is final; a 429, or a 503 with "
-                            "Retry-After, waits as asked without using a retry."
-                        ),
-                    }
-                ),
-            },
-            "anyOf": [
+        "TaskRequest": body_schema(
+            [
+                Reference("task_type", "TaskType"),
+                Reference("agent_type", "AgentType"),
+                TASK_AGENT_ID,
+                PARAMETERS,
+                METADATA,
+                TIMEOUT,
+                MAX_RETRIES,
+            ],
+            "A task for an agent of `agent_type`, which must be the type that "
+            "does `task_type` (otherwise a 400 naming `agent_type`). Optional "
+            "fields sent as null are read as absent. Other fields are ignored.",
+            described={"priority": _priority("Higher is sent first.")},
+            anyOf=[
                 {
                     "properties": {
                         "agent_type": {"const": agent_type},
@@ -876,7 +738,7 @@ def _task_schemas() -> dict[str, Any]:
                     }
                 }
             ],
-        },
+        ),
         "TaskAccepted": {
             "type": "object",
             "required": ["task_id", "status", "agent_id", "created_at", "status_url"],
@@ -945,10 +807,6 @@ def _task_schemas() -> dict[str, Any]:
 
 #: The coordination settings' defaults, quoted in the descriptions.
 _SETTINGS: Final = Settings()
-#: Text the coordination API reads with no pattern: printable, not only whitespace.
-_PRINTABLE: Final = re.compile(r"[^\x00-\x1f\x7f]*")
-#: Prose: printable, with line breaks and tabs.
-_PROSE: Final = re.compile(r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*")
 #: The times the coordination API reads: RFC 3339 with a zone, upper-case T and Z.
 _RFC3339: Final = (
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$"
@@ -970,31 +828,6 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:g} h"
 
 
-def _printable(
-    max_length: int, description: str, pattern: re.Pattern[str] = _PRINTABLE
-) -> dict[str, Any]:
-    return {
-        "type": "string",
-        "maxLength": max_length,
-        "pattern": _whole(pattern, not_blank=True),
-        "description": description,
-    }
-
-
-def _identifiers(
-    pattern: re.Pattern[str], description: str, example: list[str]
-) -> dict[str, Any]:
-    return _nullable(
-        {
-            "type": "array",
-            "items": {"type": "string", "pattern": _whole(pattern)},
-            "maxItems": MAX_LIST,
-            "description": description + " Repeats are dropped.",
-            "examples": [example],
-        }
-    )
-
-
 def _coordination_schemas() -> dict[str, Any]:
     lowest, highest = min(PRIORITIES.values()), max(PRIORITIES.values())
     document: dict[str, Any] = {
@@ -1014,7 +847,6 @@ def _coordination_schemas() -> dict[str, Any]:
         "examples": ["2025-10-16T10:00:00.250Z"],
     }
     strings = {"type": "array", "items": {"type": "string"}}
-    token = {"type": "string", "pattern": _whole(TOKEN), "maxLength": 128}
     medium, high, critical = (
         _SETTINGS.approval_expiry_medium,
         _SETTINGS.approval_expiry_high,
@@ -1176,110 +1008,15 @@ def _coordination_schemas() -> dict[str, Any]:
                 "rolled_back, rollback_failed: its rollback task's progress."
             ),
         },
-        "RecommendationRequest": {
-            "type": "object",
-            "description": (
-                "One agent's proposed change. Optional fields sent as null are "
-                "read as absent. Other fields (`status` among them) are ignored."
-            ),
-            "required": ["id", "agent_type", "action"],
-            "properties": {
-                "id": {
-                    **token,
-                    "description": (
-                        "Unique within the request (a repeat is a 400 naming "
-                        "the second one)."
-                    ),
-                    "examples": ["rec-spot-1"],
-                },
-                "agent_type": _schema("AgentType"),
-                "action": {
-                    "type": "string",
-                    "pattern": _whole(ACTION_PATTERN),
-                    "description": (
-                        "What to do. Its plan template names the steps (see "
-                        "`Plan`); an action without a template is one step, a "
-                        "task of that type sent to an agent of `agent_type`."
-                    ),
-                    "examples": ["migrate_to_spot", "scale_down"],
-                },
-                "risk_level": _nullable(
-                    {
-                        **_schema("RiskLevel"),
-                        "default": "medium",
-                        "description": (
-                            "Absent: medium (a change that does not say how "
-                            "risky it is needs a person)."
-                        ),
-                    }
-                ),
-                "customer_id": _nullable(
-                    {
-                        **token,
-                        "description": "The request's `customer_id` if given.",
-                    }
-                ),
-                "agent_id": _nullable(
-                    {**token, "description": "The recommending agent."}
-                ),
-                "type": _nullable(
-                    {
-                        **_NAME,
-                        "description": "A free category, such as `optimization`.",
-                    }
-                ),
-                "title": _nullable(_printable(256, "A one-line summary.")),
-                "description": _nullable(
-                    _printable(4096, "Free text; lines may break.", _PROSE)
-                ),
-                "estimated_savings": _nullable(
-                    {
-                        "type": "number",
-                        "minimum": -1e15,
-                        "maximum": 1e15,
-                        "default": 0,
-                        "description": "Ranks conflicting recommendations.",
-                    }
-                ),
+        "RecommendationRequest": body_schema(
+            RECOMMENDATION,
+            "One agent's proposed change. Optional fields sent as null are read "
+            "as absent. Other fields (`status` among them) are ignored.",
+            described={
                 "estimated_impact": {"description": "Any JSON, kept as is."},
-                "affected_resources": _identifiers(
-                    RESOURCE_PATTERN,
-                    "The resources it changes, as paths. Recommendations "
-                    "sharing one conflict (resource); ones on related resources "
-                    "(one a prefix path of the other, or siblings) with "
-                    "overlapping windows conflict on timing.",
-                    ["cluster-a/node-1"],
-                ),
-                "parameters": _nullable(
-                    {
-                        **document,
-                        "description": document["description"]
-                        + " Passed on to the tasks of its plan.",
-                    }
-                ),
-                "dependencies": _identifiers(
-                    TOKEN,
-                    "Ids of recommendations of the same request that must be "
-                    "carried out first. A missing one or a cycle drops the "
-                    "recommendation (a dependency conflict).",
-                    ["rec-snapshot-1"],
-                ),
-                "priority": {
-                    "anyOf": [
-                        {"type": "integer", "minimum": lowest, "maximum": highest},
-                        {"type": "string", "enum": list(PRIORITIES)},
-                        {"type": "null"},
-                    ],
-                    "default": PRIORITIES["normal"],
-                    "description": (
-                        f"A whole number from {lowest} to {highest}, or a name ("
-                        + ", ".join(f"{n} = {v}" for n, v in PRIORITIES.items())
-                        + "). Absent: normal. Ranks conflicting recommendations, "
-                        "and is the priority of its plan's tasks."
-                    ),
-                },
-                "confidence": _nullable(
-                    {"type": "number", "minimum": 0, "maximum": 1, "default": 0}
+                "priority": _priority(
+                    "Ranks conflicting recommendations, and is the priority of "
+                    "its plan's tasks."
                 ),
                 "created_at": {**time_in, "description": "Kept as given."},
                 "expires_at": {
@@ -1288,7 +1025,6 @@ def _coordination_schemas() -> dict[str, Any]:
                         "A recommendation already past it is dropped, not coordinated."
                     ),
                 },
-                "metadata": _nullable(document),
                 "window": _nullable(
                     {
                         "type": "object",
@@ -1297,13 +1033,21 @@ def _coordination_schemas() -> dict[str, Any]:
                         ),
                         "required": ["start", "end"],
                         "properties": {
-                            "start": {**time_in, "type": "string"},
-                            "end": {**time_in, "type": "string"},
+                            "start": {
+                                **time_in,
+                                "type": "string",
+                                "examples": ["2025-10-16T22:00:00Z"],
+                            },
+                            "end": {
+                                **time_in,
+                                "type": "string",
+                                "examples": ["2025-10-17T02:00:00Z"],
+                            },
                         },
                     }
                 ),
             },
-        },
+        ),
         "CoordinationRequest": {
             "type": "object",
             "description": (
@@ -1312,7 +1056,7 @@ def _coordination_schemas() -> dict[str, Any]:
             ),
             "required": ["customer_id", "recommendations"],
             "properties": {
-                "customer_id": {**token, "examples": ["acme"]},
+                "customer_id": CUSTOMER_ID.schema(),
                 "recommendations": {
                     "type": "array",
                     "items": _schema("RecommendationRequest"),
@@ -1354,21 +1098,8 @@ def _coordination_schemas() -> dict[str, Any]:
                                         "when settling a conflict."
                                     ),
                                     "properties": {
-                                        "prefer": _identifiers(
-                                            TOKEN,
-                                            "Recommendation ids to keep.",
-                                            ["rec-spot-1"],
-                                        ),
-                                        "avoid_actions": _identifiers(
-                                            ACTION_PATTERN,
-                                            "Actions not wanted.",
-                                            ["terminate"],
-                                        ),
-                                        "protected_resources": _identifiers(
-                                            RESOURCE_PATTERN,
-                                            "Resources not to be touched.",
-                                            ["cluster-a/db-1"],
-                                        ),
+                                        field.key: field.schema()
+                                        for field in CONSTRAINTS
                                     },
                                 }
                             )
@@ -1555,44 +1286,17 @@ def _coordination_schemas() -> dict[str, Any]:
                 "offset": {"type": "integer", "minimum": 0},
             },
         },
-        "ApproveRequest": {
-            "type": "object",
-            "description": "Other fields are ignored.",
-            "properties": {
-                "user_id": _nullable(
-                    {
-                        **token,
-                        "description": (
-                            "Who approves; required when the service has no API "
-                            "keys. With keys it is the key's name: it may be "
-                            "left out, and another value is a 400 naming "
-                            "`user_id`."
-                        ),
-                        "examples": ["alice"],
-                    }
-                ),
-            },
-        },
-        "RejectRequest": {
-            "type": "object",
-            "description": "Other fields are ignored.",
-            "required": ["reason"],
-            "properties": {
-                "user_id": _nullable(
-                    {
-                        **token,
-                        "description": (
-                            "Who rejects; required when the service has no API "
-                            "keys. With keys it is the key's name: it may be "
-                            "left out, and another value is a 400 naming "
-                            "`user_id`."
-                        ),
-                        "examples": ["alice"],
-                    }
-                ),
-                "reason": _printable(1024, "Why."),
-            },
-        },
+        "ApproveRequest": body_schema(
+            [
+                attrs.evolve(USER_ID, description=_decider("approves")),
+                attrs.evolve(REASON, required=False),
+            ],
+            "Other fields are ignored.",
+        ),
+        "RejectRequest": body_schema(
+            [attrs.evolve(USER_ID, description=_decider("rejects")), REASON],
+            "Other fields are ignored.",
+        ),
         "PlanStep": {
             "type": "object",
             "required": [
@@ -2016,36 +1720,8 @@ def _components() -> dict[str, Any]:
                 ),
                 "schema": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE},
             },
-            "LimitQuery": {
-                "name": "limit",
-                "in": "query",
-                "required": False,
-                "description": (
-                    f"At most this many items; anything but a whole number up to "
-                    f"{MAX_PAGE} is a 400 naming `limit`."
-                ),
-                "schema": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "maximum": MAX_PAGE,
-                    "default": _PAGE.limit,
-                },
-            },
-            "OffsetQuery": {
-                "name": "offset",
-                "in": "query",
-                "required": False,
-                "description": (
-                    "Skip this many matching items; anything but a whole number "
-                    "is a 400 naming `offset`."
-                ),
-                "schema": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "maximum": 10**9,
-                    "default": _PAGE.offset,
-                },
-            },
+            "LimitQuery": LIMIT.parameter(),
+            "OffsetQuery": OFFSET.parameter(),
             "IdempotencyKey": {
                 "name": "Idempotency-Key",
                 "in": "header",
@@ -2070,10 +1746,12 @@ def _components() -> dict[str, Any]:
                 "in": "header",
                 "required": False,
                 "description": (
-                    "W3C trace context, passed on to the agent with the task; a "
-                    "malformed value is ignored."
+                    "W3C trace context, passed on to the agent with the task "
+                    f"when it is well formed (`{TRACEPARENT.pattern}`); any other "
+                    "value is ignored, as W3C Trace Context asks (a new trace "
+                    "starts), never refused."
                 ),
-                "schema": {"type": "string", "pattern": _whole(TRACEPARENT)},
+                "schema": {"type": "string"},
             },
         },
         "headers": {
@@ -2795,8 +2473,9 @@ use (registration answers 200). Both reach the same registry.
 Every answer carries `X-Request-ID`. Every error is JSON:
 `{"error": ..., "field"?: ..., "detail"?: ..., "request_id": ...}`. A path that
 does not exist is a 404, a method a path does not serve a 405 with `Allow`, a body
-larger than MAX_BODY_BYTES a 413. HEAD is served wherever GET is, and a trailing
-slash is accepted on every path.
+larger than MAX_BODY_BYTES a 413. HEAD is served wherever GET is. A path with a trailing
+slash, or an empty segment, is not another spelling of a path: it is a 404 (the
+service never redirects).
 
 Registry, task and coordination routes need an API key (`Authorization: Bearer`
 or `X-API-Key`) whose role grants the operation's `x-permission`: `agent` keys may
@@ -2823,6 +2502,7 @@ def _feed_paths() -> dict[str, Any]:
         }
 
     token = {"type": "string", "pattern": _whole(TOKEN), "maxLength": 128}
+    _topic = "|".join(TOPICS)
     labels = [
         query(
             name,
@@ -2835,10 +2515,24 @@ def _feed_paths() -> dict[str, Any]:
     stream = {
         "text/event-stream": {
             "schema": {
-                "type": "string",
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    "event": {
+                        "type": "string",
+                        "enum": [*TOPICS, "reset", "overflow"],
+                    },
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": JSON,
+                    },
+                    "retry": {"type": "integer", "minimum": 0},
+                },
                 "description": (
-                    "Server-Sent Events.  Each change is `id: <n>` (increasing "
-                    "across replicas), `event: <topic>` and `data:` one JSON "
+                    "One Server-Sent Event (the stream is a sequence of them; "
+                    "OpenAPI 3.1 describes each).  Each change is `id: <n>` "
+                    "(increasing across replicas), `event: <topic>` and "
+                    "`data:` one JSON "
                     "object: `topic`, `kind`, `at`, and the REST view of what "
                     "changed under `agent`, `task`, `approval` or `plan` "
                     "(agents: `registered`, `status_changed` with `previous`, "
@@ -2886,13 +2580,17 @@ def _feed_paths() -> dict[str, Any]:
                     query(
                         "topics",
                         f"Comma-separated, of {', '.join(TOPICS)} (default all).",
-                        {"type": "string"},
+                        {
+                            "type": "string",
+                            "pattern": f"^(?:{_topic})(?:,(?:{_topic}))*$",
+                        },
                     ),
                     *labels,
                     query(
                         "last_event_id",
-                        "Resume after this id (as the Last-Event-ID header).",
-                        {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                        "Resume after this id (as the Last-Event-ID header); "
+                        "empty: from now.",
+                        {"type": "string", "pattern": "^[0-9]{0,18}$"},
                     ),
                     {
                         "name": "Last-Event-ID",
@@ -2900,9 +2598,10 @@ def _feed_paths() -> dict[str, Any]:
                         "required": False,
                         "description": (
                             "Resume after this id: what was missed is replayed "
-                            "from the store's window, or `reset` is sent."
+                            "from the store's window, or `reset` is sent. Empty "
+                            "(an EventSource that has seen no id): from now."
                         ),
-                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                        "schema": {"type": "string", "pattern": "^[0-9]{0,18}$"},
                     },
                 ],
             )
@@ -3021,8 +2720,44 @@ def _feed_paths() -> dict[str, Any]:
     }
 
 
-def build_document() -> dict[str, Any]:
-    """The OpenAPI document, built afresh."""
+_OPEN_NOTE: Final = """
+
+**This instance runs without API keys** (no API_KEYS_FILE): no operation needs a
+key, so none declares a security requirement here.  The same service with a key
+file serves this document with every registry, task and coordination operation
+secured.
+"""
+
+
+def build_document(*, secured: bool = True) -> dict[str, Any]:
+    """
+    The OpenAPI document, built afresh: C{secured} for an instance with API
+    keys; without, no operation declares a security requirement, and C{info}
+    says why, so the document is true of the instance serving it.
+    """
+    paths = {
+        **_service_paths(),
+        **_registry_paths(),
+        **_task_paths(),
+        **_coordination_paths(),
+        **_feed_paths(),
+    }
+    components = _components()
+    if not secured:
+        for item in paths.values():
+            for operation in item.values():
+                if not isinstance(operation, dict):
+                    continue  # a path item's shared parameters
+                operation["security"] = []
+                for code in ("401", "403"):
+                    operation["responses"].pop(code, None)
+        # No key names the decider: the body must.
+        for decision in ("approve", "reject"):
+            path = f"/coordination/approvals/{{approval_id}}/{decision}"
+            paths[path]["post"]["requestBody"]["required"] = True
+            body = components["schemas"][f"{decision.title()}Request"]
+            body["required"] = ["user_id", *body.get("required", [])]
+            body["properties"]["user_id"]["type"] = "string"
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -3032,7 +2767,7 @@ def build_document() -> dict[str, Any]:
                 "Agent registry, task routing, coordination and control plane of "
                 "the OptiInfra platform."
             ),
-            "description": _DESCRIPTION,
+            "description": _DESCRIPTION + ("" if secured else _OPEN_NOTE),
         },
         "tags": [
             {"name": "service", "description": "Probes, metrics and this document."},
@@ -3049,25 +2784,25 @@ def build_document() -> dict[str, Any]:
             {"name": "events", "description": "The live change feed."},
             {"name": "console", "description": "The operators' console."},
         ],
-        "security": _key_required(),
-        "paths": {
-            **_service_paths(),
-            **_registry_paths(),
-            **_task_paths(),
-            **_coordination_paths(),
-            **_feed_paths(),
-        },
-        "components": _components(),
+        "security": _key_required() if secured else [],
+        "paths": paths,
+        "components": components,
     }
 
 
-#: The document served; built once.
+#: The document served by an instance with API keys; built once.
 DOCUMENT: Final[dict[str, Any]] = build_document()
+#: The document served by an instance without API keys.
+OPEN_DOCUMENT: Final[dict[str, Any]] = build_document(secured=False)
 
 
-def mount(app: Klein) -> None:
-    """Add C{GET /openapi.json} to C{app}; it needs no key."""
+def mount(app: Klein, *, secured: bool = True) -> None:
+    """
+    Add C{GET /openapi.json} to C{app}; it needs no key.  C{secured} says
+    whether the instance has API keys, which the document then declares.
+    """
+    document = DOCUMENT if secured else OPEN_DOCUMENT
 
     @route(app, "/openapi.json", ("GET",))
     def openapi(request: IRequest) -> bytes:
-        return render_json(request, DOCUMENT)
+        return render_json(request, document)

@@ -334,7 +334,7 @@ def build_service(
     Watch(recorder, registry).attach(router, coordinator, coordinator.executor)
     event_routes.mount(app, feed, guard)
     console_routes.mount(app, guard)
-    openapi.mount(app)
+    openapi.mount(app, secured=guard.keys is not None)
     for mount in mounts:
         mount(app)
     site = OrchestratorSite(

@@ -122,6 +122,9 @@ class Fields:
         value = self._get(key, required)
         if value is _MISSING:
             return default
+        if isinstance(value, float) and value.is_integer():
+            # JSON Schema's (and JavaScript's) integer: 8002.0 is 8002.
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidField(self.name(key), "must be a whole number")
         if not minimum <= value <= maximum:

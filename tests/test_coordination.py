@@ -722,7 +722,7 @@ async def test_with_keys_only_operators_decide_and_as_themselves(
     code, answer = await call(
         service, "POST", path, {"user_id": "someone"}, **auth(operator)
     )
-    assert code == 400
+    assert code == 403  # acting as another person
     assert answer["field"] == "user_id"
     response = await service.request("POST", path, **auth(operator))  # no body
     assert response.code == 200

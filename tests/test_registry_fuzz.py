@@ -263,6 +263,8 @@ class Reader:
         value = self._get(key, True)
         if value is None:
             return None
+        if type(value) is float and value.is_integer():
+            value = int(value)  # JSON Schema's integer: 8080.0 is 8080
         if type(value) is not int or not 1 <= value <= 65535:
             self.bad.append(key)
             return None

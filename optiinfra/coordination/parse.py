@@ -14,10 +14,11 @@ from optiinfra.coordination.model import (
     Recommendation,
     Window,
 )
+from optiinfra.declare import Choice, Document, Number, Strings, Text
 from optiinfra.errors import InvalidField
 from optiinfra.registry.model import AGENT_TYPES
 from optiinfra.routing.parse import parse_priority
-from optiinfra.validation import NAME, TOKEN, Fields
+from optiinfra.validation import MAX_DOCUMENT, NAME, TOKEN, Fields
 
 #: Resource ids are paths: "cluster-a/node-1".
 RESOURCE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,255}")
@@ -31,6 +32,144 @@ RFC3339: Final = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
     r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
+
+# The fields of the coordination bodies: read here, published by
+# C{optiinfra.openapi}.
+_ANY_OBJECT: Final = f"Any JSON object, at most {MAX_DOCUMENT} bytes serialised."
+CUSTOMER_ID: Final = Text(
+    "customer_id", pattern=TOKEN, max_length=128, examples=("acme",)
+)
+REC_ID: Final = Text(
+    "id",
+    pattern=TOKEN,
+    max_length=128,
+    description="Unique within the request (a repeat is a 400 naming the second one).",
+    examples=("rec-spot-1",),
+)
+REC_AGENT_TYPE: Final = Choice("agent_type", AGENT_TYPES)
+ACTION_FIELD: Final = Text(
+    "action",
+    pattern=ACTION,
+    max_length=64,
+    description=(
+        "What to do. Its plan template names the steps (see `Plan`); an action "
+        "without a template is one step, a task of that type sent to an agent "
+        "of `agent_type`."
+    ),
+    examples=("migrate_to_spot", "scale_down"),
+)
+RISK: Final = Choice(
+    "risk_level",
+    RISK_LEVELS,
+    required=False,
+    default="medium",
+    description=(
+        "Absent: medium (a change that does not say how risky it is needs a person)."
+    ),
+)
+REC_CUSTOMER_ID: Final = attrs.evolve(
+    CUSTOMER_ID,
+    required=False,
+    description=(
+        "The request's `customer_id` if given (another value is a 400 naming it)."
+    ),
+)
+REC_AGENT_ID: Final = Text(
+    "agent_id",
+    pattern=TOKEN,
+    max_length=128,
+    required=False,
+    description="The recommending agent.",
+)
+REC_TYPE: Final = Text(
+    "type",
+    pattern=NAME,
+    max_length=128,
+    required=False,
+    description="A free category, such as `optimization`.",
+)
+TITLE: Final = Text(
+    "title", max_length=256, required=False, description="A one-line summary."
+)
+DESCRIPTION: Final = Text(
+    "description",
+    max_length=4096,
+    required=False,
+    multiline=True,
+    description="Free text; lines may break.",
+)
+SAVINGS: Final = Number(
+    "estimated_savings",
+    minimum=-1e15,
+    maximum=1e15,
+    default=0.0,
+    description="Ranks conflicting recommendations.",
+)
+AFFECTED_RESOURCES: Final = Strings(
+    "affected_resources",
+    pattern=RESOURCE,
+    description=(
+        "The resources it changes, as paths. Recommendations sharing one "
+        "conflict (resource); ones on related resources (one a prefix path of "
+        "the other, or siblings) with overlapping windows conflict on timing."
+    ),
+    examples=(["cluster-a/node-1"],),
+)
+REC_PARAMETERS: Final = Document(
+    "parameters", description=_ANY_OBJECT + " Passed on to the tasks of its plan."
+)
+DEPENDENCIES: Final = Strings(
+    "dependencies",
+    description=(
+        "Ids of recommendations of the same request that must be carried out "
+        "first. A missing one or a cycle drops the recommendation (a dependency "
+        "conflict)."
+    ),
+    examples=(["rec-snapshot-1"],),
+)
+CONFIDENCE: Final = Number("confidence", minimum=0, maximum=1, default=0.0)
+METADATA: Final = Document("metadata")
+RECOMMENDATION: Final = (
+    REC_ID,
+    REC_AGENT_TYPE,
+    ACTION_FIELD,
+    RISK,
+    REC_CUSTOMER_ID,
+    REC_AGENT_ID,
+    REC_TYPE,
+    TITLE,
+    DESCRIPTION,
+    SAVINGS,
+    AFFECTED_RESOURCES,
+    REC_PARAMETERS,
+    DEPENDENCIES,
+    CONFIDENCE,
+    METADATA,
+)
+PREFER: Final = Strings(
+    "prefer", description="Recommendation ids to keep.", examples=(["rec-spot-1"],)
+)
+AVOID_ACTIONS: Final = Strings(
+    "avoid_actions",
+    pattern=ACTION,
+    description="Actions not wanted.",
+    examples=(["terminate"],),
+)
+PROTECTED_RESOURCES: Final = Strings(
+    "protected_resources",
+    pattern=RESOURCE,
+    description="Resources not to be touched.",
+    examples=(["cluster-a/db-1"],),
+)
+CONSTRAINTS: Final = (PREFER, AVOID_ACTIONS, PROTECTED_RESOURCES)
+USER_ID: Final = Text(
+    "user_id",
+    pattern=TOKEN,
+    max_length=128,
+    required=False,
+    examples=("alice",),
+)
+REASON: Final = Text("reason", max_length=1024, description="Why.")
 
 
 @attrs.frozen
@@ -84,39 +223,32 @@ def parse_recommendation(
     document: object, prefix: str, customer_id: str
 ) -> Recommendation:
     fields = Fields(document, prefix)
-    rec_customer = fields.text("customer_id", required=False, pattern=TOKEN)
+    rec_customer = REC_CUSTOMER_ID.read(fields)
     if rec_customer is not None and rec_customer != customer_id:
         raise InvalidField(
             fields.name("customer_id"), f"must be the request's ({customer_id})"
         )
     return Recommendation(
-        id=_required(fields.text("id", pattern=TOKEN)),
-        agent_type=_required(fields.choice("agent_type", AGENT_TYPES)),
-        action=_required(fields.text("action", pattern=ACTION)),
+        id=_required(REC_ID.read(fields)),
+        agent_type=_required(REC_AGENT_TYPE.read(fields)),
+        action=_required(ACTION_FIELD.read(fields)),
         # A change that does not say how risky it is is treated as needing a person.
-        risk_level=_required(
-            fields.choice("risk_level", RISK_LEVELS, required=False, default="medium")
-        ),
-        agent_id=fields.text("agent_id", required=False, pattern=TOKEN) or "",
+        risk_level=_required(RISK.read(fields)),
+        agent_id=REC_AGENT_ID.read(fields) or "",
         customer_id=customer_id,
-        type=fields.text("type", required=False, pattern=NAME) or "",
-        title=fields.text("title", required=False, max_length=256) or "",
-        description=fields.text(
-            "description", required=False, max_length=4096, multiline=True
-        )
-        or "",
-        estimated_savings=fields.number(
-            "estimated_savings", minimum=-1e15, maximum=1e15, default=0.0
-        ),
+        type=REC_TYPE.read(fields) or "",
+        title=TITLE.read(fields) or "",
+        description=DESCRIPTION.read(fields) or "",
+        estimated_savings=SAVINGS.read(fields),
         estimated_impact=fields.raw("estimated_impact"),
-        affected_resources=fields.strings("affected_resources", pattern=RESOURCE),
-        parameters=fields.mapping("parameters"),
-        dependencies=fields.strings("dependencies"),
+        affected_resources=AFFECTED_RESOURCES.read(fields),
+        parameters=REC_PARAMETERS.read(fields),
+        dependencies=DEPENDENCIES.read(fields),
         priority=parse_priority(fields),
-        confidence=fields.number("confidence", minimum=0, maximum=1, default=0.0),
+        confidence=CONFIDENCE.read(fields),
         created_at=_time(fields, "created_at"),
         expires_at=_time(fields, "expires_at"),
-        metadata=fields.mapping("metadata"),
+        metadata=METADATA.read(fields),
         window=_window(fields),
     )
 
@@ -127,22 +259,20 @@ def _required(value: str | None) -> str:
 
 
 def _constraints(fields: Fields) -> Constraints:
-    metadata = Fields(fields.mapping("metadata"), "metadata.")
+    metadata = Fields(METADATA.read(fields), "metadata.")
     if not metadata.has("constraints"):
         return Constraints()
     constraints = Fields(metadata.raw("constraints"), "metadata.constraints.")
     return Constraints(
-        prefer=frozenset(constraints.strings("prefer")),
-        avoid_actions=frozenset(constraints.strings("avoid_actions", pattern=ACTION)),
-        protected_resources=frozenset(
-            constraints.strings("protected_resources", pattern=RESOURCE)
-        ),
+        prefer=frozenset(PREFER.read(constraints)),
+        avoid_actions=frozenset(AVOID_ACTIONS.read(constraints)),
+        protected_resources=frozenset(PROTECTED_RESOURCES.read(constraints)),
     )
 
 
 def parse_coordination(document: object) -> CoordinationRequest:
     fields = Fields(document)
-    customer_id = _required(fields.text("customer_id", pattern=TOKEN))
+    customer_id = _required(CUSTOMER_ID.read(fields))
     raw = fields.raw("recommendations")
     if not isinstance(raw, list) or not raw:
         raise InvalidField("recommendations", "must be a non-empty list")
@@ -176,14 +306,15 @@ def parse_decision(
     """
     (user_id, reason) of an approve or reject body.  C{user}, the API key's
     owner when there are keys, is who decides: a body naming anyone else is
-    refused.
+    refused with 403 (acting as another person is not allowed, however well
+    formed the name).
     """
     fields = Fields(document)
     if user is None:
-        user = _required(fields.text("user_id", pattern=TOKEN))
+        user = _required(attrs.evolve(USER_ID, required=True).read(fields))
     elif fields.has("user_id") and fields.raw("user_id") != user:
         raise InvalidField(
-            "user_id", f"must be the API key's owner ({user}) or left out"
+            "user_id", f"must be the API key's owner ({user}) or left out", 403
         )
-    reason = fields.text("reason", required=reason_required, max_length=1024)
+    reason = attrs.evolve(REASON, required=reason_required).read(fields)
     return user, reason

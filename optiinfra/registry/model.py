@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
+
+#: Words that are paths of their own beside C{/agents/{agent_id}}
+#: (C{/agents/register}, C{/api/v1/agents/heartbeat}): never agent ids, so every
+#: path names one thing and its C{Allow} lists only that thing's methods.
+RESERVED_AGENT_IDS: Final = ("register", "heartbeat")
+_RESERVED: Final = "|".join(RESERVED_AGENT_IDS)
+#: An agent id: a token (see L{optiinfra.validation.TOKEN}) but no reserved word.
+AGENT_ID: Final = re.compile(
+    rf"(?!(?:{_RESERVED})$)[A-Za-z0-9][A-Za-z0-9._:@-]{{0,127}}"
+)
+#: The same, as a Werkzeug converter's one path segment.
+AGENT_ID_SEGMENT: Final = rf"(?!(?:{_RESERVED})(?![^/]))[^/]+"
 
 AGENT_TYPES: Final = ("cost", "performance", "resource", "application")
 

@@ -13,10 +13,17 @@ from typing import Any
 import orjson
 from klein import Klein
 from twisted.web.iweb import IRequest
+from werkzeug.routing import BaseConverter
 
 from optiinfra.auth import Permission
 from optiinfra.errors import InvalidField
-from optiinfra.registry.model import AGENT_TYPES, STATUSES, AgentQuery
+from optiinfra.registry.model import (
+    AGENT_ID,
+    AGENT_ID_SEGMENT,
+    AGENT_TYPES,
+    STATUSES,
+    AgentQuery,
+)
 from optiinfra.registry.parse import (
     parse_beat,
     parse_registration,
@@ -25,12 +32,11 @@ from optiinfra.registry.parse import (
 )
 from optiinfra.registry.service import Registry
 from optiinfra.timefmt import rfc3339, rfc3339_ms
-from optiinfra.validation import TOKEN
 from optiinfra.web.app import route
 from optiinfra.web.body import read_json
 from optiinfra.web.front import FastRoutes
 from optiinfra.web.guard import Guard
-from optiinfra.web.query import MAX_PAGE, page_of, query_arg, query_number
+from optiinfra.web.query import LIMIT, OFFSET, page_of, query_arg
 from optiinfra.web.render import render_json
 
 #: A query may ask for this many capabilities at most.
@@ -39,8 +45,14 @@ MAX_QUERY_CAPABILITIES = 32
 MAX_AGENTS_LISTED = 10_000
 
 
+class AgentIdConverter(BaseConverter):
+    """C{{agent_id}} in a path: one segment, never a reserved word."""
+
+    regex = AGENT_ID_SEGMENT
+
+
 def _agent_id(value: str) -> str:
-    if not TOKEN.fullmatch(value):
+    if not AGENT_ID.fullmatch(value):
         raise InvalidField("agent_id", "is not a valid agent id")
     return value
 
@@ -88,15 +100,12 @@ def mount(
     Add the registry's routes to C{app}; heartbeats, thousands a second, also
     to the C{fast} routes.
     """
+    app.url_map.converters["agent_id"] = AgentIdConverter
     interval = int(registry.config.heartbeat_interval)
 
     async def listing(request: IRequest, query: AgentQuery) -> dict[str, Any]:
-        limit = (
-            None
-            if query_arg(request, "limit") is None
-            else query_number(request, "limit", 0, MAX_PAGE)
-        )
-        offset = query_number(request, "offset", 0, 10**9)
+        limit = None if query_arg(request, "limit") is None else LIMIT.read(request)
+        offset = OFFSET.read(request)
         count, documents = await registry.documents(query)
         if limit is None and offset == 0 and count <= MAX_AGENTS_LISTED:
             # The contract's answer, as the store rendered it.

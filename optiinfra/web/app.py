@@ -47,10 +47,15 @@ def route(
     C{fast} routes too when given (for the few hottest routes).
 
     The handler is called as C{handler(request, **path_values)} after the request
-    has been labelled with C{template}.
+    has been labelled with C{template}.  A placeholder named like a converter
+    of C{app}'s URL map (C{agent_id}) matches only what that converter does.
     """
     methods = tuple(methods)
-    pattern = _PLACEHOLDER.sub(r"<\1>", template)
+    converters = app.url_map.converters
+    pattern = _PLACEHOLDER.sub(
+        lambda m: f"<{m[1]}:{m[1]}>" if m[1] in converters else f"<{m[1]}>",
+        template,
+    )
 
     def decorator(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -62,7 +67,6 @@ def route(
             pattern,
             methods=list(methods),
             endpoint=f"{','.join(methods)} {template}",
-            strict_slashes=False,
         )(labelled)
         if fast is not None:
             fast.add(template, methods, handler)

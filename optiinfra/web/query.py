@@ -19,9 +19,64 @@ _DEFAULT_LIMIT: Final = 100
 
 
 @attrs.frozen
+class QueryInteger:
+    """
+    A query parameter holding a whole number from 0 to C{maximum}, declared
+    once: read here, published by C{optiinfra.openapi} (L{parameter}).
+    """
+
+    name: str
+    maximum: int
+    default: int
+    description: str
+
+    def read(self, request: IRequest, default: int | None = None) -> int:
+        return query_number(
+            request,
+            self.name,
+            self.default if default is None else default,
+            self.maximum,
+        )
+
+    def parameter(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "in": "query",
+            "required": False,
+            "description": self.description,
+            "schema": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": self.maximum,
+                "default": self.default,
+            },
+        }
+
+
+LIMIT: Final = QueryInteger(
+    "limit",
+    maximum=MAX_PAGE,
+    default=_DEFAULT_LIMIT,
+    description=(
+        f"At most this many items; anything but a whole number up to {MAX_PAGE} "
+        "is a 400 naming `limit`."
+    ),
+)
+OFFSET: Final = QueryInteger(
+    "offset",
+    maximum=10**9,
+    default=0,
+    description=(
+        "Skip this many matching items; anything but a whole number is a 400 "
+        "naming `offset`."
+    ),
+)
+
+
+@attrs.frozen
 class Page:
-    limit: int = _DEFAULT_LIMIT
-    offset: int = 0
+    limit: int = LIMIT.default
+    offset: int = OFFSET.default
 
 
 def query_arg(request: IRequest, name: str) -> str | None:
@@ -46,7 +101,4 @@ def page_of(key: str, items: list[Any], limit: int, offset: int) -> dict[str, An
 
 def query_page(request: IRequest) -> Page:
     """C{limit} (at most L{MAX_PAGE}) and C{offset}."""
-    return Page(
-        limit=query_number(request, "limit", _DEFAULT_LIMIT, MAX_PAGE),
-        offset=query_number(request, "offset", 0, 10**9),
-    )
+    return Page(limit=LIMIT.read(request), offset=OFFSET.read(request))
