@@ -75,14 +75,14 @@ def agent() -> Iterator[int]:
     server.shutdown()
 
 
-def test_a_replica_whose_clock_is_ahead_takes_over_no_call(
+def replicas(
     processes: list[Twistd],
-    private_cluster: PrivateCluster,  # noqa: F811 - the fixture
-    agent: int,
-) -> None:
+    cluster: PrivateCluster,
+) -> tuple[Twistd, Twistd]:
+    """Two replicas on C{cluster}, the second one's clock 30 s ahead."""
     # A store timeout that a loaded machine's pings do not exceed, and the
     # shortest lease it allows.
-    env = {"DATABASE_URL": private_cluster.url, "STORE_TIMEOUT": "3", "TASK_LEASE": "8"}
+    env = {"DATABASE_URL": cluster.url, "STORE_TIMEOUT": "3", "TASK_LEASE": "8"}
     first = Twistd("--port", LOCAL, env=env)
     processes.append(first)
     ahead = Twistd(
@@ -96,6 +96,15 @@ def test_a_replica_whose_clock_is_ahead_takes_over_no_call(
         },
     )
     processes.append(ahead)
+    return first, ahead
+
+
+def test_a_replica_whose_clock_is_ahead_takes_over_no_call(
+    processes: list[Twistd],
+    private_cluster: PrivateCluster,  # noqa: F811 - the fixture
+    agent: int,
+) -> None:
+    first, ahead = replicas(processes, private_cluster)
     port, ahead_port = first.port(), ahead.port()
     code, _, _ = call(
         port,
@@ -136,22 +145,7 @@ def test_a_replica_whose_clock_is_ahead_expires_no_waiting_task(
     first replica (no agent of its type) is not timed out by the replica 30 s
     ahead, though in that replica's own time its deadline passed long ago.
     """
-    # A store timeout that a loaded machine's pings do not exceed, and the
-    # shortest lease it allows.
-    env = {"DATABASE_URL": private_cluster.url, "STORE_TIMEOUT": "3", "TASK_LEASE": "8"}
-    first = Twistd("--port", LOCAL, env=env)
-    processes.append(first)
-    ahead = Twistd(
-        "--port",
-        LOCAL,
-        env={
-            **env,
-            "LD_PRELOAD": str(LIBFAKETIME),
-            "FAKETIME": "+30s",
-            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-        },
-    )
-    processes.append(ahead)
+    first, ahead = replicas(processes, private_cluster)
     port, ahead_port = first.port(), ahead.port()
     ahead.wait_for_message("this host's clock is off the database's")
     waiting = call(port, "POST", "/tasks", {**TASK, "timeout_seconds": 20})[1]
